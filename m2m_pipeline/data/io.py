@@ -26,6 +26,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets are shared read-only between users/jobs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

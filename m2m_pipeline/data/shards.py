@@ -96,15 +96,19 @@ def _key_of(fname: str | None) -> str | None:
     return key
 
 
-def _tar_members(src: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+def _tar_members(src: Iterable[Mapping[str, Any]], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
     """Members of each shard as webdataset file samples, raising ShardError(shard, key) on bad data.
 
     Hand-written rather than webdataset's tar_file_iterator because that one reports the stream but not
     the member being read when a tar is truncated or corrupt, and the error must name the sample key.
+    A tar cut exactly at a member boundary reads as a valid, shorter tar; the sample count is then
+    checked against the shard's manifest when one sits beside it.
     """
     for item in src:
         url = item["url"]
         current: str | None = None
+        keys_seen = 0
+        last_key: str | None = None
         try:
             stream = wds.gopen(url, "rb")
         except OSError as exn:
@@ -118,18 +122,30 @@ def _tar_members(src: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
                     handle = tar.extractfile(info)
                     assert handle is not None
                     data = handle.read()
+                    key = _key_of(info.name)
+                    if key != last_key:
+                        keys_seen, last_key = keys_seen + 1, key
                     yield {"fname": info.name, "data": data, "__url__": url}
         except (tarfile.TarError, OSError, EOFError) as exn:
             reason = f"truncated or corrupt tar data while reading member {current!r}: {exn}"
             raise ShardError(url, _key_of(current), reason) from exn
         finally:
             stream.close()
+        manifest = read_manifest(url) if check_manifest and os.path.exists(url) else None
+        if manifest is not None and manifest["num_samples"] != keys_seen:
+            raise ShardError(url, last_key, f"shard ends after {keys_seen} samples but its manifest lists "
+                                            f"{manifest['num_samples']} (truncated at a member boundary?)")
         yield {}  # group_by_keys' end-of-shard marker: samples never straddle shards
 
 
-def read_samples(urls: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
-    """Raw samples ({"__key__", "__url__", ext: bytes}) of the given shards, in order."""
-    return group_by_keys(_tar_members({"url": os.fspath(u)} for u in urls))
+def samples_from_shards(src: Iterable[Mapping[str, Any]], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
+    """webdataset pipeline stage: {"url": shard} dicts in, raw samples ({"__key__", "__url__", ext: bytes}) out."""
+    return group_by_keys(_tar_members(src, check_manifest))
+
+
+def read_samples(urls: Iterable[str | os.PathLike], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
+    """Raw samples of the given shards, in order."""
+    return samples_from_shards(({"url": os.fspath(u)} for u in urls), check_manifest)
 
 
 def read_manifest(shard: str | os.PathLike) -> dict[str, Any] | None:

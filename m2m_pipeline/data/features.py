@@ -1,0 +1,179 @@
+"""Feature caches (Sec. 5): per MIS shard, a feature shard with the same keys holding the autoencoder
+latents (pixel tensors for pixel-space presets) and DINOv2 last hidden states, both fp16.
+
+Training reads only feature shards, so each carries the caption and attributes too; images are never
+decoded during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from m2m_pipeline.data.config import MISConfig
+from m2m_pipeline.data.errors import ShardError
+from m2m_pipeline.data.io import atomic_open, remove_stale_temps
+from m2m_pipeline.data.shapes import uint8_to_images
+from m2m_pipeline.data.shards import (
+    DeterministicTarWriter,
+    MISSample,
+    decode_mis_sample,
+    dump_fp16,
+    dump_json,
+    manifest_path,
+    read_manifest,
+    read_samples,
+    shard_is_complete,
+    write_manifest,
+)
+
+
+class ImageEncoder(Protocol):
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[Any, Any]:
+    """The (autoencoder, DINO encoder) pair a preset names, from m2m_pipeline.encoders."""
+    from m2m_pipeline.encoders import DinoEncoder, load_autoencoder
+
+    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autoencoder = load_autoencoder(cfg.autoencoder, cfg.model_path if cfg.autoencoder == "vae" else None)
+    if cfg.dino_path is not None:
+        dino = DinoEncoder.from_pretrained(cfg.dino_path)
+    else:
+        dino = DinoEncoder.random(image_size=cfg.resolution, patch_size=cfg.dino_patch_size,
+                                  hidden_size=cfg.dino_hidden_size, num_layers=cfg.dino_layers, seed=cfg.seed)
+    for module in (autoencoder, dino):
+        if isinstance(module, torch.nn.Module):
+            module.to(target)
+    return autoencoder, dino
+
+
+def encoder_tag(cfg: MISConfig) -> str:
+    """Names the encoders a cache was built with; a cache built with other encoders is stale."""
+    dino = cfg.dino_path or f"random-dino-{cfg.dino_hidden_size}x{cfg.dino_layers}-p{cfg.dino_patch_size}-s{cfg.seed}"
+    auto = cfg.autoencoder if cfg.autoencoder == "pixel" else f"vae:{cfg.model_path}"
+    return f"{auto}|{dino}|reuse={cfg.reuse_generation_latents}"
+
+
+def _device_of(encoder: Any) -> torch.device:
+    if isinstance(encoder, torch.nn.Module):
+        for tensor in list(encoder.parameters()) + list(encoder.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _image_batches(samples: list[MISSample], batch_size: int) -> Iterator[torch.Tensor]:
+    """Images of consecutive samples cut into encoder batches that may span samples (full batches)."""
+    pixels = np.concatenate([s.images for s in samples])  # (S*K, H, W, 3) uint8
+    for start in range(0, len(pixels), batch_size):
+        yield uint8_to_images(pixels[start : start + batch_size])
+
+
+@torch.no_grad()
+def encode_images(encoder: ImageEncoder, samples: list[MISSample], batch_size: int, bar: Any) -> list[np.ndarray]:
+    """Per-sample (K, ...) float32 features, computed batch_size images at a time."""
+    device = _device_of(encoder)
+    out = []
+    for batch in _image_batches(samples, batch_size):
+        features = encoder.encode(batch.to(device)).float().cpu().numpy()
+        out.append(features)
+        bar.update(len(batch))
+    flat = np.concatenate(out)
+    counts = np.cumsum([len(s.images) for s in samples])[:-1]
+    return list(np.split(flat, counts))
+
+
+def _check_features(array: np.ndarray, shard: str, key: str, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise ShardError(shard, key, f"{what} contain NaN or inf")
+    if np.abs(array).max(initial=0.0) > np.finfo(np.float16).max:
+        raise ShardError(shard, key, f"{what} overflow fp16 (max |x| = {np.abs(array).max():.3g})")
+
+
+def build_feature_shard(
+    mis_shard: str | os.PathLike, out_dir: str | os.PathLike, autoencoder: ImageEncoder, dino: ImageEncoder,
+    cfg: MISConfig, progress: bool = True, samples_per_chunk: int = 16,
+) -> dict[str, Any]:
+    """Encode every image of `mis_shard` into `out_dir/<same name>`; skips if already built from it.
+
+    Samples are processed `samples_per_chunk` at a time, so memory stays bounded at any shard size.
+    """
+    mis_shard = Path(mis_shard)
+    source = read_manifest(mis_shard)
+    if source is None:
+        raise ShardError(os.fspath(mis_shard), None, f"no manifest {manifest_path(mis_shard)}; generate the shard first")
+    shard = Path(out_dir) / mis_shard.name
+    request = hashlib.sha256(dump_json({"source": source["sha256"], "encoders": encoder_tag(cfg)})).hexdigest()
+    done = shard_is_complete(shard, request)
+    if done is not None:
+        return {**done, "skipped": True}
+    manifest_path(shard).unlink(missing_ok=True)
+    remove_stale_temps(shard.parent, shard.name)
+
+    total = source["num_samples"] * source["images_per_set"]
+    bar = tqdm(total=total, desc=f"features {shard.name}", unit=" img", disable=not progress)
+    keys: list[str] = []
+    shapes: dict[str, list[int]] = {}
+    with atomic_open(shard) as handle, DeterministicTarWriter(handle) as writer:
+        chunk: list[MISSample] = []
+
+        def flush() -> None:
+            dino_features = encode_images(dino, chunk, cfg.feature_batch_size, bar)
+            reuse = cfg.reuse_generation_latents and all(s.latents is not None for s in chunk)
+            if reuse:
+                latents = [s.latents.astype(np.float32) for s in chunk]  # type: ignore[union-attr]
+            else:
+                latents = encode_images(autoencoder, chunk, cfg.feature_batch_size, _NullBar())
+            for sample, z, v in zip(chunk, latents, dino_features):
+                _check_features(z, os.fspath(mis_shard), sample.key, "latents")
+                _check_features(v, os.fspath(mis_shard), sample.key, "DINO features")
+                shapes.setdefault("latents", list(z.shape))
+                shapes.setdefault("dino", list(v.shape))
+                record: dict[str, Any] = {"__key__": sample.key, "caption.txt": sample.caption.encode("utf-8"),
+                                          "latents.npy": dump_fp16(z), "dino.npy": dump_fp16(v)}
+                if sample.attributes is not None:
+                    record["attributes.json"] = dump_json(sample.attributes)
+                writer.write(record)
+                keys.append(sample.key)
+            chunk.clear()
+
+        for raw in read_samples([mis_shard]):
+            chunk.append(decode_mis_sample(raw, source["images_per_set"]))
+            if len(chunk) == samples_per_chunk:
+                flush()
+        if chunk:
+            flush()
+        if keys != source["keys"]:  # raised inside the writer: the partial feature shard is discarded
+            raise ShardError(os.fspath(mis_shard), keys[-1] if keys else None,
+                             f"holds {len(keys)} samples but its manifest lists {source['num_samples']} "
+                             f"(truncated?); regenerate it")
+    bar.close()
+    extra = {"kind": "features", "source": mis_shard.name, "source_sha256": source["sha256"],
+             "encoders": encoder_tag(cfg), "images_per_set": source["images_per_set"],
+             "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
+             "preset": cfg.name}
+    return {**write_manifest(shard, source["index"], keys, request, extra), "skipped": False}
+
+
+class _NullBar:
+    def update(self, n: int) -> None:  # the progress bar counts images once, on the DINO pass
+        pass
+
+
+def build_feature_shards(
+    mis_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: MISConfig, device: str | None = None,
+    rank: int = 0, world_size: int = 1, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Feature shards for every MIS shard in `mis_dir` (this worker's share, round-robin)."""
+    autoencoder, dino = load_feature_encoders(cfg, device)
+    shards = sorted(Path(mis_dir).glob("*.tar"))
+    return [build_feature_shard(s, out_dir, autoencoder, dino, cfg, progress=progress)
+            for i, s in enumerate(shards) if i % world_size == rank]

@@ -1,0 +1,144 @@
+"""Training examples from feature shards (Sec. 7.1.1): N images, a random subset *and order* of a set's 25.
+
+A webdataset pipeline: seeded shard shuffle (same permutation on every rank), shards split over DDP ranks
+then dataloader workers, samples streamed from tar files (nothing is loaded whole), a bounded shuffle
+buffer, then the subset draw. All randomness derives from (seed, epoch, rank, worker).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from m2m_pipeline.data.errors import ShardError
+from m2m_pipeline.data.shards import decode_npy, samples_from_shards
+
+
+def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A glob, a brace pattern ("mis-{000000..000007}.tar"), a directory, or a list of paths."""
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    urls: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        if os.path.isdir(text):
+            urls.extend(sorted(glob.glob(os.path.join(text, "*.tar"))))
+        elif glob.has_magic(text):
+            urls.extend(sorted(glob.glob(text)))
+        else:
+            urls.extend(braceexpand.braceexpand(text))
+    if not urls:
+        raise FileNotFoundError(f"no feature shards match {shards!r}")
+    return urls
+
+
+def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> dict[str, Any]:
+    """Decode one feature sample and draw its N images; errors name the shard and the sample key."""
+    url, key = sample.get("__url__", "<unknown shard>"), sample["__key__"]
+    latents = decode_npy(sample, "latents.npy", url, key)  # (25, C, H, W) fp16
+    dino = decode_npy(sample, "dino.npy", url, key)        # (25, S, D) fp16
+    if latents.ndim != 4 or dino.ndim != 3 or len(latents) != len(dino):
+        raise ShardError(url, key, f"feature shapes {latents.shape} / {dino.shape} are not (K, C, H, W) / (K, S, D)")
+    if len(latents) < n_images:
+        raise ShardError(url, key, f"set has {len(latents)} images, fewer than the {n_images} an example needs")
+    indices = rng.sample(range(len(latents)), n_images)  # random subset, random order
+    example: dict[str, Any] = {
+        "key": key,
+        "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else "",
+        "indices": torch.tensor(indices, dtype=torch.long),                    # (N,)
+        "latents": torch.from_numpy(latents[indices].astype(np.float32)),      # (N, C, H, W)
+        "dino": torch.from_numpy(dino[indices].astype(np.float32)),            # (N, S, D)
+    }
+    if "attributes.json" in sample:
+        attributes = json.loads(sample["attributes.json"])
+        per_image = attributes.get("images")
+        if per_image is not None:
+            attributes = {**attributes, "images": [per_image[i] for i in indices]}
+        example["attributes"] = attributes
+    return example
+
+
+class MISExamples(IterableDataset):
+    """Iterable of training examples; call `set_epoch(e)` before each epoch for a fresh shard order."""
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str | os.PathLike],
+        n_images: int = 5,             # images per example (Sec. 7.1.1: N = 5)
+        seed: int = 0,
+        shuffle_buffer: int = 1000,    # samples in the shuffle buffer (0: no sample shuffle)
+        repeat: bool = False,          # loop over epochs forever: equal-length streams for DDP
+        check_manifest: bool = True,   # compare each shard's sample count with its manifest
+    ):
+        super().__init__()
+        self.urls = expand_shards(shards)
+        self.n_images = n_images
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.repeat = repeat
+        self.check_manifest = check_manifest
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        if len(self.urls) < world_size * num_workers:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {world_size} ranks x {num_workers} workers; "
+                             f"write smaller shards or use fewer workers")
+        # Per-stream seed: different on every rank/worker, reproducible for a given (seed, epoch).
+        stream_seed = f"{self.seed}:{epoch}:{rank}:{worker}"
+        stages: list[Any] = [
+            wds.SimpleShardList(self.urls, seed=self.seed + epoch),  # same permutation on all ranks
+            wds.split_by_node,
+            wds.split_by_worker,
+            lambda src: samples_from_shards(src, self.check_manifest),
+        ]
+        if self.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2,
+                                      rng=random.Random(stream_seed + ":shuffle")))
+        rng = random.Random(stream_seed + ":subset")
+        stages.append(wds.map(lambda sample: to_example(sample, self.n_images, rng)))
+        return wds.DataPipeline(*stages)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        while True:
+            yield from self._pipeline(epoch)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors into (B, N, ...); keep strings and attribute dicts as lists."""
+    batch: dict[str, Any] = {}
+    for name in examples[0]:
+        values = [e[name] for e in examples]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+def _as_is(example: dict[str, Any]) -> dict[str, Any]:
+    return example  # batch_size=None: the default collate would convert attribute ints to tensors
+
+
+def make_loader(
+    shards: str | os.PathLike | Sequence[str | os.PathLike], n_images: int = 5, batch_size: int | None = None,
+    num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, repeat: bool = False,
+) -> DataLoader:
+    """DataLoader over feature shards: single examples (batch_size None) or batches of (B, N, ...) tensors."""
+    dataset = MISExamples(shards, n_images=n_images, seed=seed, shuffle_buffer=shuffle_buffer, repeat=repeat)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_examples if batch_size is not None else _as_is,
+                      persistent_workers=False)
