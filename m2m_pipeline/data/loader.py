@@ -108,7 +108,8 @@ class MISExamples(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2,
                                       rng=random.Random(stream_seed + ":shuffle")))
         rng = random.Random(stream_seed + ":subset")
-        stages.append(wds.map(lambda sample: to_example(sample, self.n_images, rng)))
+        # A plain generator stage, not wds.map, which would re-add webdataset's "__key__" to the example.
+        stages.append(lambda src: (to_example(sample, self.n_images, rng) for sample in src))
         return wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
