@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2m_pipeline.data import Caption, ShapesSetGenerator, VOCABULARIES, attributes_of, filter_captions
+from m2m_pipeline.data import ShapesSetGenerator, VOCABULARIES, attributes_of, filter_captions
 from m2m_pipeline.data.captions import read_caption_table
 from m2m_pipeline.data.shapes import BACKGROUND_COLOURS, COLOURS, TEMPLATES, caption_of, write_shapes_caption_tsv
 
