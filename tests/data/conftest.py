@@ -48,6 +48,14 @@ def sd_generator(tiny_sd_path):
                                                        keep_latents=True, device="cpu")
 
 
+SD_CAPTIONS = [Caption("aaaa0001", "a red dog on a beach"), Caption("aaaa0002", "a blue cat sleeping on a sofa")]
+
+
+@pytest.fixture
+def sd_captions() -> list[Caption]:
+    return list(SD_CAPTIONS)
+
+
 @pytest.fixture
 def shapes_captions() -> list[Caption]:
     return [

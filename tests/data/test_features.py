@@ -14,8 +14,6 @@ from m2m_pipeline.data.shapes import uint8_to_images
 from m2m_pipeline.data.stable_diffusion import StableDiffusionSetGenerator
 from m2m_pipeline.encoders import DinoEncoder, PixelAutoencoder
 
-from tests.data.test_stable_diffusion import CAPTIONS
-
 
 def test_features_match_encoders_and_keys(tiny_mis, tiny_cfg):
     mis_shard, feature_shard = tiny_mis["mis"] / "mis-000001.tar", tiny_mis["features"] / "mis-000001.tar"
@@ -51,9 +49,10 @@ def test_rebuild_is_skipped_and_byte_identical(tiny_mis, tiny_cfg, tmp_path):
     assert all(np.abs(x.astype(np.float32) - y.astype(np.float32)).max() <= 2e-3 for x, y in zip(a, b))
 
 
-def test_sd_shard_reuses_generation_latents(sd_generator: StableDiffusionSetGenerator, tiny_cfg, tmp_path):
+def test_sd_shard_reuses_generation_latents(sd_generator: StableDiffusionSetGenerator, sd_captions, tiny_cfg,
+                                           tmp_path):
     cfg = tiny_cfg.replace(keep_latents=True, reuse_generation_latents=True, autoencoder="vae")
-    generate_shard(0, CAPTIONS, sd_generator, tmp_path / "mis", cfg, progress=False)
+    generate_shard(0, sd_captions, sd_generator, tmp_path / "mis", cfg, progress=False)
 
     class MustNotEncode:
         def encode(self, images):
