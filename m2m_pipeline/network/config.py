@@ -1,0 +1,154 @@
+"""M2M network configuration: one frozen dataclass, named presets (tiny, demo, paper)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Variant = Literal["self", "dino"]
+TaskKind = Literal["none", "camera", "position"]
+
+# The U-Net fields below mirror diffusers.UNet2DConditionModel's config keys one to one, so an SD U-Net
+# config maps onto M2MConfig without translation.
+UNET_FIELDS = (
+    "sample_size", "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+    "mid_block_type", "layers_per_block", "attention_head_dim", "norm_num_groups", "cross_attention_dim",
+    "transformer_layers_per_block", "use_linear_projection", "upcast_attention", "flip_sin_to_cos",
+    "freq_shift", "act_fn", "resnet_time_scale_shift", "only_cross_attention", "dual_cross_attention",
+)
+
+
+@dataclass(frozen=True)
+class M2MConfig:
+    # --- M2M (Sec. 5) ---
+    variant: Variant = "self"              # "self": clean latents through the same U-Net; "dino": DINOv2 tokens
+    clean_timestep: int = 0                # timestep the clean stream of M2M-Self is run at (design-notes 1)
+    dino_dim: int = 1536                   # D: width of DINO tokens (dinov2-giant: 1536)
+    dino_tokens: int = 257                 # S: tokens per image (CLS + 16x16 patches at 224 px)
+    task: TaskKind = "none"                # task condition c_C of Sec. 6.2
+    task_embed_dim: int = 1280             # width of E(c_C) before the per-layer projections
+    camera_dim: int = 12                   # flattened 3x4 relative extrinsic (design-notes 7)
+    # --- images ---
+    autoencoder: Literal["pixel", "vae"] = "vae"  # pixel: identity (CPU presets); vae: SD's AutoencoderKL
+    image_size: int = 512                  # pixels; latents are image_size / downsample
+    # --- U-Net (diffusers UNet2DConditionModel keys; defaults are SD-2.1-base's) ---
+    sample_size: int = 64                  # latent H = W
+    in_channels: int = 4                   # latent C
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int = 2
+    attention_head_dim: tuple[int, ...] | int = (5, 10, 20, 20)  # diffusers' name; it is the number of heads
+    norm_num_groups: int = 32
+    cross_attention_dim: int = 1024        # text width of the SD U-Net (used only by the SD baseline)
+    transformer_layers_per_block: int = 1
+    use_linear_projection: bool = True
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    act_fn: str = "silu"
+    resnet_time_scale_shift: str = "default"
+    only_cross_attention: bool = False
+    dual_cross_attention: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # other UNet2DConditionModel keys, passed through
+
+    def __post_init__(self) -> None:
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.attention_head_dim, list):
+            object.__setattr__(self, "attention_head_dim", tuple(self.attention_head_dim))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.variant not in ("self", "dino"):
+            raise ValueError(f"M2MConfig.variant must be 'self' or 'dino', got {self.variant!r}")
+        if self.task not in ("none", "camera", "position"):
+            raise ValueError(f"M2MConfig.task must be 'none', 'camera' or 'position', got {self.task!r}")
+        if self.autoencoder not in ("pixel", "vae"):
+            raise ValueError(f"M2MConfig.autoencoder must be 'pixel' or 'vae', got {self.autoencoder!r}")
+        for name in ("sample_size", "in_channels", "out_channels", "layers_per_block", "dino_dim", "dino_tokens",
+                     "task_embed_dim", "image_size", "norm_num_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"M2MConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.clean_timestep < 0:
+            raise ValueError(f"M2MConfig.clean_timestep must be >= 0, got {self.clean_timestep}")
+        if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(
+            self.block_out_channels
+        ):
+            raise ValueError("M2MConfig: down_block_types, up_block_types and block_out_channels must have equal length")
+        if not any("CrossAttn" in t for t in self.down_block_types + self.up_block_types + (self.mid_block_type,)):
+            raise ValueError("M2MConfig: the U-Net has no cross-attention block to turn into Image-Set Attention")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, variant: Variant = "self", **overrides: Any) -> "M2MConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], variant=variant, **overrides)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kw = {k: getattr(self, k) for k in UNET_FIELDS}
+        for k in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
+            if isinstance(kw[k], tuple):
+                kw[k] = list(kw[k])
+        kw.update(self.extra)
+        return kw
+
+    @classmethod
+    def from_unet_config(cls, unet_config: dict[str, Any], base: "M2MConfig") -> "M2MConfig":
+        """`base` with its U-Net fields taken from a diffusers UNet2DConditionModel config (the SD U-Net wins)."""
+        from diffusers import UNet2DConditionModel
+
+        known = set(UNET_FIELDS)
+        defaults = UNet2DConditionModel.extract_init_dict({})[0]
+        updates = {k: unet_config[k] for k in UNET_FIELDS if k in unet_config}
+        # Any other key that differs from diffusers' default must travel too, or the rebuilt U-Net differs.
+        extra = {k: v for k, v in unet_config.items()
+                 if not k.startswith("_") and k not in known and k in defaults and defaults[k] != v}
+        if isinstance(updates.get("transformer_layers_per_block"), (list, tuple)):
+            extra["transformer_layers_per_block"] = updates.pop("transformer_layers_per_block")
+        return dataclasses.replace(base, **updates, extra=extra)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "M2MConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"M2MConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+
+_PAPER = M2MConfig()
+
+PRESETS: dict[str, M2MConfig] = {
+    # Tests: seconds on a CPU. Pixel space, 16 px, Image-Set Attention at every resolution.
+    "tiny": M2MConfig(
+        autoencoder="pixel", image_size=16, sample_size=16, in_channels=3, out_channels=3,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+        attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32, dino_dim=32, dino_tokens=5,
+        task_embed_dim=32,
+    ),
+    # CPU demo: pixel space, 32 px, ~2 M parameters. Image-Set Attention at 16 and 8 px only: at 32 px every
+    # context image adds 1024 keys per query, which would dominate a CPU's sampling time (see benchmarks).
+    "demo": M2MConfig(
+        autoencoder="pixel", image_size=32, sample_size=32, in_channels=3, out_channels=3,
+        block_out_channels=(32, 64, 96), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+        attention_head_dim=(2, 4, 4), norm_num_groups=16, cross_attention_dim=256, dino_dim=96, dino_tokens=17,
+        task_embed_dim=128,
+    ),
+    # The paper: SD-2.1-base U-Net on 64x64x4 latents, DINOv2-giant tokens.
+    "paper": _PAPER,
+}

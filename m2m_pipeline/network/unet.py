@@ -1,0 +1,278 @@
+"""M2M: a Stable Diffusion U-Net whose text cross-attention is replaced by Image-Set Attention (Sec. 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from einops import rearrange, repeat
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from m2m_pipeline.network.conditions import build_task_embedder
+from m2m_pipeline.network.config import M2MConfig
+from m2m_pipeline.network.context import ContextKV, ImageSetCall
+from m2m_pipeline.network.image_set_attention import ImageSetAttnProcessor
+from m2m_pipeline.weights import WeightsNotFoundError, resolve_local_path
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class M2MUNet(nn.Module):
+    """eps_theta(z_t^{1:N}, z_0^{1:N}, t) of Eq. 5, for both variants.
+
+    M2M-Self: the clean latents run through the same U-Net at `clean_timestep`; each Image-Set Attention
+    layer records their keys/values and lets the clean stream pass unchanged. Because the clean stream
+    then depends on neither z_t nor t, running it once in its own pass equals the paper's joint
+    [z_0; z_t] forward exactly, and gives a KV cache for free (design-notes 1).
+    M2M-DINO: DINOv2 tokens are projected by each layer's K/V weights (Sec. 5.2).
+    """
+
+    def __init__(self, config: M2MConfig, unet: UNet2DConditionModel | None = None):
+        super().__init__()
+        self.config = config
+        self.unet = unet if unet is not None else UNet2DConditionModel(**config.unet_kwargs())
+        self.task_embedder = build_task_embedder(config.task, config.task_embed_dim, config.camera_dim)
+        task_dim = config.task_embed_dim if self.task_embedder is not None else None
+        # E_c for M2M-DINO: the context images' conditions are added to their DINO tokens (Sec. 6.2).
+        self.dino_task_proj = None
+        if task_dim and config.variant == "dino":
+            self.dino_task_proj = nn.Linear(task_dim, config.dino_dim, bias=False)
+            nn.init.zeros_(self.dino_task_proj.weight)
+        self.isa_layers: list[Attention] = []  # plain list: the modules are registered inside the U-Net
+        for block in self.unet.modules():
+            if isinstance(block, BasicTransformerBlock) and block.attn2 is not None:
+                block.attn2 = self._image_set_attention(block.attn2, len(self.isa_layers), task_dim)
+                self.isa_layers.append(block.attn2)
+        if not self.isa_layers:
+            raise ValueError("M2MUNet: the U-Net has no transformer block with cross-attention to replace")
+
+    def _image_set_attention(self, text_attn: Attention, index: int, task_dim: int | None) -> Attention:
+        heads = text_attn.heads
+        kv_dim = text_attn.query_dim if self.config.variant == "self" else self.config.dino_dim
+        attn = Attention(
+            query_dim=text_attn.query_dim, cross_attention_dim=kv_dim, heads=heads,
+            dim_head=text_attn.inner_dim // heads, bias=text_attn.to_q.bias is not None,
+            out_bias=text_attn.to_out[0].bias is not None, upcast_attention=text_attn.upcast_attention,
+        )
+        attn.set_processor(ImageSetAttnProcessor(
+            index, text_attn.query_dim, attn.inner_dim, heads, task_dim,
+            clean_stream_cond=self.config.variant == "self",
+        ))
+        return attn
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ------------------------------------------------------------------ task conditions
+    def embed_task(self, task_cond: torch.Tensor | None, drop_task: torch.Tensor | None, b: int, n: int
+                   ) -> torch.Tensor | None:
+        """E(c) for (B, N) images -> (B*N, task_embed_dim), zero where the task condition is dropped."""
+        if self.task_embedder is None or task_cond is None:
+            if task_cond is not None:
+                raise ValueError("task_cond given, but this model has no task condition (config.task == 'none')")
+            return None
+        if task_cond.shape[:2] != (b, n):
+            raise ValueError(f"task_cond must start with (B, N) = ({b}, {n}), got {tuple(task_cond.shape)}")
+        e = self.task_embedder(task_cond.to(self.device))  # (B, N, task_embed_dim)
+        if drop_task is not None:
+            e = e * (~drop_task.to(e.device)).to(e.dtype)[:, None, None]
+        return rearrange(e, "b n d -> (b n) d").to(self.dtype)
+
+    # ------------------------------------------------------------------ context (keys / values)
+    def encode_context(self, context: torch.Tensor, task_cond: torch.Tensor | None = None,
+                       drop_task: torch.Tensor | None = None) -> ContextKV:
+        """Keys/values of every Image-Set Attention layer for clean context images.
+
+        context: (B, n, C, H, W) clean latents (self) or (B, n, S, D) DINO tokens (dino). n may be 0.
+        Each image's entries depend on that image and its own task condition only.
+        """
+        self._check_context(context)
+        b, n = context.shape[:2]
+        if n == 0:
+            empty = [context.new_zeros(b, 0, 1, a.inner_dim) for a in self.isa_layers]
+            return ContextKV(empty, list(empty))
+        cond = self.embed_task(task_cond, drop_task, b, n)  # (B*n, d) or None
+        if self.variant == "dino":
+            v = rearrange(context, "b n s d -> (b n) s d").to(self.dtype)
+            if cond is not None and self.dino_task_proj is not None:
+                v = v + self.dino_task_proj(cond)[:, None]  # v = v + E_c(c_C)
+            kv = [a.processor.project_context(a, v, n) for a in self.isa_layers]
+            return ContextKV([k for k, _ in kv], [v_ for _, v_ in kv])
+        record = ContextKV([None] * len(self.isa_layers), [None] * len(self.isa_layers))  # type: ignore[list-item]
+        z_0 = rearrange(context, "b n c h w -> (b n) c h w").to(self.dtype)
+        t_clean = torch.full((b * n,), self.config.clean_timestep, device=z_0.device, dtype=torch.long)
+        self.unet(z_0, t_clean, encoder_hidden_states=ImageSetCall("record", n, record=record, kv_cond=cond))
+        return record
+
+    # ------------------------------------------------------------------ noisy stream
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, context_kv: ContextKV | None, *,
+                ctx_index: torch.Tensor | None = None, task_cond: torch.Tensor | None = None,
+                drop_task: torch.Tensor | None = None, first_position: int = 0) -> torch.Tensor:
+        """eps for z_t (B, N, C, H, W) given precomputed context keys/values.
+
+        ctx_index: (B,) row of `context_kv` for each set, -1 where the image condition is dropped
+        (None: row b uses row b). z_t[:, i] attends to context images [0, first_position + i).
+        """
+        b, n, c, h, w = self._check_latents(z_t, "z_t")
+        t = self._broadcast_t(t, b, n)
+        if ctx_index is None and context_kv is not None and context_kv.num_images > 0 \
+                and context_kv.batch_size != b:
+            raise ValueError(f"context has {context_kv.batch_size} sets but z_t has {b}; pass ctx_index")
+        n_ctx = 0 if context_kv is None else context_kv.num_images
+        if n_ctx and n_ctx < first_position + n - 1:
+            raise ValueError(f"context holds {n_ctx} images but z_t[:, {n - 1}] at first_position={first_position} "
+                             f"needs {first_position + n - 1}")
+        call = ImageSetCall("attend", n, context=context_kv, ctx_index=ctx_index, first_position=first_position,
+                            q_cond=self.embed_task(task_cond, drop_task, b, n))
+        x = rearrange(z_t, "b n c h w -> (b n) c h w").to(self.dtype)
+        eps = self.unet(x, rearrange(t, "b n -> (b n)"), encoder_hidden_states=call).sample
+        return rearrange(eps, "(b n) c h w -> b n c h w", n=n)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                task_cond: torch.Tensor | None = None, *, context_task_cond: torch.Tensor | None = None,
+                drop_image: torch.Tensor | None = None, drop_task: torch.Tensor | None = None,
+                first_position: int = 0) -> torch.Tensor:
+        """eps_theta(z_t, z_0, t[, c]) -> (B, N, C, H, W).
+
+        z_t: (B, N, C, H, W) noisy latents; t: (B,) or (B, N); context: (B, n_c, C, H, W) clean latents
+        (self) or (B, n_c, S, D) DINO tokens (dino), with n_c >= first_position + N - 1; task_cond:
+        (B, N, ...) target conditions of z_t's images; context_task_cond: the context images' conditions
+        (default: task_cond when the context is the same set, first_position == 0).
+        drop_image / drop_task: (B,) bool, classifier-free-guidance drops of each set's conditions.
+        Output for image i depends only on z_t[:, i], t and context[:, :first_position + i].
+        """
+        b, n, *_ = self._check_latents(z_t, "z_t")
+        if context is None:
+            context_kv, ctx_index = None, None
+        else:
+            if context.shape[0] != b:
+                raise ValueError(f"context must have B = {b} sets like z_t, got shape {tuple(context.shape)}")
+            if context_task_cond is None and first_position == 0 and task_cond is not None \
+                    and context.shape[1] <= task_cond.shape[1]:
+                context_task_cond = task_cond[:, : context.shape[1]]
+            ctx_index = None
+            if drop_image is not None:
+                drop_image = drop_image.to(context.device).bool()
+                keep = torch.nonzero(~drop_image).squeeze(1)
+                # The clean stream is only run for sets that keep their image condition.
+                ctx_index = torch.full((b,), -1, dtype=torch.long, device=context.device)
+                ctx_index[keep] = torch.arange(keep.numel(), device=context.device)
+                context = context.index_select(0, keep)
+                if context_task_cond is not None:
+                    context_task_cond = context_task_cond.index_select(0, keep.to(context_task_cond.device))
+                ctx_drop_task = None if drop_task is None else drop_task.index_select(0, keep.to(drop_task.device))
+            else:
+                ctx_drop_task = drop_task
+            context_kv = self.encode_context(context, context_task_cond, ctx_drop_task) if context.shape[0] else None
+        return self.denoise(z_t, t, context_kv, ctx_index=ctx_index, task_cond=task_cond, drop_task=drop_task,
+                            first_position=first_position)
+
+    # ------------------------------------------------------------------ validation
+    def _check_latents(self, z: torch.Tensor, name: str) -> tuple[int, int, int, int, int]:
+        cfg = self.config
+        if not isinstance(z, torch.Tensor) or z.ndim != 5 or not z.is_floating_point():
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"{name} must be a float tensor (B, N, {cfg.in_channels}, H, W), got {shape}")
+        b, n, c, h, w = z.shape
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if c != cfg.in_channels or h % factor or w % factor:
+            raise ValueError(f"{name} must be (B, N, {cfg.in_channels}, H, W) with H, W multiples of {factor} "
+                             f"(e.g. {cfg.sample_size}), got {tuple(z.shape)}")
+        if n < 1:
+            raise ValueError(f"{name} must hold at least one image (N >= 1), got {tuple(z.shape)}")
+        return b, n, c, h, w
+
+    def _check_context(self, context: torch.Tensor) -> None:
+        cfg = self.config
+        if self.variant == "dino":
+            ok = isinstance(context, torch.Tensor) and context.ndim == 4 and context.is_floating_point() \
+                and context.shape[-1] == cfg.dino_dim
+            if not ok:
+                shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+                raise ValueError(f"M2M-DINO context must be float DINO tokens (B, n, S, {cfg.dino_dim}) "
+                                 f"(S = {cfg.dino_tokens} for this config), got {shape}")
+        elif not isinstance(context, torch.Tensor) or context.ndim != 5 or not context.is_floating_point() \
+                or context.shape[2] != cfg.in_channels:
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"M2M-Self context must be float clean latents (B, n, {cfg.in_channels}, H, W), "
+                             f"got {shape}")
+
+    @staticmethod
+    def _broadcast_t(t: torch.Tensor | int | float, b: int, n: int) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.ndim == 0:
+            return t.expand(b, n)
+        if t.shape == (b,):
+            return repeat(t, "b -> b n", n=n)
+        if t.shape == (b, n):
+            return t
+        raise ValueError(f"t must be a scalar, (B,) = ({b},) or (B, N) = ({b}, {n}), got {tuple(t.shape)}")
+
+    # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_stable_diffusion(cls, path: str | os.PathLike, config: M2MConfig | None = None,
+                              subfolder: str = "unet") -> "M2MUNet":
+        """Sec. 6.1: SD weights everywhere except the text cross-attention; Image-Set Attention from scratch.
+
+        `path` is a Stable Diffusion pipeline folder; its U-Net dimensions win over `config`'s, which supplies
+        the variant and the Image-Set Attention settings.
+        """
+        local = resolve_local_path(path, subfolder=subfolder, what="Stable Diffusion U-Net")
+        sd_unet = UNet2DConditionModel.from_pretrained(local, subfolder=subfolder)
+        cfg = M2MConfig.from_unet_config(dict(sd_unet.config), base=config or M2MConfig())
+        return cls(cfg, unet=sd_unet)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """config.json (the whole M2MConfig) + model.safetensors, written atomically (temp dir + rename).
+
+        Hand-written rather than diffusers' ModelMixin because M2MConfig is a nested dataclass, not flat
+        __init__ kwargs; the on-disk format is the same idea: JSON config + safetensors, no pickle.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict()}
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "M2MUNet":
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise WeightsNotFoundError(
+                f"M2M checkpoint {directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}; weights are never "
+                f"downloaded (offline)"
+            )
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if "m2m_config" not in meta:
+            raise ValueError(f"{directory / CONFIG_NAME}: not an M2M checkpoint (no 'm2m_config' field)")
+        net = cls(M2MConfig.from_dict(meta["m2m_config"]))
+        net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True)
+        return net.to(map_location)
