@@ -30,6 +30,11 @@ class M2MConfig:
     task: TaskKind = "none"                # task condition c_C of Sec. 6.2
     task_embed_dim: int = 1280             # width of E(c_C) before the per-layer projections
     camera_dim: int = 12                   # flattened 3x4 relative extrinsic (design-notes 7)
+    # --- diffusion process (used by the objective and the samplers; saved with the network) ---
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"   # SD's schedule; pixel-space presets use DDPM's "linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
     # --- images ---
     autoencoder: Literal["pixel", "vae"] = "vae"  # pixel: identity (CPU presets); vae: SD's AutoencoderKL
     image_size: int = 512                  # pixels; latents are image_size / downsample
@@ -90,6 +95,12 @@ class M2MConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], variant=variant, **overrides)
 
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """Arguments of diffusers' DDPMScheduler / DDIMScheduler for this model's noise schedule."""
+        return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                    beta_start=self.beta_start, beta_end=self.beta_end, prediction_type="epsilon",
+                    clip_sample=False)
+
     def unet_kwargs(self) -> dict[str, Any]:
         kw = {k: getattr(self, k) for k in UNET_FIELDS}
         for k in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
@@ -138,7 +149,7 @@ PRESETS: dict[str, M2MConfig] = {
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
         attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32, dino_dim=32, dino_tokens=5,
-        task_embed_dim=32,
+        task_embed_dim=32, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
     ),
     # CPU demo: pixel space, 32 px, ~2 M parameters. Image-Set Attention at 16 and 8 px only: at 32 px every
     # context image adds 1024 keys per query, which would dominate a CPU's sampling time (see benchmarks).
@@ -147,7 +158,7 @@ PRESETS: dict[str, M2MConfig] = {
         block_out_channels=(32, 64, 96), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
         attention_head_dim=(2, 4, 4), norm_num_groups=16, cross_attention_dim=256, dino_dim=96, dino_tokens=17,
-        task_embed_dim=128,
+        task_embed_dim=128, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
     ),
     # The paper: SD-2.1-base U-Net on 64x64x4 latents, DINOv2-giant tokens.
     "paper": _PAPER,

@@ -1,0 +1,74 @@
+"""The training objective of Eq. 5, with the condition drops that classifier-free guidance needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from einops import rearrange
+
+from m2m_pipeline.network.config import M2MConfig
+
+
+@dataclass(frozen=True)
+class DropConfig:
+    p_drop_image: float = 0.10       # Sec. 6.1: zero the clean-image condition of the whole set
+    # With a task condition (Sec. 6.2, Eq. 7, design-notes 6) drops are drawn per set from one categorical,
+    # so every branch of Eq. 7 is trained: (no image, no task), (image, no task), and (image, task).
+    p_drop_both: float = 0.05
+    p_drop_task_only: float = 0.05
+    p_drop_image_only: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("p_drop_image", "p_drop_both", "p_drop_task_only", "p_drop_image_only"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"DropConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_drop_both + self.p_drop_task_only + self.p_drop_image_only > 1.0:
+            raise ValueError("DropConfig: p_drop_both + p_drop_task_only + p_drop_image_only must be <= 1")
+
+
+def sample_drops(b: int, with_task: bool, drops: DropConfig, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B,) drop_image and drop_task masks."""
+    u = torch.rand(b, generator=generator)
+    if not with_task:
+        return u < drops.p_drop_image, None
+    both = u < drops.p_drop_both
+    task_only = (u >= drops.p_drop_both) & (u < drops.p_drop_both + drops.p_drop_task_only)
+    image_only = (u >= drops.p_drop_both + drops.p_drop_task_only) & (
+        u < drops.p_drop_both + drops.p_drop_task_only + drops.p_drop_image_only)
+    return both | image_only, both | task_only
+
+
+class M2MObjective:
+    """L = E ||eps - eps_theta(z_t^{1:N}, z_0^{1:N}, t)||^2 over all N noisy images of a set (Eq. 5).
+
+    t is drawn independently for every image of a set: each image's prediction is conditioned on clean
+    context only, so independent noise levels are valid and decorrelate the N terms of the sum (the paper
+    writes a single t; with N images this is the same expectation, with lower variance).
+    """
+
+    def __init__(self, config: M2MConfig, drops: DropConfig = DropConfig()):
+        self.scheduler = DDPMScheduler(**config.scheduler_kwargs())
+        self.drops = drops
+        self.with_task = config.task != "none"
+
+    def __call__(self, net: torch.nn.Module, z_0: torch.Tensor, context: torch.Tensor,
+                 task_cond: torch.Tensor | None = None, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        """z_0: (B, N, C, H, W) clean latents; context: z_0 itself (self) or DINO tokens (B, N, S, D)."""
+        b, n, c, h, w = z_0.shape
+        device = z_0.device
+        eps = torch.randn(z_0.shape, generator=generator, device="cpu").to(device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b, n), generator=generator).to(device)
+        z_t = self.scheduler.add_noise(
+            rearrange(z_0, "b n c h w -> (b n) c h w"), rearrange(eps, "b n c h w -> (b n) c h w"),
+            rearrange(t, "b n -> (b n)"),
+        )
+        z_t = rearrange(z_t, "(b n) c h w -> b n c h w", b=b)
+        drop_image, drop_task = sample_drops(b, self.with_task and task_cond is not None, self.drops, generator)
+        eps_pred = net(z_t, t, context, task_cond, drop_image=drop_image.to(device),
+                       drop_task=None if drop_task is None else drop_task.to(device))
+        return F.mse_loss(eps_pred.float(), eps.float())

@@ -1,0 +1,221 @@
+"""Auto-regressive sampling (Sec. 6.1 inference, Eq. 6 and Eq. 7): plain functions that only call the network.
+
+The network is used through three members: `config`, `encode_context(...)` and `denoise(...)`, so any
+callable with that surface (a stub in tests, a compiled model) can be sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from m2m_pipeline.network.context import ContextKV
+
+Callback = Callable[[int, int, int, torch.Tensor], None]  # (image k, step i, timestep t, z_t (B, C, H, W))
+
+
+# ---------------------------------------------------------------------- guidance (Eq. 6, Eq. 7)
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s: float) -> torch.Tensor:
+    """Eq. 6: eps(z_t, 0, t) + s * (eps(z_t, z_0^{1:W}, t) - eps(z_t, 0, t))."""
+    return eps_uncond + s * (eps_cond - eps_uncond)
+
+
+def dual_guidance(eps_none: torch.Tensor, eps_image: torch.Tensor, eps_image_task: torch.Tensor,
+                  s_I: float, s_C: float) -> torch.Tensor:
+    """Eq. 7: eps(0, 0) + s_I (eps(z_0, 0) - eps(0, 0)) + s_C (eps(z_0, c_C) - eps(z_0, 0))."""
+    return eps_none + s_I * (eps_image - eps_none) + s_C * (eps_image_task - eps_image)
+
+
+# ---------------------------------------------------------------------- helpers
+def window_indices(position: int, window: int | None, anchors: int = 0) -> list[int]:
+    """Context images for the image at `position` (0-based): the last `window` images before it, of which
+    the first `anchors` images of the sequence are always kept (attention-sink style, against drift)."""
+    if window is None or window >= position:
+        return list(range(position))
+    if window < 0 or anchors < 0:
+        raise ValueError(f"window and anchors must be >= 0, got window={window}, anchors={anchors}")
+    kept = list(range(min(anchors, window, position)))
+    recent = window - len(kept)
+    return kept + list(range(max(len(kept), position - recent), position)) if recent else kept
+
+
+def image_noise(shape: tuple[int, ...], seeds: Sequence[int], index: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """Initial noise of generated image `index` of every set: one generator per (set seed, image index),
+    so the same seeds give the same images whatever the batch composition."""
+    out = []
+    for seed in seeds:
+        state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        out.append(torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def make_ddim(config, steps: int) -> DDIMScheduler:
+    # SD's DDIM settings (set_alpha_to_one=False, steps_offset=1) on the model's own noise schedule.
+    scheduler = DDIMScheduler(**config.scheduler_kwargs(), set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+# ---------------------------------------------------------------------- the sampler
+@torch.no_grad()
+def generate(
+    net,
+    context: torch.Tensor,
+    num_images: int,
+    *,
+    context_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    task_cond: torch.Tensor | None = None,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    task_guidance_scale: float | None = None,
+    window: int | None = None,
+    anchors: int = 0,
+    seed: int | Sequence[int] = 0,
+    use_cache: bool = True,
+    eta: float = 0.0,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Generate `num_images` latents after the given context images, one at a time (Fig. 1).
+
+    net:                 an M2MUNet (or anything with its `config`, `encode_context`, `denoise`).
+    context:             (B, n_c, C, H, W) clean latents of the given images; n_c may be 0.
+    context_encoder:     latents (B, C, H, W) -> what the network attends to: DINO tokens (B, S, D) for
+                         M2M-DINO (required there); identity for M2M-Self.
+    task_cond:           (B, n_c + num_images, ...) task condition of every image (camera / step position).
+    steps:               DDIM denoising steps (Sec. 8.6: 50).
+    guidance_scale:      s of Eq. 6, or s_I of Eq. 7 when task_guidance_scale is given; 1 disables guidance.
+    task_guidance_scale: s_C of Eq. 7 (dual guidance; needs a task-conditioned model).
+    window:              context window W: at most W preceding images (None: all, 0: none).
+    anchors:             always keep the first `anchors` images inside the window.
+    seed:                one seed, or one per set; image k of set b depends on (seed_b, k) only.
+    use_cache:           compute each context image's keys/values once (KV cache) instead of every step.
+    eta:                 DDIM eta (0: deterministic).
+    callback:            called after every denoising step with (image k, step i, timestep t, z_t).
+    Returns (B, num_images, C, H, W) latents.
+    """
+    cfg = net.config
+    if context.ndim != 5:
+        raise ValueError(f"context must be clean latents (B, n_c, C, H, W), got {tuple(context.shape)}")
+    b, n_c, c, h, w = context.shape
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if cfg.variant == "dino" and context_encoder is None:
+        raise ValueError("M2M-DINO needs context_encoder: latents (B, C, H, W) -> DINO tokens (B, S, D)")
+    has_task = cfg.task != "none"
+    if has_task and task_cond is None:
+        raise ValueError(f"this model is conditioned on '{cfg.task}': pass task_cond (B, n_c + num_images, ...)")
+    if task_cond is not None and tuple(task_cond.shape[:2]) != (b, n_c + num_images):
+        raise ValueError(f"task_cond must start with (B, n_c + num_images) = ({b}, {n_c + num_images}), "
+                         f"got {tuple(task_cond.shape)}")
+    dual = task_guidance_scale is not None
+    if dual and not has_task:
+        raise ValueError("task_guidance_scale (Eq. 7) needs a model with a task condition")
+    seeds = [seed] * b if isinstance(seed, int) else list(seed)
+    if len(seeds) != b:
+        raise ValueError(f"seed must be an int or {b} ints (one per set), got {len(seeds)}")
+
+    device, dtype = net.device, net.dtype
+    encode = context_encoder or (lambda z: z)
+    # Branches of one batched forward. rows: which KV row each branch reads (-1: image condition dropped).
+    if dual:
+        # KV rows: [no task condition | with task condition]; query rows: [(0,0) | (I,0) | (I,C)].
+        kv_drop_task = torch.tensor([True] * b + [False] * b, device=device)
+        q_index = torch.cat([torch.full((b,), -1), torch.arange(b), torch.arange(b, 2 * b)]).to(device)
+        q_drop_task = torch.tensor([True] * (2 * b) + [False] * b, device=device)
+    else:
+        kv_drop_task = torch.zeros(b, dtype=torch.bool, device=device) if has_task else None
+        uncond = guidance_scale != 1.0  # s = 1 is the conditional prediction alone: skip the other branch
+        q_index = torch.cat([torch.full((b,), -1), torch.arange(b)]).to(device) if uncond \
+            else torch.arange(b, device=device)
+        q_drop_task = None if not has_task else (
+            torch.tensor([True] * b + [False] * b, device=device) if uncond else torch.zeros(b, dtype=torch.bool,
+                                                                                              device=device))
+    kv_rows = 2 * b if dual else b
+    branches = q_index.numel() // b
+
+    def kv_tile(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x] * (kv_rows // b))
+
+    def q_tile(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x] * branches)
+
+    reps: list[torch.Tensor] = []   # per image: what the network attends to, (B, 1, ...)
+    cache: list[ContextKV] = []     # per image: keys/values of every layer (use_cache)
+
+    def image_kv(j: int) -> ContextKV:
+        # Per image, in both modes: an image's keys/values depend on it alone, and identical shapes make
+        # the cached and recomputed paths agree bit for bit.
+        cond = None if task_cond is None else task_cond[:, j : j + 1].to(device)
+        return net.encode_context(kv_tile(reps[j]), kv_tile(cond), kv_drop_task)
+
+    def add_image(z_0: torch.Tensor) -> None:
+        reps.append(encode(z_0.to(device=device, dtype=dtype))[:, None])  # (B, 1, ...)
+        if use_cache:
+            cache.append(image_kv(len(reps) - 1))
+
+    for j in range(n_c):
+        add_image(context[:, j])
+
+    scheduler = make_ddim(cfg, steps)
+    outputs = []
+    bar = tqdm(total=num_images * steps, desc="sampling", disable=not progress, leave=False)
+    for k in range(num_images):
+        position = n_c + k
+        idx = window_indices(position, window, anchors)
+        if not idx:
+            kv = None
+        elif use_cache:
+            kv = ContextKV.cat_images([cache[j] for j in idx])
+        q_cond = None if task_cond is None else q_tile(task_cond[:, position : position + 1].to(device))
+        z = image_noise((c, h, w), seeds, position, dtype, device) * scheduler.init_noise_sigma  # (B, C, H, W)
+        for i, t in enumerate(scheduler.timesteps):
+            if idx and not use_cache:  # recompute every context image's keys/values at every step
+                kv = ContextKV.cat_images([image_kv(j) for j in idx])
+            z_in = torch.cat([z] * branches)[:, None]  # (branches*B, 1, C, H, W)
+            t_in = torch.full((z_in.shape[0],), int(t), device=device, dtype=torch.long)
+            eps = net.denoise(z_in, t_in, kv, ctx_index=q_index if kv is not None else None, task_cond=q_cond,
+                              drop_task=q_drop_task, first_position=len(idx))[:, 0]
+            parts = eps.chunk(branches)
+            if dual:
+                guided = dual_guidance(parts[0], parts[1], parts[2], guidance_scale, task_guidance_scale)
+            elif branches == 2:
+                guided = classifier_free_guidance(parts[0], parts[1], guidance_scale)
+            else:
+                guided = parts[0]
+            noise = image_noise((c, h, w), seeds, 10_000 * (position + 1) + i, dtype, device) if eta > 0 else None
+            z = scheduler.step(guided, t, z, eta=eta, variance_noise=noise).prev_sample
+            if callback is not None:
+                callback(k, i, int(t), z)
+            bar.update(1)
+        outputs.append(z)
+        add_image(z)
+    bar.close()
+    if not outputs:
+        return context.new_zeros(b, 0, c, h, w)
+    return torch.stack(outputs, dim=1)  # (B, K, C, H, W)
+
+
+@torch.no_grad()
+def generate_images(net, images: torch.Tensor, num_images: int, autoencoder, dino=None, **kwargs) -> torch.Tensor:
+    """Pixels in, pixels out: images (B, n, 3, H, W) in [-1, 1] -> (B, num_images, 3, H, W) in [-1, 1]."""
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"images must be (B, n, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    b, n = images.shape[:2]
+    latents = autoencoder.encode(images.flatten(0, 1).to(net.device)).unflatten(0, (b, n))
+    encoder = None
+    if net.config.variant == "dino":
+        if dino is None:
+            raise ValueError("M2M-DINO needs a DinoEncoder to encode context images")
+        encoder = lambda z: dino.encode(autoencoder.decode(z))  # noqa: E731
+    z = generate(net, latents, num_images, context_encoder=encoder, **kwargs)
+    k = z.shape[1]
+    if k == 0:
+        return images.new_zeros(b, 0, *images.shape[2:])
+    return autoencoder.decode(z.flatten(0, 1)).unflatten(0, (b, k))
