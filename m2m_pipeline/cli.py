@@ -1,0 +1,195 @@
+"""The `m2m` console script: train, generate, demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import click
+
+
+def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> Path:
+    """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world."""
+    from m2m_pipeline.data import (build_feature_shards, filter_captions, generate_mis, get_preset, make_generator,
+                                   write_shapes_caption_tsv)
+
+    cfg = get_preset(preset)
+    if cfg.generator != "shapes":
+        raise click.UsageError(f"--data procedural needs a procedural MIS preset; '{preset}' uses {cfg.generator}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    tsv = write_shapes_caption_tsv(workdir / "captions.tsv", cfg.num_captions, seed=cfg.seed)
+    filter_captions([tsv], workdir / "filtered_captions.jsonl", cfg)
+    generate_mis(workdir / "filtered_captions.jsonl", workdir / "mis", make_generator(cfg), cfg, progress=progress)
+    build_feature_shards(workdir / "mis", workdir / "features", cfg, progress=progress)
+    return workdir / "features"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """M2M: many-to-many image generation with auto-regressive diffusion models."""
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True,
+              help="Network and training preset (M2MConfig / TrainConfig).")
+@click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True,
+              help="M2M-Self (clean latents through the U-Net) or M2M-DINO (DINOv2 tokens).")
+@click.option("--data", "data", default="procedural", show_default=True,
+              help="Feature shards (folder, glob or brace pattern) or 'procedural' to build the shapes world first.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: checkpoints land in OUT/checkpoint-<step>/ and OUT/final/.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--batch-size", type=int, default=None, help="Image sets per step (default: the preset's).")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's).")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Local Stable Diffusion folder: initialise from its U-Net (Sec. 6.1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, noise and drops.")
+def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None, batch_size: int | None,
+          lr: float | None, init_from: Path | None, seed: int) -> None:
+    """Train M2M on MIS feature shards."""
+    from m2m_pipeline.network import M2MConfig, M2MUNet
+    from m2m_pipeline.training import TrainConfig, train as run_training
+
+    net_cfg = M2MConfig.preset(preset, variant)
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
+    train_cfg = TrainConfig.preset(preset, seed=seed, **overrides)
+    shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
+    net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
+    result = run_training(net_cfg, train_cfg, shards, out_dir, net=net)
+    click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
+               f"checkpoint {result.checkpoint_dir}")
+
+
+def _read_images(paths: list[Path], size: int):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise click.BadParameter(f"{p} is neither an image file nor a folder", param_hint="--context")
+    if not files:
+        raise click.BadParameter(f"no images found in {[str(p) for p in paths]}", param_hint="--context")
+    images = []
+    for f in files:
+        try:
+            img = Image.open(f).convert("RGB")  # any mode (L, RGBA, P) -> RGB
+        except OSError as e:
+            raise click.BadParameter(f"cannot read image {f}: {e}", param_hint="--context") from e
+        img = ImageOps.fit(img, (size, size), Image.BICUBIC)  # centre crop to square, then resize
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(images)[None], files  # (1, n, 3, H, W)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="M2M checkpoint folder (config.json + model.safetensors).")
+@click.option("--context", "context", type=click.Path(path_type=Path), multiple=True,
+              help="Preceding images: a folder or image files (repeatable), in order. None: generate from scratch.")
+@click.option("--num-images", "-k", type=int, default=4, show_default=True, help="Images to generate.")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Image guidance s (Eq. 6) / s_I (Eq. 7).")
+@click.option("--task-guidance", type=float, default=None, help="Task guidance s_C (Eq. 7), task models only.")
+@click.option("--window", type=int, default=None, help="Context window W (default: all preceding images).")
+@click.option("--anchors", type=int, default=0, show_default=True, help="First images always kept in the window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; image k depends on (seed, k) only.")
+@click.option("--no-cache", is_flag=True, help="Recompute context keys/values at every step (slower, same images).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
+              help="Local Stable Diffusion folder for the VAE (latent-space checkpoints).")
+@click.option("--dino", type=click.Path(path_type=Path), default=None,
+              help="Local DINOv2 folder (M2M-DINO); default for pixel presets: the seeded random encoder.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder for generated PNGs and grid.png.")
+def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps: int, guidance: float,
+             task_guidance: float | None, window: int | None, anchors: int, seed: int, no_cache: bool,
+             vae: Path | None, dino: Path | None, out_dir: Path) -> None:
+    """Continue a set of images with a trained M2M checkpoint."""
+    import torch
+
+    from m2m_pipeline.encoders import load_autoencoder
+    from m2m_pipeline.network import M2MUNet
+    from m2m_pipeline.sampling import generate_images
+    from m2m_pipeline.visualize import save_set_grid
+
+    net = M2MUNet.from_pretrained(checkpoint).eval()
+    cfg = net.config
+    autoencoder = load_autoencoder(cfg.autoencoder, vae)
+    dino_encoder = None
+    if cfg.variant == "dino":
+        from m2m_pipeline.encoders import DinoEncoder
+
+        dino_encoder = DinoEncoder.from_pretrained(dino) if dino else _default_dino(cfg)
+    if context:
+        images, _ = _read_images(list(context), cfg.image_size)
+    else:
+        images = torch.zeros(1, 0, 3, cfg.image_size, cfg.image_size)
+    out = generate_images(net, images, num_images, autoencoder, dino_encoder, steps=steps, guidance_scale=guidance,
+                          task_guidance_scale=task_guidance, window=window, anchors=anchors, seed=seed,
+                          use_cache=not no_cache)
+    from PIL import Image
+
+    from m2m_pipeline.visualize import to_uint8
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    for k, arr in enumerate(to_uint8(out[0])):
+        Image.fromarray(arr).save(out_dir / f"generated_{k:03d}.png")
+    grid = save_set_grid(images, out, out_dir / "grid.png", scale=max(1, 128 // cfg.image_size))
+    click.echo(f"wrote {num_images} images and {grid}")
+
+
+def _default_dino(cfg):
+    """The seeded random DINOv2 the procedural presets' feature caches use (m2m_pipeline.data)."""
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.data.features import load_feature_encoders
+
+    preset = "tiny" if cfg.image_size <= 16 else "demo"
+    _, dino = load_feature_encoders(get_preset(preset), device="cpu")
+    if dino.hidden_size != cfg.dino_dim:
+        raise click.UsageError(f"checkpoint expects DINO width {cfg.dino_dim}; pass --dino with a matching model")
+    return dino
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Output folder.")
+@click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True)
+@click.option("--steps", type=int, default=300, show_default=True, help="Training steps (brief demo).")
+@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
+    """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""
+    import torch
+
+    from m2m_pipeline.data import make_loader
+    from m2m_pipeline.network import M2MConfig, M2MUNet
+    from m2m_pipeline.sampling import generate
+    from m2m_pipeline.training import TrainConfig, train as run_training
+    from m2m_pipeline.visualize import save_set_grid
+
+    start = time.perf_counter()
+    features = _procedural_features(preset, out_dir / "data")
+    net_cfg = M2MConfig.preset(preset, variant)
+    result = run_training(net_cfg, TrainConfig.preset(preset, steps=steps), features, out_dir / variant)
+
+    net = M2MUNet.from_pretrained(result.checkpoint_dir).eval()
+    batch = next(iter(make_loader(features, n_images=4, batch_size=4, seed=123)))
+    encoder = None
+    if variant == "dino":
+        dino = _default_dino(net_cfg)
+        encoder = dino.encode
+    context = batch["latents"]
+    out = generate(net, context, 4, context_encoder=encoder, steps=25, guidance_scale=3.0, seed=0)
+    grid = save_set_grid(context, out, out_dir / f"grid_{variant}.png", scale=4)
+    click.echo(f"demo done in {time.perf_counter() - start:.0f} s: loss {result.losses[0]:.3f} -> "
+               f"{result.final_loss:.3f}; grid {grid}")
+
+
+if __name__ == "__main__":
+    main()
