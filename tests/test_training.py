@@ -1,0 +1,83 @@
+"""Layer 3: objective and training loop in a temp dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from m2m_pipeline.network import M2MConfig, M2MUNet
+from m2m_pipeline.objective import DropConfig, M2MObjective, sample_drops
+from m2m_pipeline.training import TrainConfig, train
+
+
+def colour_sets(num: int, b: int = 4, n: int = 3, size: int = 16):
+    """Sets whose images share a colour: learnable structure for a few-step loss test."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(num):
+        colour = torch.rand(b, 1, 3, 1, 1, generator=g) * 2 - 1
+        noise = torch.randn(b, n, 3, size, size, generator=g) * 0.1
+        out.append({"latents": (colour + noise).clamp(-1, 1)})
+    return out
+
+
+def test_drops_without_task_follow_p():
+    drop_image, drop_task = sample_drops(20_000, False, DropConfig(), torch.Generator().manual_seed(0))
+    assert drop_task is None and abs(drop_image.float().mean().item() - 0.10) < 0.01
+
+
+def test_drops_with_task_train_all_three_branches_of_eq7():
+    di, dt = sample_drops(40_000, True, DropConfig(), torch.Generator().manual_seed(0))
+    both, task_only, image_only = (di & dt).float().mean(), (~di & dt).float().mean(), (di & ~dt).float().mean()
+    for share in (both, task_only, image_only):
+        assert abs(share.item() - 0.05) < 0.006
+    assert abs((~di & ~dt).float().mean().item() - 0.85) < 0.01
+
+
+def test_objective_is_mse_over_all_images():
+    cfg = M2MConfig.preset("tiny")
+
+    class Zero(torch.nn.Module):
+        config = cfg
+
+        def forward(self, z_t, t, context, task_cond=None, **kw):
+            return torch.zeros_like(z_t)
+
+    loss = M2MObjective(cfg)(Zero(), torch.zeros(8, 4, 3, 16, 16), torch.zeros(8, 4, 3, 16, 16),
+                             generator=torch.Generator().manual_seed(0))
+    # eps ~ N(0, 1): E||eps - 0||^2 / numel = 1
+    assert abs(loss.item() - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_tiny_training_lowers_loss_and_checkpoints(tmp_path, variant):
+    data = colour_sets(8)
+    if variant == "dino":
+        for batch in data:
+            batch["dino"] = torch.randn(4, 3, 5, 32)
+    tc = TrainConfig.preset("tiny")  # 50 steps
+    result = train(M2MConfig.preset("tiny", variant), tc, data, tmp_path, progress=False)
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    assert (tmp_path / "checkpoint-0000025" / "model.safetensors").is_file()
+    state = json.loads((result.checkpoint_dir / "train_state.json").read_text())
+    assert state["step"] == 50 and state["train_config"]["lr"] == tc.lr
+    net = M2MUNet.from_pretrained(result.checkpoint_dir)
+    assert net.config.variant == variant
+
+
+def test_metrics_callback(tmp_path):
+    seen = []
+    train(M2MConfig.preset("tiny"), TrainConfig.preset("tiny", steps=10, log_every=5, checkpoint_every=0),
+          colour_sets(2), tmp_path, on_metrics=lambda m, s: seen.append((s, sorted(m))), progress=False)
+    assert seen == [(5, ["grad_norm", "loss", "lr"]), (10, ["grad_norm", "loss", "lr"])]
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown training preset"):
+        TrainConfig.preset("galaxy")
+    assert TrainConfig.preset("paper").lr == 1e-5
