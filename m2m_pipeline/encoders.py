@@ -61,7 +61,7 @@ class VaeAutoencoder(nn.Module):
         from diffusers import AutoencoderKL
 
         local = resolve_local_path(path, subfolder=subfolder, what="Stable Diffusion VAE")
-        return cls(AutoencoderKL.from_pretrained(local, use_safetensors=None))
+        return cls(AutoencoderKL.from_pretrained(local, subfolder=subfolder))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
