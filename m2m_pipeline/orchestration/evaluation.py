@@ -1,0 +1,115 @@
+"""What the evaluation assets compute today: sample grids and sampling speed (FID / CLIP scores come with
+the evaluation issue). Plain functions over checkpoints and test feature shards; no dagster here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
+
+
+def load_test_sets(test_dir: Path, num_sets: int, num_images: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first `num_images` latents (in index order) of the first `num_sets` test sets: (B, n, C, H, W)."""
+    from m2m_pipeline.data import read_samples
+    from m2m_pipeline.data.shards import decode_npy
+
+    shards = sorted(test_dir.glob("mis-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no test feature shards in {test_dir}")
+    latents, keys, captions = [], [], []
+    for raw in read_samples(shards):
+        z = decode_npy(raw, "latents.npy", raw["__url__"], raw["__key__"])
+        if len(z) < num_images:
+            raise ValueError(f"{raw['__url__']}: set {raw['__key__']} has {len(z)} images, need {num_images}")
+        latents.append(torch.from_numpy(z[:num_images].astype(np.float32)))
+        keys.append(raw["__key__"])
+        captions.append(raw["caption.txt"].decode("utf-8"))
+        if len(latents) == num_sets:
+            break
+    return torch.stack(latents), keys, captions
+
+
+def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> tuple[Any, Any, Any]:
+    from m2m_pipeline.data import load_feature_encoders
+    from m2m_pipeline.network import M2MUNet
+
+    device = compute.resolved_device()
+    if not (checkpoint / "model.safetensors").exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
+    net = M2MUNet.from_pretrained(checkpoint, map_location=device).eval()
+    autoencoder, dino = load_feature_encoders(r.mis, device)
+    encoder = None
+    if net.config.variant == "dino":
+        encoder = lambda z: dino.encode(autoencoder.decode(z))  # noqa: E731  latents -> DINO tokens (B, S, D)
+    return net, autoencoder, encoder
+
+
+def _decode(autoencoder: Any, z: torch.Tensor) -> torch.Tensor:
+    b, k = z.shape[:2]
+    return autoencoder.decode(z.flatten(0, 1)).unflatten(0, (b, k)).cpu()
+
+
+@torch.no_grad()
+def sample_report(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, out: Path, compute: ComputeResource,
+                  seed: int = 0) -> dict[str, Any]:
+    """Generate `eval.generated_images` images after `eval.context_images` test images for `eval.num_sets`
+    sets; write grid.png (preceding | generated) and report.json."""
+    from m2m_pipeline.sampling import generate
+    from m2m_pipeline.visualize import save_set_grid
+
+    ev = r.eval
+    net, autoencoder, encoder = _model(checkpoint, r, compute)
+    if net.config.variant != variant:
+        raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
+    context, keys, captions = load_test_sets(test_dir, ev.num_sets, ev.context_images)
+    context = context.to(net.device)
+    start = time.perf_counter()
+    z = generate(net, context, ev.generated_images, context_encoder=encoder, steps=ev.steps,
+                 guidance_scale=ev.guidance_scale, window=ev.window, seed=seed, progress=False)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    scale = max(1, 64 // context.shape[-1])
+    grid = save_set_grid(_decode(autoencoder, context), _decode(autoencoder, z), out / "grid.png", scale=scale)
+    report = {"variant": variant, "checkpoint": str(checkpoint), "sets": len(keys), "keys": keys,
+              "captions": captions, "context_images": ev.context_images, "generated_images": ev.generated_images,
+              "steps": ev.steps, "guidance_scale": ev.guidance_scale, "window": ev.window, "seed": seed,
+              "seconds": seconds, "seconds_per_image": seconds / max(1, len(keys) * ev.generated_images),
+              "device": str(net.device)}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return {**report, "grid": grid, "report": out / "report.json"}
+
+
+@torch.no_grad()
+def benchmark(r: Resolved, checkpoints: dict[str, Path], test_dir: Path, out: Path, compute: ComputeResource
+              ) -> list[dict[str, Any]]:
+    """Seconds per generated image for each model and context size (one set, KV cache on, after a warm-up)."""
+    from m2m_pipeline.sampling import generate
+
+    ev = r.eval
+    contexts = tuple(ev.benchmark_contexts)
+    rows = []
+    z_all, _, _ = load_test_sets(test_dir, 1, max(contexts))
+    for variant, checkpoint in checkpoints.items():
+        net, _, encoder = _model(checkpoint, r, compute)
+        z_all_d = z_all.to(net.device)
+        generate(net, z_all_d[:, :1], 1, context_encoder=encoder, steps=1, progress=False)  # warm-up
+        for n in contexts:
+            start = time.perf_counter()
+            generate(net, z_all_d[:, :n], ev.benchmark_images, context_encoder=encoder, steps=ev.benchmark_steps,
+                     guidance_scale=ev.guidance_scale, progress=False)
+            if net.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append({"variant": variant, "context": n, "images": ev.benchmark_images,
+                         "steps": ev.benchmark_steps, "seconds": seconds,
+                         "seconds_per_image": seconds / ev.benchmark_images, "device": str(net.device)})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows

@@ -1,0 +1,48 @@
+"""Training child process launched by the training assets through Dagster Pipes.
+
+`python -m m2m_pipeline.orchestration.pipes_train` (or under `accelerate launch`): reads its job from
+the Pipes extras, trains, logs metrics to the asset's MLflow run, writes `<out>/train_result.json`.
+Only rank 0 reports when several processes run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster_pipes import open_dagster_pipes
+
+
+def main() -> None:
+    with open_dagster_pipes() as pipes:
+        rank = int(os.environ.get("RANK", "0"))
+        extras = pipes.extras
+        from m2m_pipeline.network import M2MConfig
+        from m2m_pipeline.orchestration.training_launch import summarise
+        from m2m_pipeline.training import TrainConfig, train
+
+        client = None
+        if extras.get("tracking_uri") and extras.get("mlflow_run_id") and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=extras["tracking_uri"])
+
+        def on_metrics(metrics: dict[str, float], step: int) -> None:
+            if client is not None:
+                for key, value in metrics.items():
+                    client.log_metric(extras["mlflow_run_id"], f"train/{key}", float(value), step=step)
+            if rank == 0 and step % 100 == 0:
+                pipes.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+        net_config = M2MConfig.preset(extras["net_preset"], variant=extras["variant"])
+        train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"])
+        result = train(net_config, train_config, extras["shards"], Path(extras["out"]), on_metrics=on_metrics,
+                       device=extras["device"], progress=False)
+        if rank == 0:
+            summary = summarise(result, Path(extras["out"]))
+            pipes.log.info(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s, "
+                           f"final loss {summary['final_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

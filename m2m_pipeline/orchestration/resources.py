@@ -1,0 +1,466 @@
+"""Dagster resources: run settings, compute, MLflow tracking and DVC versioning.
+
+Each has a local form (the defaults: files under the repo's `.state/`) and a production form chosen by
+config (`mode: production`: a tracking server, a shared DVC remote, GPUs). Assets reach the library only
+through these; nothing in the PyTorch library imports dagster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from dagster import ConfigurableResource, Failure, InitResourceContext
+from filelock import FileLock
+from pydantic import model_validator
+
+from m2m_pipeline.data.config import MIS_PRESETS, MISConfig
+from m2m_pipeline.orchestration.profiles import EvalSpec, RunProfile, caption_files
+
+
+def repo_root(repo_dir: str = "") -> Path:
+    """The project root: `repo_dir` when given, else M2M_REPO_DIR, else the working directory."""
+    return Path(repo_dir or os.environ.get("M2M_REPO_DIR", "") or os.getcwd()).resolve()
+
+
+def state_dir(root: Path) -> Path:
+    return root / ".state"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _positive(model: Any, key: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(model, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"resources.{key}.config.{name} must be positive, got {value}")
+
+
+# ====================================================================== settings
+@dataclass(frozen=True)
+class Resolved:
+    """Everything one profile's assets need, after the run config's overrides were applied and checked."""
+
+    profile: RunProfile
+    root: Path
+    mis: MISConfig
+    net_preset: str
+    train_preset: str
+    train_overrides: dict[str, Any]
+    eval: EvalSpec
+    caption_source: str
+
+    def path(self, relative: str | Path) -> Path:
+        return self.root / relative
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.root / self.profile.assets_dir
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / self.profile.models_dir
+
+
+class M2MSettings(ConfigurableResource):
+    """Run settings (resource key `settings`): which profile the config is written for, and overrides.
+
+    Every override is checked before an asset starts; errors name the config field.
+    """
+
+    profile: str = ""                          # profile this config is for ("" = whichever job runs)
+    repo_dir: str = ""                         # project root ("" = M2M_REPO_DIR or the working directory)
+    mis_preset: Optional[str] = None           # MIS_PRESETS key (must keep the profile's shard partitions)
+    net_preset: Optional[str] = None           # M2MConfig preset of both models
+    train_preset: Optional[str] = None         # TrainConfig preset
+    caption_source: Optional[str] = None       # "shapes" or a CC12M TSV glob
+    sd_model_path: Optional[str] = None        # local Stable Diffusion 2.1-base folder (MIS generator + VAE)
+    dino_path: Optional[str] = None            # local DINOv2 folder (dinov2-giant for the paper)
+    mis_seed: Optional[int] = None             # base seed of every image's noise
+    train_steps: Optional[int] = None
+    train_batch_size: Optional[int] = None
+    train_lr: Optional[float] = None
+    eval_sets: Optional[int] = None            # test sets in the evaluation grid
+    eval_generated_images: Optional[int] = None
+    eval_steps: Optional[int] = None           # DDIM steps of the evaluation samples
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "M2MSettings":
+        from m2m_pipeline.orchestration.profiles import PROFILES
+
+        if self.profile and self.profile not in PROFILES:
+            raise ValueError(f"resources.settings.config.profile: unknown profile {self.profile!r}; "
+                             f"choose one of {sorted(PROFILES)}")
+        if self.mis_preset is not None and self.mis_preset not in MIS_PRESETS:
+            raise ValueError(f"resources.settings.config.mis_preset: unknown MIS preset {self.mis_preset!r}; "
+                             f"choose one of {sorted(MIS_PRESETS)}")
+        for name in ("net_preset", "train_preset"):
+            value = getattr(self, name)
+            known = _known_presets(name)
+            if value is not None and known is not None and value not in known:
+                raise ValueError(f"resources.settings.config.{name}: unknown preset {value!r}; "
+                                 f"choose one of {sorted(known)}")
+        _positive(self, "settings", ("train_steps", "train_batch_size", "train_lr", "eval_sets", "eval_generated_images",
+                         "eval_steps"))
+        if self.mis_seed is not None and self.mis_seed < 0:
+            raise ValueError(f"resources.settings.config.mis_seed must be >= 0, got {self.mis_seed}")
+        return self
+
+    def resolve(self, profile: RunProfile) -> Resolved:
+        """Apply the overrides to `profile`; raise a Failure naming the field when something is wrong."""
+        field = "resources.settings.config"
+        if self.profile and self.profile != profile.name:
+            raise Failure(f"{field}.profile is {self.profile!r} but these assets belong to profile "
+                          f"{profile.name!r}: use m2m_pipeline/configs/{profile.name}.yaml")
+        root = repo_root(self.repo_dir)
+        if not root.is_dir():
+            raise Failure(f"{field}.repo_dir: {root} is not a directory")
+        mis_overrides = dict(profile.mis_overrides)
+        if self.mis_seed is not None:
+            mis_overrides["seed"] = self.mis_seed
+        if self.sd_model_path is not None:
+            mis_overrides["model_path"] = self.sd_model_path
+        if self.dino_path is not None:
+            mis_overrides["dino_path"] = self.dino_path
+        changed = profile.replace(mis_preset=self.mis_preset or profile.mis_preset, mis_overrides=mis_overrides)
+        try:
+            mis = changed.mis_config
+        except (ValueError, TypeError) as exn:
+            raise Failure(f"{field}: {exn}") from exn
+        if profile.shard_groups is None and changed.num_partitions != profile.num_partitions:
+            raise Failure(f"{field}.mis_preset: {mis.name!r} gives {changed.num_partitions} MIS shard partitions, "
+                          f"profile {profile.name!r} has {profile.num_partitions}; partitions are fixed by the "
+                          f"profile (m2m_pipeline/orchestration/profiles.py)")
+        # weights and data paths must exist before anything runs
+        if mis.generator == "stable-diffusion" or mis.autoencoder == "vae":
+            which = "sd_model_path"
+            if not mis.model_path or not (root / mis.model_path).is_dir():
+                raise Failure(f"{field}.{which}: Stable Diffusion weights not found at "
+                              f"{root / (mis.model_path or '')!s} (the {profile.name!r} profile needs them)")
+        if mis.dino_path is not None and not (root / mis.dino_path).is_dir():
+            raise Failure(f"{field}.dino_path: DINOv2 weights not found at {root / mis.dino_path}")
+        source = self.caption_source or profile.caption_source
+        if source != "shapes" and not caption_files(str(root / source)):
+            raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
+        train_overrides = dict(profile.train_overrides)
+        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"), ("train_lr", "lr")):
+            if getattr(self, name) is not None:
+                train_overrides[key] = getattr(self, name)
+        ev = profile.eval
+        ev = dataclasses.replace(
+            ev, num_sets=self.eval_sets or ev.num_sets,
+            generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps)
+        return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
+                        train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
+                        eval=ev, caption_source=source)
+
+
+def _known_presets(name: str) -> set[str] | None:
+    """Preset names of the network / training configs (None while a module is not there yet)."""
+    try:
+        if name == "net_preset":
+            from m2m_pipeline.network.config import PRESETS
+
+            return set(PRESETS)
+        from m2m_pipeline import training
+
+        return set(getattr(training, "TRAIN_PRESETS", None) or getattr(training.TrainConfig, "PRESETS", {}) or
+                   {"tiny", "demo", "paper"})
+    except ImportError:
+        return None
+
+
+# ====================================================================== compute
+class ComputeResource(ConfigurableResource):
+    """Where tensors live: device, dtype, data-loader workers, and how training is launched."""
+
+    device: str = "auto"                                     # auto (cuda if present), cpu, cuda, cuda:N
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    workers: int = 0                                         # data-loader worker processes
+    torch_threads: int = 0                                   # intra-op CPU threads (0: torch's default)
+    launcher: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"  # training: in this process, or
+    # through Dagster Pipes in a child `python -m` / `accelerate launch` (multi-GPU) process
+    num_processes: int = 1                                   # accelerate launch --num_processes (GPUs per step)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "ComputeResource":
+        if self.workers < 0 or self.torch_threads < 0:
+            raise ValueError("resources.compute.config.workers and torch_threads must be >= 0")
+        if self.num_processes < 1:
+            raise ValueError(f"resources.compute.config.num_processes must be >= 1, got {self.num_processes}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"resources.compute.config.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        return self
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+# ====================================================================== MLflow
+class TrackedRun:
+    """A nested MLflow run for one asset; metric/param/artifact logging that never raises into the asset."""
+
+    def __init__(self, client: Any, run_id: str, url: str, log: Any):
+        self.client, self.run_id, self.url, self._log = client, run_id, url, log
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), timestamp=ts, step=step or 0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+class _NullRun(TrackedRun):
+    def __init__(self) -> None:
+        super().__init__(None, "", "", None)
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+
+class MLflowResource(ConfigurableResource):
+    """One parent MLflow run per Dagster run, a nested run per asset (resource key `mlflow`).
+
+    local: a SQLite store and artifact folder under `.state/mlflow` (MLflow 3 refuses a bare ./mlruns);
+    production: `tracking_uri` names a tracking server (http[s]://), artifacts go where it says.
+    """
+
+    mode: Literal["local", "production", "off"] = "local"
+    tracking_uri: str = ""          # "" (local): sqlite:///<repo>/.state/mlflow/mlflow.db
+    artifact_root: str = ""         # "" (local): <repo>/.state/mlflow/artifacts
+    experiment: str = "m2m"
+    ui_url: str = "http://127.0.0.1:5000"   # links in the Dagster UI point here
+    repo_dir: str = ""
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "MLflowResource":
+        if self.mode == "production" and not self.tracking_uri.startswith(("http://", "https://", "databricks")):
+            raise ValueError("resources.mlflow.config.tracking_uri: production mode needs a tracking server "
+                             f"(http[s]://...), got {self.tracking_uri!r}")
+        if not self.experiment:
+            raise ValueError("resources.mlflow.config.experiment must not be empty")
+        return self
+
+    # -------------------------------------------------------------- stores
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        db = state_dir(repo_root(self.repo_dir)) / "mlflow" / "mlflow.db"
+        return f"sqlite:///{db}"
+
+    def _lock(self) -> FileLock | Any:
+        if self.mode != "local":
+            return _nolock()
+        path = state_dir(repo_root(self.repo_dir)) / "locks" / "mlflow.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(path, timeout=600)
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        uri = self.resolved_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        with self._lock():  # the first client migrates the SQLite schema; two at once would collide
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        return client
+
+    def experiment_id(self, client: Any) -> str:
+        with self._lock():
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                return exp.experiment_id
+            root = self.artifact_root or (state_dir(repo_root(self.repo_dir)) / "mlflow" / "artifacts").as_uri()
+            return client.create_experiment(self.experiment, artifact_location=root if self.mode == "local" or
+                                            self.artifact_root else None)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def parent_run(self, client: Any, experiment_id: str, dagster_run_id: str, tags: dict[str, str]) -> str:
+        """The Dagster run's MLflow run, created by whichever step asks first (under a lock locally)."""
+        query = f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`m2m.parent` = 'true'"
+        with self._lock():
+            found = client.search_runs([experiment_id], filter_string=query, max_results=10,
+                                       order_by=["attributes.start_time ASC"])
+            if found:
+                return found[0].info.run_id
+            run = client.create_run(experiment_id, run_name=tags.get("dagster.job", "dagster") +
+                                    f" {dagster_run_id[:8]}", tags={**tags, "m2m.parent": "true"})
+            return run.info.run_id
+
+    @contextmanager
+    def asset_run(self, context: Any, profile: str, params: dict[str, Any] | None = None,
+                  extra_tags: dict[str, str] | None = None) -> Iterator[TrackedRun]:
+        """A nested run for the asset `context` materializes; FINISHED on success, FAILED on error."""
+        if self.mode == "off":
+            yield _NullRun()
+            return
+        client = self.client()
+        exp = self.experiment_id(client)
+        root = repo_root(self.repo_dir)
+        commit = git_commit(root)
+        run_id = context.run_id
+        job = getattr(context, "job_name", None) or "materialize"
+        base = {"dagster.run_id": run_id, "dagster.job": job, "m2m.profile": profile,
+                "mlflow.source.git.commit": commit, "git.commit": commit}
+        parent = self.parent_run(client, exp, run_id, base)
+        keys = sorted(context.selected_asset_keys) if hasattr(context, "selected_asset_keys") else []
+        asset_key = ",".join(k.to_user_string() for k in keys)
+        partition = _partition_label(context)
+        tags = {**base, "mlflow.parentRunId": parent, "dagster.asset_key": asset_key,
+                "dagster.partition_key": partition, **(extra_tags or {})}
+        run = client.create_run(exp, run_name=asset_key + (f"[{partition}]" if partition else ""), tags=tags)
+        tracked = TrackedRun(client, run.info.run_id, self.run_url(exp, run.info.run_id), context.log)
+        if params:
+            tracked.log_params(params)
+        try:
+            yield tracked
+        except BaseException:
+            client.set_terminated(run.info.run_id, status="FAILED")
+            raise
+        client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _partition_label(context: Any) -> str:
+    try:
+        if not context.has_partition_key_range and not context.has_partition_key:
+            return ""
+        keys = context.partition_keys
+    except Exception:  # unpartitioned
+        return ""
+    return keys[0] if len(keys) == 1 else f"{keys[0]}...{keys[-1]}"
+
+
+@contextmanager
+def _nolock() -> Iterator[None]:
+    yield
+
+
+# ====================================================================== DVC
+class DVCResource(ConfigurableResource):
+    """Versions each data/model asset's outputs (resource key `dvc`): `dvc commit` of its dvc.yaml stage,
+    then `dvc push` to the remote; hashes come back from dvc.lock for the materialization metadata.
+
+    DVC holds a repo-wide lock, so every DVC call here runs under one file lock: concurrent steps
+    (multiprocess executor, parallel partition runs) queue instead of failing on DVC's lock.
+    local: the remote is a folder (`.state/dvc-remote`, remote `local` in .dvc/config);
+    production: any remote configured in .dvc/config (s3://, gs://, ssh://) named by `remote`.
+    M2M_DVC=off in the environment disables it (dvc.yaml commands set it: `dvc repro` holds DVC's lock).
+    """
+
+    mode: Literal["local", "production", "off"] = "local"
+    repo_dir: str = ""
+    remote: str = "local"
+    push: bool = True
+    lock_timeout_s: int = 1800
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "DVCResource":
+        if self.mode == "production" and self.remote == "local":
+            raise ValueError("resources.dvc.config.remote: production mode needs a shared remote, not 'local'")
+        if self.lock_timeout_s <= 0:
+            raise ValueError("resources.dvc.config.lock_timeout_s must be positive")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off" and os.environ.get("M2M_DVC", "").lower() not in ("off", "0", "false")
+
+    def _root(self) -> Path:
+        return repo_root(self.repo_dir)
+
+    def lock(self) -> FileLock:
+        path = state_dir(self._root()) / "locks" / "dvc.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(path, timeout=self.lock_timeout_s)
+
+    def _dvc(self, *args: str) -> str:
+        cmd = [sys.executable, "-m", "dvc", *args]
+        out = subprocess.run(cmd, cwd=self._root(), capture_output=True, text=True)
+        if out.returncode != 0:
+            raise Failure(f"`dvc {' '.join(args)}` failed in {self._root()} (exit {out.returncode}):\n"
+                          f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        return out.stdout
+
+    def commit(self, stage: str) -> dict[str, Any]:
+        """Record `stage`'s current outputs in dvc.lock and the cache, push them; return their hashes."""
+        if not self.enabled:
+            return {}
+        with self.lock():
+            self._dvc("commit", "--force", "--quiet", stage)
+            if self.push:
+                self._dvc("push", "--quiet", "-r", self.remote, stage)
+            return self.stage_hashes(stage)
+
+    def has_stage(self, stage: str) -> bool:
+        """Whether dvc.yaml defines `stage` (`name@key` for foreach stages)."""
+        path = self._root() / "dvc.yaml"
+        if not path.exists():
+            return False
+        stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+        name, _, item = stage.partition("@")
+        entry = stages.get(name)
+        if entry is None:
+            return False
+        if not item:
+            return "foreach" not in entry
+        items = entry.get("foreach")
+        return item in (items if isinstance(items, (list, dict)) else [])
+
+    def stage_hashes(self, stage: str) -> dict[str, Any]:
+        lock = self._root() / "dvc.lock"
+        if not lock.exists():
+            return {}
+        data = yaml.safe_load(lock.read_text()) or {}
+        entry = (data.get("stages") or {}).get(stage) or {}
+        pick = lambda items: {i["path"]: i.get("md5") for i in items or []}  # noqa: E731
+        return {"stage": stage, "outs": pick(entry.get("outs")), "deps": pick(entry.get("deps"))}
+
+
+def describe_hashes(hashes: dict[str, Any]) -> str:
+    return json.dumps(hashes.get("outs", {}), sort_keys=True)

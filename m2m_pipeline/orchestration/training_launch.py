@@ -1,0 +1,92 @@
+"""How the training assets run `m2m_pipeline.training.train`: in the step's process, or in a child process
+through Dagster Pipes (`python -m` or `accelerate launch`, so a multi-GPU launch is one config change).
+
+The child (`pipes_train.py`) gets its job as Pipes extras, logs metrics to the asset's MLflow run itself
+and writes `train_result.json`; the parent streams its logs into the Dagster run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from m2m_pipeline.orchestration.resources import ComputeResource, Resolved, TrackedRun
+
+
+def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[Any, Any]:
+    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.training import TrainConfig
+
+    net_config = M2MConfig.preset(r.net_preset, variant=variant)
+    train_config = TrainConfig.preset(r.train_preset, **{**r.train_overrides, "num_workers": compute.workers})
+    return net_config, train_config
+
+
+def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out: Path, compute: ComputeResource,
+                 run: TrackedRun) -> dict[str, Any]:
+    """Train one model from scratch into `out` (the previous run's checkpoints are removed first)."""
+    net_config, train_config = train_configs(r, variant, compute)
+    run.log_params({"variant": variant, "net_preset": r.net_preset, "train_preset": r.train_preset,
+                    **{f"train.{k}": v for k, v in train_config.to_dict().items()},
+                    "launcher": compute.launcher, "device": compute.resolved_device()})
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if compute.launcher == "inprocess":
+        from m2m_pipeline.training import train
+
+        def on_metrics(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+        result = train(net_config, train_config, shards, out, on_metrics=on_metrics,
+                       device=compute.resolved_device(), progress=False)
+        summary = summarise(result, out)
+    else:
+        summary = _run_with_pipes(context, r, variant, shards, out, compute, run, train_config)
+    return summary
+
+
+def summarise(result: Any, out: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    parameters = 0
+    with safe_open(str(Path(result.checkpoint_dir) / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            parameters += _numel(f.get_slice(name).get_shape())
+    summary = {"losses": list(result.losses), "final_loss": float(result.final_loss), "steps": int(result.steps),
+               "seconds": float(result.seconds), "checkpoint_dir": str(result.checkpoint_dir),
+               "parameters": parameters}
+    (out / "train_result.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], out: Path,
+                    compute: ComputeResource, run: TrackedRun, train_config: Any) -> dict[str, Any]:
+    from dagster import PipesSubprocessClient
+
+    entry = ["-m", "m2m_pipeline.orchestration.pipes_train"]
+    if compute.launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                   str(compute.num_processes), *(["--cpu"] if compute.resolved_device() == "cpu" else []), *entry]
+    else:
+        command = [sys.executable, *entry]
+    extras = {"net_preset": r.net_preset, "variant": variant, "train_preset": r.train_preset,
+              "train_overrides": {**r.train_overrides, "num_workers": compute.workers}, "shards": shards,
+              "out": str(out), "device": compute.resolved_device(),
+              "tracking_uri": run.client.tracking_uri if run.client is not None else "", "mlflow_run_id": run.run_id}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(r.root), os.environ.get("PYTHONPATH", "")])}
+    PipesSubprocessClient(cwd=str(r.root), env=env).run(command=command, context=context, extras=extras)
+    result_path = out / "train_result.json"
+    if not result_path.exists():
+        raise RuntimeError(f"training child exited without writing {result_path}")
+    return json.loads(result_path.read_text())
