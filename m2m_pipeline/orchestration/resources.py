@@ -368,6 +368,8 @@ class MLflowResource(ConfigurableResource):
 
 def _partition_label(context: Any) -> str:
     try:
+        if context.assets_def.partitions_def is None:
+            return ""
         if not context.has_partition_key_range and not context.has_partition_key:
             return ""
         keys = context.partition_keys

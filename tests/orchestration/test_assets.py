@@ -1,0 +1,98 @@
+"""Materialize the smoke chain with test resources in a throw-away project: outputs, checks, metadata,
+MLflow runs (parent + nested, same metric names for both variants) and DVC versioning."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from m2m_pipeline.orchestration.profiles import PROFILES
+
+from .conftest import dvc, resources_for
+
+KEYS = lambda *names: [AssetKey(["smoke", n]) for n in names]  # noqa: E731
+
+
+def chain(smoke_assets) -> list:
+    seen, out = set(), []
+    for a in smoke_assets.values():
+        if id(a) not in seen:
+            seen.add(id(a))
+            out.append(a)
+    return out
+
+
+def range_tags() -> dict[str, str]:
+    last = str(PROFILES["smoke"].num_partitions - 1)
+    return {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": last}
+
+
+@pytest.mark.slow
+def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
+    instance = DagsterInstance.ephemeral()
+    result = materialize(chain(smoke_assets), resources=resources_for(project, train_steps=4, eval_steps=2),
+                         instance=instance, tags=range_tags())
+    assert result.success
+    mats = {m.asset_key.path[-1]: m.metadata for m in result.get_asset_materialization_events() and
+            [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]}
+    assert mats["filtered_captions"]["kept"].value == 16
+    assert mats["mis_shards"]["sets"].value == 16 and mats["mis_shards"]["images"].value == 400
+    assert "data:image/png;base64," in mats["mis_shards"]["preview"].value
+    assert "data:image/png;base64," in mats["m2m_self_evaluation_report"]["grid"].value
+    assert mats["m2m_dino_checkpoint"]["steps"].value == 4
+    for meta in mats.values():
+        assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
+        assert meta["dvc_hash"].value and meta["dvc_hash"].value != "-"
+    checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(checks) == 4 and all(c.passed for c in checks)
+    assert (project / "models/smoke/m2m_self/final/model.safetensors").exists()
+    assert (project / "assets/smoke/evaluation/m2m_dino/grid.png").exists()
+
+    # MLflow: one parent for the Dagster run, a nested run per asset, same metric names for both variants
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / '.state/mlflow/mlflow.db'}")
+    exp = client.get_experiment_by_name("m2m")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`dagster.run_id` = '{result.run_id}'")
+    parents = [r for r in runs if r.data.tags.get("m2m.parent") == "true"]
+    assert len(parents) == 1
+    nested = {r.data.tags["dagster.asset_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
+              parents[0].info.run_id}
+    assert len(nested) == 9
+    self_run, dino_run = nested["smoke/m2m_self_checkpoint"], nested["smoke/m2m_dino_checkpoint"]
+    assert set(self_run.data.metrics) == set(dino_run.data.metrics) >= {"train/loss", "train/final_loss"}
+    assert self_run.data.tags["dvc.outs"] and self_run.data.tags["git.commit"]
+    assert nested["smoke/mis_shards"].data.tags["dagster.partition_key"] == "0...2"
+    assert len(client.get_metric_history(self_run.info.run_id, "train/loss")) >= 1
+    assert any(a.path == "grid.png" for a in client.list_artifacts(nested["smoke/m2m_self_evaluation_report"]
+                                                                    .info.run_id))
+    # DVC: every smoke stage committed and pushed
+    status = dvc("status", "--with-deps", "sampling_benchmark@smoke", "m2m_self_evaluation_report@smoke",
+                 "m2m_dino_evaluation_report@smoke", cwd=project)
+    assert "up to date" in status, status
+
+
+@pytest.mark.slow
+def test_blocking_check_stops_the_chain(project: Path, smoke_assets, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MIS shard that fails its validator fails the blocking check: the feature caches never run."""
+    import m2m_pipeline.data as data
+    from m2m_pipeline.data.validators import ValidationResult
+
+    res = resources_for(project, dvc_on=False)
+    assert materialize([smoke_assets["raw_captions"], smoke_assets["filtered_captions"]], resources=res).success
+
+    def broken(shard, *args, **kwargs):
+        result = ValidationResult("mis_shard_integrity", str(shard))
+        result.fail(f"{shard}: sample abc: 24 images, expected 25")
+        return result
+
+    monkeypatch.setattr(data, "validate_mis_shard", broken)
+    result = materialize([smoke_assets["mis_shards"], smoke_assets["latent_cache"]], resources=res,
+                         partition_key="0", raise_on_error=False)
+    checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert [c.passed for c in checks] == [False]
+    assert not result.success
+    assert not (project / "assets/smoke/features").exists()
