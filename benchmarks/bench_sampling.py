@@ -36,17 +36,22 @@ def sd_baseline(unet: UNet2DConditionModel, cfg: M2MConfig, num_images: int, ste
             z = scheduler.step(classifier_free_guidance(u, c, guidance), t, z).prev_sample
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timed_round_robin(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, measured interleaved (one call of each per round) so that drift in
+    machine load hits every configuration alike; one untimed warm-up call each first."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up: allocator growth, thread-pool start, kernel selection
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -84,15 +89,19 @@ def main() -> None:
     k, steps = args.generated, args.steps
     print(f"preset={args.preset} device={device} threads={torch.get_num_threads()} DDIM steps={steps} "
           f"guidance={args.guidance} generated per run={k} repeats={args.repeats} (median)")
-    sd_time = timed(lambda: sd_baseline(sd, cfg, k, steps, args.guidance, device), args.repeats) / k
-    rows = []
+    fns = {"sd": lambda: sd_baseline(sd, cfg, k, steps, args.guidance, device)}
     for n in args.context:
         ctx = torch.randn(1, n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
         common = dict(steps=steps, guidance_scale=args.guidance, window=n, progress=False)
-        t_dino = timed(lambda: generate(nets["dino"], ctx, k, context_encoder=dino_of, **common), args.repeats) / k
-        t_self_c = timed(lambda: generate(nets["self"], ctx, k, use_cache=True, **common), args.repeats) / k
-        t_self_u = timed(lambda: generate(nets["self"], ctx, k, use_cache=False, **common), args.repeats) / k
-        rows.append((n, t_dino, t_self_c, t_self_u))
+        fns[f"dino/{n}"] = lambda ctx=ctx, common=common: generate(nets["dino"], ctx, k, context_encoder=dino_of,
+                                                                   **common)
+        fns[f"self_cached/{n}"] = lambda ctx=ctx, common=common: generate(nets["self"], ctx, k, use_cache=True,
+                                                                          **common)
+        fns[f"self_uncached/{n}"] = lambda ctx=ctx, common=common: generate(nets["self"], ctx, k, use_cache=False,
+                                                                            **common)
+    t = {name: seconds / k for name, seconds in timed_round_robin(fns, args.repeats).items()}
+    sd_time = t["sd"]
+    rows = [(n, t[f"dino/{n}"], t[f"self_cached/{n}"], t[f"self_uncached/{n}"]) for n in args.context]
 
     print(f"\nseconds per generated image (SD baseline, text-to-image: {sd_time:.3f} s)")
     print(f"{'context':>7} | {'SD':>7} | {'DINO':>7} | {'Self cached':>11} | {'Self uncached':>13} | "
