@@ -214,3 +214,17 @@ def test_config_presets_and_validation():
     assert M2MConfig.from_dict(cfg.to_dict()) == cfg
     n_params = sum(p.numel() for p in M2MUNet(M2MConfig.preset("demo")).parameters())
     assert 1_000_000 <= n_params <= 5_000_000
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_paper_preset_builds_on_meta_with_sd_parameter_count(variant):
+    """SD-2.1-base U-Net (865,910,724 parameters) minus its text cross-attention plus Image-Set Attention."""
+    with torch.device("meta"):
+        net = M2MUNet(M2MConfig.preset("paper", variant))
+        sd = UNet2DConditionModel(**M2MConfig.preset("paper").unet_kwargs())
+    sd_total = sum(p.numel() for p in sd.parameters())
+    assert sd_total == 865_910_724
+    text = sum(p.numel() for k, p in sd.named_parameters() if ".attn2." in k)
+    isa = sum(p.numel() for k, p in net.named_parameters() if ".attn2." in k)
+    assert sum(p.numel() for p in net.parameters()) == sd_total - text + isa
+    assert len(net.isa_layers) == 16
