@@ -109,3 +109,13 @@ def test_bad_png_is_named(one_object):
 def test_empty_root_is_named(tmp_path):
     with pytest.raises(TaskDataError, match="no object folders"):
         list_objects(tmp_path)
+
+
+def test_command_writes_both_stand_ins(tmp_path, capsys):
+    from m2m_pipeline.tasks.__main__ import main
+
+    main(["polyhedra", str(tmp_path / "obj"), "-n", "2", "--size", "16"])
+    main(["procedures", str(tmp_path / "proc"), "-n", "2", "--start", "5"])
+    assert list_objects(tmp_path / "obj") == ["poly_000000", "poly_000001"]
+    assert sorted(p.name for p in (tmp_path / "proc").iterdir()) == ["proc_000005", "proc_000006"]
+    assert "2 procedures" in capsys.readouterr().out
