@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset
-
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from m2m_pipeline.data.loader import collate_examples  # stacks tensors, keeps keys/attributes as lists
 

@@ -33,8 +33,11 @@ def _flatten_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
         raise ValueError(f"pred and target must both be (..., 3, H, W) with equal shapes, "
                          f"got {tuple(pred.shape)} and {tuple(target.shape)}")
     lead = tuple(pred.shape[:-3])
-    to01 = lambda x: ((x.detach().float().reshape(-1, *x.shape[-3:]) + 1) / 2).clamp(0, 1)  # noqa: E731
-    return to01(pred), to01(target), lead
+    return _to_unit_range(pred), _to_unit_range(target), lead
+
+
+def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float().reshape(-1, *x.shape[-3:]) + 1) / 2).clamp(0, 1)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

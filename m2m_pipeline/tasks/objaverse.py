@@ -128,7 +128,7 @@ class ObjaverseViews(Dataset):
         }
 
 
-def split_uids(uids: Sequence[str], held_out: float | int, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_uids(uids: Sequence[str], held_out: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, held_out) object split, seeded; `held_out` is a fraction (< 1) or a count."""
     count = round(held_out * len(uids)) if isinstance(held_out, float) and held_out < 1 else int(held_out)
     if not 0 < count < len(uids):

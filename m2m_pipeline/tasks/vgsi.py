@@ -18,6 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def step_number(path: Path) -> int:
 def _method_steps(folder: Path) -> tuple[Path, ...]:
     images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     numbered = sorted((step_number(p), p) for p in images)
-    for (n_a, a), (n_b, b) in zip(numbered, numbered[1:]):
+    for (n_a, a), (n_b, b) in pairwise(numbered):
         if n_a == n_b:
             raise TaskDataError(b, f"step number {n_b} also used by {a.name}: step order is ambiguous")
     return tuple(p for _, p in numbered)

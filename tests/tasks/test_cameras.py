@@ -2,8 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from m2m_pipeline.tasks.cameras import (camera_condition, compose, invert_rigid, orbit_w2c, random_rigid,
-                                        relative_extrinsics)
+from m2m_pipeline.tasks.cameras import (
+    camera_condition,
+    compose,
+    invert_rigid,
+    orbit_w2c,
+    random_rigid,
+    relative_extrinsics,
+)
 
 
 def _world_change(w2c: torch.Tensor, g: np.ndarray) -> torch.Tensor:

@@ -1,11 +1,20 @@
 import math
+from itertools import pairwise
 
 import pytest
 import torch
 
 from m2m_pipeline.tasks import MetricWeightsNotFoundError
-from m2m_pipeline.tasks.metrics import (PSNR_CAP_DB, copy_input_view, image_metrics, lpips, per_position_summary,
-                                        psnr, repeat_last_step, ssim)
+from m2m_pipeline.tasks.metrics import (
+    PSNR_CAP_DB,
+    copy_input_view,
+    image_metrics,
+    lpips,
+    per_position_summary,
+    psnr,
+    repeat_last_step,
+    ssim,
+)
 
 
 def _images(*shape, seed=0):
@@ -30,7 +39,7 @@ def test_identical_images():
 def test_noisier_is_worse():
     x = _images(4, 3, 32, 32)
     values = [image_metrics(_noisy(x, s), x) for s in (0.02, 0.1, 0.4)]
-    for better, worse in zip(values, values[1:]):
+    for better, worse in pairwise(values):
         assert (better["psnr"] > worse["psnr"]).all() and (better["ssim"] > worse["ssim"]).all()
 
 

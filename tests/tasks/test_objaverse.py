@@ -87,7 +87,7 @@ def test_missing_npy_is_named(one_object):
 
 
 def test_bad_npy_is_named(one_object):
-    root, folder = one_object
+    _, folder = one_object
     np.save(folder / "003.npy", np.zeros((3, 3)))
     with pytest.raises(TaskDataError, match=r"003\.npy: camera matrix must be 3x4"):
         load_views(folder, [3], 16)
