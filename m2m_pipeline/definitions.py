@@ -12,7 +12,12 @@ from dagster import Definitions, multiprocess_executor
 from m2m_pipeline.orchestration.assets import build_profile_assets
 from m2m_pipeline.orchestration.jobs import profile_jobs
 from m2m_pipeline.orchestration.profiles import PROFILES
-from m2m_pipeline.orchestration.resources import ComputeResource, DVCResource, M2MSettings, MLflowResource
+from m2m_pipeline.orchestration.resources import (
+    ComputeResource,
+    DVCResource,
+    M2MSettings,
+    MLflowResource,
+)
 
 
 def local_resources() -> dict[str, object]:

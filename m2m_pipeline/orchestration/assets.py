@@ -153,7 +153,7 @@ class EvaluationConfig(Config):
 def build_profile_assets(profile: RunProfile) -> list[Any]:
     """Assets (with their checks) of one profile, keyed `<profile>/<name>`."""
     p = profile.name
-    key = lambda name: AssetKey([p, name])  # noqa: E731
+    key = lambda name: AssetKey([p, name])
     partitions = StaticPartitionsDefinition(profile.partition_keys)
     paths = layout(profile)
     gpu_tags = {"m2m/gpu": "1"}
@@ -273,7 +273,7 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
         yield merged_check("mis_shards_valid", key("mis_shards"), checks)
 
     # ------------------------------------------------------------------ feature caches (partitioned)
-    feature_check = lambda name: AssetCheckSpec(  # noqa: E731
+    feature_check = lambda name: AssetCheckSpec(
         "feature_shards_valid", asset=key(name), blocking=True,
         description="finite fp16 latents and DINO features of the expected shapes, keys match the MIS shard")
 
@@ -289,7 +289,11 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
         pool=GPU_POOL if profile.gpu else None, name=f"{p}__feature_caches")
     def feature_caches(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
                        mlflow: MLflowResource, dvc: DVCResource):
-        from m2m_pipeline.data import build_feature_shard, load_feature_encoders, validate_feature_shard
+        from m2m_pipeline.data import (
+            build_feature_shard,
+            load_feature_encoders,
+            validate_feature_shard,
+        )
 
         r = settings.resolve(profile)
         world = profile.num_partitions

@@ -47,7 +47,7 @@ def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> tuple[Any
     autoencoder, dino = load_feature_encoders(r.mis, device)
     encoder = None
     if net.config.variant == "dino":
-        encoder = lambda z: dino.encode(autoencoder.decode(z))  # noqa: E731  latents -> DINO tokens (B, S, D)
+        encoder = lambda z: dino.encode(autoencoder.decode(z))
     return net, autoencoder, encoder
 
 

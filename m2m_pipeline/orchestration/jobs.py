@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagster import AssetSelection, ExecutorDefinition, define_asset_job, multiprocess_executor
+from dagster import (
+    AssetSelection,
+    ExecutorDefinition,
+    define_asset_job,
+    multiprocess_executor,
+)
 
 from m2m_pipeline.orchestration.profiles import RunProfile
 
@@ -35,7 +40,7 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
     prefix = AssetSelection.key_prefixes([p])
     executor = production_executor() if profile.gpu else multiprocess_executor
     tags = {"m2m/profile": p}
-    key = lambda *names: AssetSelection.assets(*[[p, n] for n in names])  # noqa: E731
+    key = lambda *names: AssetSelection.assets(*[[p, n] for n in names])
     return [
         define_asset_job(f"m2m_{p}_job", selection=prefix, executor_def=executor, tags={**tags, **range_tags(profile)},
                          description=f"The whole M2M chain on the {p} profile: captions -> MIS -> features -> "

@@ -87,7 +87,7 @@ class RunProfile:
     def partition_keys(self) -> list[str]:
         return [str(p) for p in range(self.num_partitions)]
 
-    def replace(self, **changes: Any) -> "RunProfile":
+    def replace(self, **changes: Any) -> RunProfile:
         return dataclasses.replace(self, **changes)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from dagster import ConfigurableResource, Failure, InitResourceContext
@@ -39,7 +39,7 @@ def state_dir(root: Path) -> Path:
 
 def git_commit(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -86,22 +86,22 @@ class M2MSettings(ConfigurableResource):
 
     profile: str = ""                          # profile this config is for ("" = whichever job runs)
     repo_dir: str = ""                         # project root ("" = M2M_REPO_DIR or the working directory)
-    mis_preset: Optional[str] = None           # MIS_PRESETS key (must keep the profile's shard partitions)
-    net_preset: Optional[str] = None           # M2MConfig preset of both models
-    train_preset: Optional[str] = None         # TrainConfig preset
-    caption_source: Optional[str] = None       # "shapes" or a CC12M TSV glob
-    sd_model_path: Optional[str] = None        # local Stable Diffusion 2.1-base folder (MIS generator + VAE)
-    dino_path: Optional[str] = None            # local DINOv2 folder (dinov2-giant for the paper)
-    mis_seed: Optional[int] = None             # base seed of every image's noise
-    train_steps: Optional[int] = None
-    train_batch_size: Optional[int] = None
-    train_lr: Optional[float] = None
-    eval_sets: Optional[int] = None            # test sets in the evaluation grid
-    eval_generated_images: Optional[int] = None
-    eval_steps: Optional[int] = None           # DDIM steps of the evaluation samples
+    mis_preset: str | None = None           # MIS_PRESETS key (must keep the profile's shard partitions)
+    net_preset: str | None = None           # M2MConfig preset of both models
+    train_preset: str | None = None         # TrainConfig preset
+    caption_source: str | None = None       # "shapes" or a CC12M TSV glob
+    sd_model_path: str | None = None        # local Stable Diffusion 2.1-base folder (MIS generator + VAE)
+    dino_path: str | None = None            # local DINOv2 folder (dinov2-giant for the paper)
+    mis_seed: int | None = None             # base seed of every image's noise
+    train_steps: int | None = None
+    train_batch_size: int | None = None
+    train_lr: float | None = None
+    eval_sets: int | None = None            # test sets in the evaluation grid
+    eval_generated_images: int | None = None
+    eval_steps: int | None = None           # DDIM steps of the evaluation samples
 
     @model_validator(mode="after")
-    def _check_fields(self) -> "M2MSettings":
+    def _check_fields(self) -> M2MSettings:
         from m2m_pipeline.orchestration.profiles import PROFILES
 
         if self.profile and self.profile not in PROFILES:
@@ -199,7 +199,7 @@ class ComputeResource(ConfigurableResource):
     num_processes: int = 1                                   # accelerate launch --num_processes (GPUs per step)
 
     @model_validator(mode="after")
-    def _check_fields(self) -> "ComputeResource":
+    def _check_fields(self) -> ComputeResource:
         if self.workers < 0 or self.torch_threads < 0:
             raise ValueError("resources.compute.config.workers and torch_threads must be >= 0")
         if self.num_processes < 1:
@@ -276,7 +276,7 @@ class MLflowResource(ConfigurableResource):
     repo_dir: str = ""
 
     @model_validator(mode="after")
-    def _check_fields(self) -> "MLflowResource":
+    def _check_fields(self) -> MLflowResource:
         if self.mode == "production" and not self.tracking_uri.startswith(("http://", "https://", "databricks")):
             raise ValueError("resources.mlflow.config.tracking_uri: production mode needs a tracking server "
                              f"(http[s]://...), got {self.tracking_uri!r}")
@@ -373,7 +373,7 @@ def _partition_label(context: Any) -> str:
         if not context.has_partition_key_range and not context.has_partition_key:
             return ""
         keys = context.partition_keys
-    except Exception:  # unpartitioned
+    except Exception:  # noqa: BLE001  (unpartitioned: the context has no partition to name)
         return ""
     return keys[0] if len(keys) == 1 else f"{keys[0]}...{keys[-1]}"
 
@@ -402,7 +402,7 @@ class DVCResource(ConfigurableResource):
     lock_timeout_s: int = 1800
 
     @model_validator(mode="after")
-    def _check_fields(self) -> "DVCResource":
+    def _check_fields(self) -> DVCResource:
         if self.mode == "production" and self.remote == "local":
             raise ValueError("resources.dvc.config.remote: production mode needs a shared remote, not 'local'")
         if self.lock_timeout_s <= 0:
@@ -423,7 +423,7 @@ class DVCResource(ConfigurableResource):
 
     def _dvc(self, *args: str) -> str:
         cmd = [sys.executable, "-m", "dvc", *args]
-        out = subprocess.run(cmd, cwd=self._root(), capture_output=True, text=True)
+        out = subprocess.run(cmd, cwd=self._root(), capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise Failure(f"`dvc {' '.join(args)}` failed in {self._root()} (exit {out.returncode}):\n"
                           f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -460,7 +460,7 @@ class DVCResource(ConfigurableResource):
             return {}
         data = yaml.safe_load(lock.read_text()) or {}
         entry = (data.get("stages") or {}).get(stage) or {}
-        pick = lambda items: {i["path"]: i.get("md5") for i in items or []}  # noqa: E731
+        pick = lambda items: {i["path"]: i.get("md5") for i in items or []}
         return {"stage": stage, "outs": pick(entry.get("outs")), "deps": pick(entry.get("deps"))}
 
 

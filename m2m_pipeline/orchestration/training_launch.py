@@ -54,7 +54,7 @@ def summarise(result: Any, out: Path) -> dict[str, Any]:
 
     parameters = 0
     with safe_open(str(Path(result.checkpoint_dir) / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118  (safe_open is not a dict)
             parameters += _numel(f.get_slice(name).get_shape())
     summary = {"losses": list(result.losses), "final_loss": float(result.final_loss), "steps": int(result.steps),
                "seconds": float(result.seconds), "checkpoint_dir": str(result.checkpoint_dir),

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -47,7 +47,12 @@ def project(tmp_path: Path) -> Path:
 
 
 def resources_for(root: Path, dvc_on: bool = True, **settings: object) -> dict[str, object]:
-    from m2m_pipeline.orchestration.resources import ComputeResource, DVCResource, M2MSettings, MLflowResource
+    from m2m_pipeline.orchestration.resources import (
+        ComputeResource,
+        DVCResource,
+        M2MSettings,
+        MLflowResource,
+    )
 
     return {
         "settings": M2MSettings(repo_dir=str(root), **settings),

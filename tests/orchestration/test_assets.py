@@ -3,7 +3,6 @@ MLflow runs (parent + nested, same metric names for both variants) and DVC versi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from m2m_pipeline.orchestration.profiles import PROFILES
 
 from .conftest import dvc, resources_for
 
-KEYS = lambda *names: [AssetKey(["smoke", n]) for n in names]  # noqa: E731
+KEYS = lambda *names: [AssetKey(["smoke", n]) for n in names]
 
 
 def chain(smoke_assets) -> list:
@@ -78,7 +77,7 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
 @pytest.mark.slow
 def test_blocking_check_stops_the_chain(project: Path, smoke_assets, monkeypatch: pytest.MonkeyPatch) -> None:
     """A MIS shard that fails its validator fails the blocking check: the feature caches never run."""
-    import m2m_pipeline.data as data
+    from m2m_pipeline import data
     from m2m_pipeline.data.validators import ValidationResult
 
     res = resources_for(project, dvc_on=False)

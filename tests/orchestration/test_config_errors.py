@@ -8,7 +8,12 @@ import pytest
 from dagster import Failure, materialize
 
 from m2m_pipeline.orchestration.profiles import PROFILES
-from m2m_pipeline.orchestration.resources import ComputeResource, DVCResource, M2MSettings, MLflowResource
+from m2m_pipeline.orchestration.resources import (
+    ComputeResource,
+    DVCResource,
+    M2MSettings,
+    MLflowResource,
+)
 
 from .conftest import resources_for
 

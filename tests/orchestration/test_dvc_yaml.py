@@ -24,7 +24,7 @@ def stages() -> dict[str, dict]:
 def expand(text: str, key: str, item: dict) -> str:
     text = text.replace("${key}", key).replace("${materialize}", "MATERIALIZE")
     for name, value in item.items():
-        text = text.replace("${item.%s}" % name, str(value))
+        text = text.replace("${item." + name + "}", str(value))
     return text
 
 
@@ -46,7 +46,7 @@ def test_dvc_yaml_matches_asset_graph(graph, profile: str) -> None:
         by_stage[DVC_STAGE[name]].append(name)
     declared = stages()
     assert set(declared) == set(by_stage), "dvc.yaml stages and asset graph differ"
-    out_of = lambda name: str(paths[OUTS.get(name, name)])  # noqa: E731
+    out_of = lambda name: str(paths[OUTS.get(name, name)])
     for stage, assets in by_stage.items():
         entry = declared[stage]
         items = entry["foreach"]
