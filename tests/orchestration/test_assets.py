@@ -35,8 +35,8 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     result = materialize(chain(smoke_assets), resources=resources_for(project, train_steps=4, eval_steps=2),
                          instance=instance, tags=range_tags())
     assert result.success
-    mats = {m.asset_key.path[-1]: m.metadata for m in result.get_asset_materialization_events() and
-            [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]}
+    mats = {m.asset_key.path[-1]: m.metadata
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
     assert mats["filtered_captions"]["kept"].value == 16
     assert mats["mis_shards"]["sets"].value == 16 and mats["mis_shards"]["images"].value == 400
     assert "data:image/png;base64," in mats["mis_shards"]["preview"].value
@@ -95,3 +95,24 @@ def test_blocking_check_stops_the_chain(project: Path, smoke_assets, monkeypatch
     assert [c.passed for c in checks] == [False]
     assert not result.success
     assert not (project / "assets/smoke/features").exists()
+
+
+@pytest.mark.slow
+def test_training_through_dagster_pipes(project: Path, smoke_assets) -> None:
+    """launcher: subprocess trains in a child process via Dagster Pipes (the accelerate path's twin)."""
+    from m2m_pipeline.orchestration.resources import ComputeResource
+
+    res = resources_for(project, dvc_on=False, train_steps=2)
+    tags = range_tags()
+    first = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "mis_shards", "latent_cache")]
+    assert materialize(first, resources=res, tags=tags).success
+    res["compute"] = ComputeResource(device="cpu", launcher="subprocess")
+    result = materialize([smoke_assets["m2m_self_checkpoint"]], resources=res)
+    assert result.success
+    meta = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    assert meta["steps"].value == 2
+    assert (project / "models/smoke/m2m_self/final/model.safetensors").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / '.state/mlflow/mlflow.db'}")
+    assert client.get_metric_history(meta["mlflow_run_id"].value, "train/loss")  # logged by the child
