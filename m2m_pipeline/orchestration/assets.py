@@ -88,12 +88,11 @@ def owned_shards(directory: Path, partitions: list[int], world: int) -> list[Pat
     return out
 
 
-def image_markdown(png: Path, alt: str, width: int = 0) -> MetadataValue:
-    """A PNG inlined as markdown, so the Dagster UI renders it in the materialization's metadata."""
+def image_markdown(png: Path, alt: str) -> MetadataValue:
+    """A PNG inlined as a markdown image (data URI), so the Dagster UI renders it in the metadata (raw HTML
+    <img> is stripped by the UI's sanitiser; markdown images are not)."""
     data = base64.b64encode(png.read_bytes()).decode("ascii")
-    style = f' width="{width}"' if width else ""
-    return MetadataValue.md(f'<img alt="{alt}" src="data:image/png;base64,{data}"{style}/>\n\n`{png}`'
-                            if width else f"![{alt}](data:image/png;base64,{data})\n\n`{png}`")
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{data})\n\n`{png}`")
 
 
 def loss_plot(losses: list[float], path: Path, title: str) -> Path:
@@ -390,7 +389,7 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
                 "variant": variant, "sets": res["sets"], "context_images": r.eval.context_images,
                 "generated_images": r.eval.generated_images, "steps": r.eval.steps,
                 "seconds_per_image": round(res["seconds_per_image"], 4),
-                "grid": image_markdown(res["grid"], f"M2M-{variant}: preceding | generated", width=480),
+                "grid": image_markdown(res["grid"], f"M2M-{variant}: preceding | generated"),
                 "metrics_pending": "FID / CLIP scores: evaluation issue (not computed yet)",
                 **common_metadata(r, run, hashes, [out])})
 
