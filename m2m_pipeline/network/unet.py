@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from einops import rearrange, repeat
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from m2m_pipeline.data.io import atomic_directory
 from m2m_pipeline.network.conditions import build_task_embedder
 from m2m_pipeline.network.config import M2MConfig
 from m2m_pipeline.network.context import ContextKV, ImageSetCall
@@ -247,19 +246,11 @@ class M2MUNet(nn.Module):
         __init__ kwargs; the on-disk format is the same idea: JSON config + safetensors, no pickle.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

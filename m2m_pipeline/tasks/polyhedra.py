@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from m2m_pipeline.data.io import atomic_directory
 from m2m_pipeline.tasks.cameras import orbit_w2c, random_rigid
 from m2m_pipeline.tasks.images import to_uint8
 
@@ -154,8 +153,7 @@ def write_object(root: str | os.PathLike, index: int, seed: int = 0,
     poly = make_polyhedron(rng, settings.object_radius)
     azimuths, elevations, w2c = object_cameras(rng, settings)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         for view in range(settings.n_views):
             Image.fromarray(to_uint8(render(poly, w2c[view], settings))).save(tmp / f"{view:03d}.png")
             np.save(tmp / f"{view:03d}.npy", w2c[view].astype(np.float32))
@@ -163,12 +161,6 @@ def write_object(root: str | os.PathLike, index: int, seed: int = 0,
                 "azimuths_deg": azimuths.tolist(), "elevations_deg": elevations.tolist(),
                 "seed": seed, "index": index, "settings": asdict(settings)}
         (tmp / "object.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

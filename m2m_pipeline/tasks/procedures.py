@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from m2m_pipeline.data.io import atomic_directory
 from m2m_pipeline.tasks.images import to_uint8
 
 KINDS: tuple[str, ...] = ("grow", "pie", "move")
@@ -102,19 +101,12 @@ def write_procedure(root: str | os.PathLike, index: int, seed: int = 0, image_si
     meta = make_procedure(np.random.default_rng([seed, index]))
     meta.update(seed=seed, index=index, image_size=image_size)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         method = tmp / "method_0"
         method.mkdir()
         for k, progress in enumerate(meta["progress"]):
             Image.fromarray(to_uint8(render_step(meta, progress, image_size, supersample))).save(method / f"step_{k:02d}.png")
         (method / ATTRIBUTES_NAME).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
