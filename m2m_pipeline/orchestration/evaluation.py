@@ -72,7 +72,8 @@ def sample_report(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, o
     context = context.to(net.device)
     start = time.perf_counter()
     z = generate(net, context, ev.generated_images, context_encoder=encoder, steps=ev.steps,
-                 guidance_scale=ev.guidance_scale, window=ev.window, seed=seed, progress=False)
+                 guidance_scale=ev.guidance_scale, window=ev.window,
+                 seed=[seed + i for i in range(len(keys))], progress=False)  # own noise per set
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     scale = max(1, 64 // context.shape[-1])
