@@ -1,13 +1,17 @@
 # Two commands for a fresh machine (each sets up .venv itself):
-#   make demo   - run the main job on the embedded default (procedural world, demo preset, CPU)
-#   make test   - run the test suite
+#   make demo   - the main job on the embedded default: the Dagster demo chain (procedural MIS -> features ->
+#                 M2M-Self / M2M-DINO training -> evaluation), recorded in a persistent DAGSTER_HOME
+#   make test   - the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export HF_HUB_OFFLINE ?= 1
+DAGSTER_HOME ?= $(CURDIR)/.state/dagster
+export DAGSTER_HOME
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test smoke ui state bench cli-demo clean
 
 venv: $(STAMP)
 
@@ -17,17 +21,35 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the wheels this project is tested with (CPU or CUDA build, same API)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,orchestration]'
 	rm -f $(VENV)/.installed-*; touch $@
 
-demo: $(STAMP)
-	$(BIN)/m2m demo --preset demo --variant self --steps 300 --out runs/demo
+state: $(DAGSTER_HOME)/dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: m2m_pipeline/orchestration/dagster.yaml | $(STAMP)
+	mkdir -p $(DAGSTER_HOME) .state/mlflow
+	cp m2m_pipeline/orchestration/dagster.yaml $@
+	# create the instance storage once: concurrent first runs would race in Dagster's own setup
+	$(BIN)/dagster instance migrate
+
+demo: $(STAMP) state
+	$(BIN)/dagster job execute -m m2m_pipeline.definitions -j m2m_demo_job -c m2m_pipeline/configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+smoke: $(STAMP) state
+	$(BIN)/dagster job execute -m m2m_pipeline.definitions -j m2m_smoke_job -c m2m_pipeline/configs/smoke.yaml
+	$(BIN)/python -m m2m_pipeline.orchestration.verify --profile smoke
+
+ui: $(STAMP) state
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.state/mlflow/mlflow.db --host 127.0.0.1 --port 5000 & \
+	trap "kill $$!" EXIT; $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py --preset demo
+
+cli-demo: $(STAMP)
+	$(BIN)/m2m demo --preset demo --variant self --steps 300 --out runs/demo
 
 clean:
 	rm -rf runs .pytest_cache
