@@ -33,6 +33,7 @@ class TrainConfig:
     log_every: int = 10               # steps between logged/emitted metrics
     seed: int = 0
     num_workers: int = 0              # dataloader workers
+    max_bad_steps: int = 5            # non-finite losses in a row before training aborts (each one is skipped)
     drops: DropConfig = DropConfig()
 
     def __post_init__(self) -> None:
@@ -115,6 +116,7 @@ def train(net_config: M2MConfig, train_config: TrainConfig, data, out_dir: str |
     batches = _batches(data, tc)
     losses: list[float] = []
     window: list[float] = []
+    skipped, bad_in_a_row = 0, 0
     start = time.perf_counter()
     bar = tqdm(range(1, tc.steps + 1), desc=f"train m2m-{net.variant}", disable=not progress)
     for step in bar:
@@ -123,16 +125,28 @@ def train(net_config: M2MConfig, train_config: TrainConfig, data, out_dir: str |
         task_cond = batch.get("task_cond")
         loss = objective(net, z_0, context_of(batch, net.variant).to(device),
                          None if task_cond is None else task_cond.to(device), generator=generator)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (batch keys {batch.get('key')})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        finite = math.isfinite(loss.item())
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            finite = math.isfinite(float(grad_norm))
+        if not finite:
+            # A bad batch (NaN/inf in the data or the loss) is skipped, not learned from; persistent ones abort.
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            where = f"step {step}, data {batch.get('__url__', batch.get('key', '?'))}"
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise FloatingPointError(f"{bad_in_a_row} non-finite losses/gradients in a row, last at {where}; "
+                                         f"aborting (TrainConfig.max_bad_steps={tc.max_bad_steps})")
+            bar.write(f"skipping non-finite loss {loss.item()} at {where}")
+            continue
+        bad_in_a_row = 0
         optimizer.step()
         losses.append(loss.item())
         window.append(loss.item())
         if step % tc.log_every == 0 or step == tc.steps:
-            metrics = {"loss": sum(window) / len(window), "lr": tc.lr, "grad_norm": float(grad_norm)}
+            metrics = {"loss": sum(window) / max(1, len(window)), "lr": tc.lr, "grad_norm": float(grad_norm),
+                       "skipped_steps": float(skipped)}
             window.clear()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if on_metrics is not None:
@@ -146,7 +160,7 @@ def train(net_config: M2MConfig, train_config: TrainConfig, data, out_dir: str |
 
 def save_checkpoint(net: M2MUNet, tc: TrainConfig, losses: list[float], directory: Path) -> Path:
     net.save_pretrained(directory)  # config.json (M2MConfig) + model.safetensors, atomically
-    state = {"train_config": tc.to_dict(), "step": len(losses), "losses": losses}
+    state = {"train_config": tc.to_dict(), "step": len(losses), "losses": losses}  # losses of applied steps
     tmp = directory / "train_state.json.tmp"
     tmp.write_text(json.dumps(state))
     os.replace(tmp, directory / "train_state.json")

@@ -72,7 +72,25 @@ def test_metrics_callback(tmp_path):
     seen = []
     train(M2MConfig.preset("tiny"), TrainConfig.preset("tiny", steps=10, log_every=5, checkpoint_every=0),
           colour_sets(2), tmp_path, on_metrics=lambda m, s: seen.append((s, sorted(m))), progress=False)
-    assert seen == [(5, ["grad_norm", "loss", "lr"]), (10, ["grad_norm", "loss", "lr"])]
+    names = ["grad_norm", "loss", "lr", "skipped_steps"]
+    assert seen == [(5, names), (10, names)]
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path):
+    data = colour_sets(4)
+    data[1] = {"latents": torch.full_like(data[1]["latents"], float("nan")), "key": ["shard-1/bad"]}
+    seen = []
+    result = train(M2MConfig.preset("tiny"), TrainConfig.preset("tiny", steps=8, log_every=8, checkpoint_every=0),
+                   data, tmp_path, on_metrics=lambda m, s: seen.append(m), progress=False)
+    assert seen[-1]["skipped_steps"] == 2.0  # batch 1 comes round twice in 8 steps over 4 batches
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_persistent_nan_aborts_naming_step_and_data(tmp_path):
+    data = [{"latents": torch.full((2, 3, 3, 16, 16), float("nan")), "key": ["mis-000007/set-42"]}]
+    with pytest.raises(FloatingPointError, match=r"in a row, last at step 3, data \['mis-000007/set-42'\]"):
+        train(M2MConfig.preset("tiny"), TrainConfig.preset("tiny", steps=10, max_bad_steps=3), data, tmp_path,
+              progress=False)
 
 
 def test_train_config_validation():
