@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -12,8 +10,14 @@ import click
 
 def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> Path:
     """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world."""
-    from m2m_pipeline.data import (build_feature_shards, filter_captions, generate_mis, get_preset, make_generator,
-                                   write_shapes_caption_tsv)
+    from m2m_pipeline.data import (
+        build_feature_shards,
+        filter_captions,
+        generate_mis,
+        get_preset,
+        make_generator,
+        write_shapes_caption_tsv,
+    )
 
     cfg = get_preset(preset)
     if cfg.generator != "shapes":
@@ -50,7 +54,8 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
           lr: float | None, init_from: Path | None, seed: int) -> None:
     """Train M2M on MIS feature shards."""
     from m2m_pipeline.network import M2MConfig, M2MUNet
-    from m2m_pipeline.training import TrainConfig, train as run_training
+    from m2m_pipeline.training import TrainConfig
+    from m2m_pipeline.training import train as run_training
 
     net_cfg = M2MConfig.preset(preset, variant)
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
@@ -165,12 +170,12 @@ def _default_dino(cfg):
 @click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
 def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""
-    import torch
 
     from m2m_pipeline.data import make_loader
     from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.sampling import generate
-    from m2m_pipeline.training import TrainConfig, train as run_training
+    from m2m_pipeline.training import TrainConfig
+    from m2m_pipeline.training import train as run_training
     from m2m_pipeline.visualize import save_set_grid
 
     start = time.perf_counter()

@@ -134,9 +134,7 @@ def generate(
         uncond = guidance_scale != 1.0  # s = 1 is the conditional prediction alone: skip the other branch
         q_index = torch.cat([torch.full((b,), -1), torch.arange(b)]).to(device) if uncond \
             else torch.arange(b, device=device)
-        q_drop_task = None if not has_task else (
-            torch.tensor([True] * b + [False] * b, device=device) if uncond else torch.zeros(b, dtype=torch.bool,
-                                                                                              device=device))
+        q_drop_task = (q_index < 0) if has_task else None  # Eq. 6 with a task: both conditions drop together
     kv_rows = 2 * b if dual else b
     branches = q_index.numel() // b
 

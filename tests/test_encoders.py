@@ -7,7 +7,12 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-from m2m_pipeline.encoders import DinoEncoder, PixelAutoencoder, VaeAutoencoder, load_autoencoder
+from m2m_pipeline.encoders import (
+    DinoEncoder,
+    PixelAutoencoder,
+    VaeAutoencoder,
+    load_autoencoder,
+)
 from m2m_pipeline.weights import WeightsNotFoundError
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from m2m_pipeline.network import ContextKV, M2MConfig, M2MUNet
-from m2m_pipeline.sampling import (classifier_free_guidance, dual_guidance, generate, generate_images,
-                                   window_indices)
+from m2m_pipeline.sampling import (
+    classifier_free_guidance,
+    dual_guidance,
+    generate,
+    generate_images,
+    window_indices,
+)
 
 EPS = {"none": 0.25, "image": 1.0, "image_task": 3.0}
 
@@ -45,13 +48,6 @@ def test_guidance_formulas_are_the_papers():
     u, c, ic = torch.tensor(0.25), torch.tensor(1.0), torch.tensor(3.0)
     assert classifier_free_guidance(u, c, 7.5) == u + 7.5 * (c - u)
     assert dual_guidance(u, c, ic, 2.0, 3.0) == u + 2.0 * (c - u) + 3.0 * (ic - c)
-
-
-def _captured_eps(net, **kw):
-    seen = []
-    generate(net, torch.zeros(1, 2, 3, 16, 16), 1, steps=1, progress=False, eta=0.0,
-             callback=lambda k, i, t, z: seen.append(z.clone()), **kw)
-    return seen
 
 
 def test_sampler_applies_eq6_and_eq7_exactly(monkeypatch):
