@@ -20,7 +20,7 @@ def _threads(threads: int | None) -> None:
 
 
 def _eval_overrides(cfg, steps, s_i, s_c, items, sweep):
-    changes = {k: v for k, v in dict(steps=steps, s_I=s_i, s_C=s_c, max_items=items).items() if v is not None}
+    changes = {k: v for k, v in {"steps": steps, "s_I": s_i, "s_C": s_c, "max_items": items}.items() if v is not None}
     if not sweep:
         changes.update(sweep_s_I=(), sweep_s_C=())
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
@@ -68,7 +68,7 @@ def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, seed,
 
     _threads(threads)
     cfg = FinetuneConfig.preset(preset, TASKS[task])
-    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **overrides))
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
     with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:

@@ -24,9 +24,25 @@ from m2m_pipeline.data.io import atomic_write_bytes, atomic_write_text
 from m2m_pipeline.network import M2MUNet
 from m2m_pipeline.sampling import generate
 from m2m_pipeline.tasks.batching import make_task_loader
-from m2m_pipeline.tasks.finetune import FinetuneConfig, Task, TaskEvalConfig, init_task_model, make_splits, task_dataset
-from m2m_pipeline.tasks.metrics import copy_input_view, image_metrics, lpips_available, repeat_last_step
-from m2m_pipeline.tasks.procedures import ATTRIBUTES_NAME, load_attributes, progress_error
+from m2m_pipeline.tasks.finetune import (
+    FinetuneConfig,
+    Task,
+    TaskEvalConfig,
+    init_task_model,
+    make_splits,
+    task_dataset,
+)
+from m2m_pipeline.tasks.metrics import (
+    copy_input_view,
+    image_metrics,
+    lpips_available,
+    repeat_last_step,
+)
+from m2m_pipeline.tasks.procedures import (
+    ATTRIBUTES_NAME,
+    load_attributes,
+    progress_error,
+)
 
 Method = Callable[[dict[str, Any], list[int]], torch.Tensor]  # (batch, per-item seeds) -> (B, K, 3, H, W)
 BASELINE = {"camera": "copy_input_view", "position": "repeat_last_step"}

@@ -66,7 +66,7 @@ class FinetuneConfig:
         return M2MConfig.preset(self.net_preset).image_size
 
     @classmethod
-    def preset(cls, name: str, task: Task, **overrides: Any) -> "FinetuneConfig":
+    def preset(cls, name: str, task: Task, **overrides: Any) -> FinetuneConfig:
         key = f"{name}-{task}"
         if key not in FINETUNE_PRESETS:
             raise ValueError(f"unknown fine-tuning preset {key!r}; choose one of {sorted(FINETUNE_PRESETS)}")

@@ -27,10 +27,10 @@ class TaskRun:
         self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
         self.tracking_uri = tracking_uri
 
-    def __enter__(self) -> TaskRun:
+    def __enter__(self) -> TaskRun:  # noqa: PYI034 - not subclassed
         return self
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if kind else "FINISHED")
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from m2m_pipeline.network import M2MConfig, M2MUNet
-from m2m_pipeline.tasks.evaluate import evaluate_finetune, metrics_table, run_methods, summarize
+from m2m_pipeline.tasks.evaluate import (
+    baseline_method,
+    evaluate_finetune,
+    heldout_batches,
+    metrics_table,
+    run_methods,
+    summarize,
+)
 from m2m_pipeline.tasks.finetune import (
     FinetuneConfig,
     TaskEvalConfig,
@@ -19,7 +26,6 @@ from m2m_pipeline.tasks.finetune import (
     is_task_parameter,
     make_splits,
 )
-from m2m_pipeline.tasks.evaluate import baseline_method, heldout_batches
 from m2m_pipeline.tasks.metrics import psnr
 
 
@@ -86,8 +92,8 @@ def test_summary_and_table_on_a_known_case():
 def test_baselines_go_through_the_same_metrics(procedures_root):
     ec = TaskEvalConfig(context_images=3, target_images=2, batch_size=4)
     batches = heldout_batches("position", procedures_root, ["proc_000000/method_0", "proc_000001/method_0"], ec, 32)
-    truth = lambda batch, seeds: batch["latents"][:, 3:]  # noqa: E731 - a perfect method
-    values, preds = run_methods({"truth": truth, "repeat": baseline_method("position", ec)}, "position",
+    truth = lambda batch, seeds: batch["latents"][:, 3:]  # a perfect method
+    values, _ = run_methods({"truth": truth, "repeat": baseline_method("position", ec)}, "position",
                                 procedures_root, batches, ec, progress=False)
     assert torch.all(values["truth"]["psnr"] == 100.0)
     assert values["truth"]["progress_error"].max() < 0.25  # the attribute check reads true steps back
