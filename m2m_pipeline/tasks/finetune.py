@@ -96,10 +96,13 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "tiny-position": FinetuneConfig("position", "tiny", _TINY_TRAIN, held_out=2, validation=1,
                                     eval=TaskEvalConfig(context_images=2, target_images=1, steps=3, batch_size=4,
                                                         sweep_items=1)),
+    # 10 DDIM steps: sampling 40 test items x 2 models x 3 guidance branches fits a few minutes on busy cores.
     "demo-camera": FinetuneConfig("camera", "demo", dataclasses.replace(_DEMO_TRAIN, n_images=5),
-                                  eval=_nvs_eval(steps=50, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 2.0))),
+                                  eval=_nvs_eval(steps=10, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 3.0),
+                                                 sweep_items=12)),
     "demo-position": FinetuneConfig("position", "demo", dataclasses.replace(_DEMO_TRAIN, n_images=6),
-                                    eval=_procedure_eval(steps=50, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 2.0))),
+                                    eval=_procedure_eval(steps=10, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 3.0),
+                                                         sweep_items=12)),
 }
 
 
