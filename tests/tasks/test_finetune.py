@@ -122,3 +122,22 @@ def test_tiny_finetune_and_evaluation_end_to_end(task, polyhedra_root, procedure
         assert path.is_file() and path.stat().st_size > 0
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["test_keys"] == splits.test and saved["summary"] == report["summary"]
+
+
+def test_unit_guidance_takes_one_branch_with_the_same_images():
+    from m2m_pipeline.sampling import generate
+    from m2m_pipeline.tasks.evaluate import model_method
+
+    torch.manual_seed(0)
+    net = M2MUNet(M2MConfig.preset("tiny", "self", task="camera")).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero task projections: the task branch differs from the image branch
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = {"latents": torch.randn(2, 3, 3, 16, 16).clamp(-1, 1), "task_cond": torch.randn(2, 3, 12)}
+    ec = TaskEvalConfig(context_images=1, target_images=2, steps=3)
+    fast = model_method(net, ec, 1.0, 1.0)(batch, [0, 1])
+    dual = generate(net, batch["latents"][:, :1], 2, task_cond=batch["task_cond"], steps=3, guidance_scale=1.0,
+                    task_guidance_scale=1.0, seed=[0, 1], progress=False).clamp(-1, 1)
+    assert torch.allclose(fast, dual, atol=1e-4)
+    guided = model_method(net, ec, 2.0, 3.0)(batch, [0, 1])
+    assert not torch.allclose(guided, dual, atol=1e-3)  # other scales do go through Eq. 7
