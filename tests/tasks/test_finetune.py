@@ -141,3 +141,24 @@ def test_unit_guidance_takes_one_branch_with_the_same_images():
     assert torch.allclose(fast, dual, atol=1e-4)
     guided = model_method(net, ec, 2.0, 3.0)(batch, [0, 1])
     assert not torch.allclose(guided, dual, atol=1e-3)  # other scales do go through Eq. 7
+
+
+@pytest.mark.slow
+def test_cli_finetune_logs_an_mlflow_run(polyhedra_root, base_checkpoint, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from m2m_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the run goes to ./.state/mlflow, like the Dagster resource's local store
+    out = CliRunner().invoke(main, ["finetune", "--task", "nvs", "--preset", "tiny", "--data", str(polyhedra_root),
+                                    "--base", str(base_checkpoint[0]), "--out", "run", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    assert "| copy_input_view |" in out.output
+    client = MlflowClient(f"sqlite:///{tmp_path / '.state/mlflow/mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("m2m-tasks").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["task"] == "camera"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2  # log_every 2 of 4 steps
+    assert math.isfinite(run.data.metrics["test/fine-tuned/psnr_mean"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "psnr.png", "metrics.json"}
+    assert json.loads((tmp_path / "run/splits.json").read_text())["test"]
