@@ -70,6 +70,8 @@ class M2MObjective:
             rearrange(t, "b n -> (b n)"),
         )
         z_t = rearrange(z_t, "(b n) c h w -> b n c h w", b=b)
+        # Image N is nobody's context (image i sees images j < i): its clean stream would be wasted work.
+        context = context[:, : max(1, n - 1)]
         drop_image, drop_task = sample_drops(b, self.with_task and task_cond is not None, self.drops, generator)
         pred = net(z_t, t, context, task_cond, drop_image=drop_image.to(device),
                    drop_task=None if drop_task is None else drop_task.to(device))
