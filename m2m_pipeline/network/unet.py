@@ -239,8 +239,11 @@ class M2MUNet(nn.Module):
         cfg = M2MConfig.from_unet_config(dict(sd_unet.config), base=config or M2MConfig())
         return cls(cfg, unet=sd_unet)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """config.json (the whole M2MConfig) + model.safetensors, written atomically (temp dir + rename).
+
+        state_dict: weights to write instead of this module's own (e.g. its EMA weights during training).
 
         Hand-written rather than diffusers' ModelMixin because M2MConfig is a nested dataclass, not flat
         __init__ kwargs; the on-disk format is the same idea: JSON config + safetensors, no pickle.
@@ -249,7 +252,7 @@ class M2MUNet(nn.Module):
         with atomic_directory(directory) as tmp:
             meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
 
