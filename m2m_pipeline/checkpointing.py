@@ -88,6 +88,16 @@ def load_rank_state(directory: Path, rank: int, generator: torch.Generator) -> b
     return True
 
 
+def save_weights_into(net: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors into an existing folder, leaving its other files alone
+    (M2MUNet.save_pretrained replaces the folder it writes to)."""
+    staging = directory / ".weights.tmp"
+    net.save_pretrained(staging, state_dict=state_dict)
+    for f in staging.iterdir():
+        os.replace(f, directory / f.name)
+    staging.rmdir()
+
+
 def publish(tmp: Path, final: Path) -> Path:
     """Replace `final` by the finished temp folder (a rename: readers see the old or the new, never half)."""
     if final.exists():

@@ -251,8 +251,7 @@ class _Trainer:
         ckpt.save_rank_state(tmp, self.rank, self.generator)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            self.net.save_pretrained(tmp, state_dict=self._inference_state())
-            self.net.save_pretrained(tmp / ckpt.RAW_DIR)  # idempotent; keeps raw/ even if a hook was removed
+            ckpt.save_weights_into(self.net, tmp, self._inference_state())
             ckpt.write_state(tmp, {**state, "resumable": True})  # last: marks the folder complete
             ckpt.publish(tmp, final)
             ckpt.prune(self.out, self.tc.keep_checkpoints)
