@@ -169,6 +169,7 @@ def test_time_budget_stops_cleanly_and_resumes(tmp_path):
     assert more.steps == 3 and not more.stopped_early and more.losses[0] == result.losses[0]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     """accum 2 x batch 2 and batch 4 (global batch 4 both): loss curves agree statistically."""
     data4 = DataLoader(ColourSets(24), batch_size=4, shuffle=True, collate_fn=collate_examples, drop_last=True)
