@@ -231,3 +231,30 @@ def test_nan_names_shard_and_key(tmp_path):
            "shard": ["/data/mis-000007.tar"] * 2}
     with pytest.raises(FloatingPointError, match=r"last at step 1, data \['/data/mis-000007.tar#000003'"):
         train(MICRO, micro_config(steps=5, max_bad_steps=2), [bad], tmp_path, progress=False, device="cpu")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_exactly(tmp_path):
+    """A real kill (SIGKILL, possibly mid-save) after the first checkpoint; the resume matches an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(root / "tests" / "scripts" / "train_until_killed.py"),
+                             str(tmp_path / "killed")], cwd=root, env=env)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-0000005" / "train_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the child ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()  # it really died before the end
+    resumed = train(MICRO, micro_config(), list_data(), tmp_path / "killed", progress=False, device="cpu",
+                    resume_from="latest")
+    full = train(MICRO, micro_config(), list_data(), tmp_path / "full", progress=False, device="cpu")
+    assert resumed.resumed_from is not None and resumed.losses == full.losses
