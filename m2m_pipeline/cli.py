@@ -237,5 +237,10 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
                f"{result.final_loss:.3f}; grid {grid}")
 
 
+from m2m_pipeline.tasks.cli import evaluate_task_cmd, finetune_cmd  # task fine-tuning (issue 5)
+
+main.add_command(finetune_cmd)
+main.add_command(evaluate_task_cmd)
+
 if __name__ == "__main__":
     main()
