@@ -50,21 +50,62 @@ def main() -> None:
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Local Stable Diffusion folder: initialise from its U-Net (Sec. 6.1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, noise and drops.")
+@click.option("--resume", "resume_from", default=None,
+              help="Continue from a checkpoint folder, or 'latest' (the newest complete one in OUT; none: start).")
+@click.option("--max-seconds", type=float, default=None, help="Wall-clock budget; stops cleanly and saves.")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (default: preset's).")
+@click.option("--global-batch-size", type=int, default=None,
+              help="Global batch; gradient accumulation is derived from it and the number of processes.")
+@click.option("--ema/--no-ema", default=None, help="Keep an EMA of the weights (default: on).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in backward (default: the preset's).")
+@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (default: preset's).")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log step-wise metrics there (rank 0).")
 def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None, batch_size: int | None,
-          lr: float | None, init_from: Path | None, seed: int) -> None:
-    """Train M2M on MIS feature shards."""
+          lr: float | None, init_from: Path | None, seed: int, resume_from: str | None, max_seconds: float | None,
+          grad_accum: int | None, global_batch_size: int | None, ema: bool | None,
+          gradient_checkpointing: bool | None, checkpoint_every: int | None, mlflow_uri: str | None) -> None:
+    """Train M2M on MIS feature shards. For several processes/GPUs: `accelerate launch [--num_processes P]
+    -m m2m_pipeline.cli train ...` (docs/training.md)."""
     from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.training import TrainConfig
     from m2m_pipeline.training import train as run_training
 
     net_cfg = M2MConfig.preset(preset, variant)
-    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "grad_accum": grad_accum,
+               "global_batch_size": global_batch_size, "use_ema": ema, "checkpoint_every": checkpoint_every,
+               "gradient_checkpointing": gradient_checkpointing}
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if grad_accum is not None and global_batch_size is None:
+        overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
     train_cfg = TrainConfig.preset(preset, seed=seed, **overrides)
     shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
     net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
-    result = run_training(net_cfg, train_cfg, shards, out_dir, net=net)
+    on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "variant": variant, **train_cfg.to_dict()}) \
+        if mlflow_uri else None
+    result = run_training(net_cfg, train_cfg, shards, out_dir, net=net, on_metrics=on_metrics,
+                          resume_from=resume_from, max_seconds=max_seconds)
     click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
-               f"checkpoint {result.checkpoint_dir}")
+               f"skipped {result.skipped_steps}; checkpoint {result.checkpoint_dir}"
+               + (" (time budget reached)" if result.stopped_early else ""))
+
+
+def _mlflow_logger(uri: str, params: dict):
+    """on_metrics for train(): one MLflow run, metrics logged per step (train() calls it on rank 0 only)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.start_run(run_name=f"m2m-{params['variant']}-{params['preset']}")
+    mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def on_metrics(metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step, run_id=run.info.run_id)
+
+    return on_metrics
 
 
 def _read_images(paths: list[Path], size: int):

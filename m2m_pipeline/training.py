@@ -1,13 +1,18 @@
-"""Single-process training loop for M2M (Sec. 6.1). Multi-GPU (accelerate) and exact resume come later."""
+"""Training M2M (Sec. 6.1, 7) with accelerate: one process or DDP, exact resume, EMA, NaN guard.
+
+`train()` runs unchanged as a plain call (one process) or under `accelerate launch --num_processes P`
+(DDP; every process calls `train()` with the same arguments). docs/training.md covers launching, what a
+checkpoint holds and the exactness guarantee of a resume.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,36 +20,74 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from m2m_pipeline import checkpointing as ckpt
 from m2m_pipeline.network import M2MConfig, M2MUNet
 from m2m_pipeline.objective import DropConfig, M2MObjective
 
 MetricsFn = Callable[[dict[str, float], int], None]
+RANK_SEED_STRIDE = 1_000_003  # objective generator of rank r: seed + r * stride (rank 0 keeps `seed`)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000                 # optimizer steps
-    batch_size: int = 4               # image sets per step
+    steps: int = 1000                 # optimizer steps (applied updates; skipped non-finite steps do not count)
+    batch_size: int = 4               # image sets per process per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step (derived instead if global_batch_size > 0)
+    global_batch_size: int = 0        # 0: batch_size x processes x grad_accum; > 0: grad_accum is derived from it
     n_images: int = 5                 # N images per set (Sec. 7.1.1)
     lr: float = 1e-5                  # Sec. 7: AdamW, 1e-5, no warm-up
+    lr_scheduler: str = "constant"    # a diffusers `get_scheduler` name
+    lr_warmup_steps: int = 0
     weight_decay: float = 1e-2
     grad_clip: float = 1.0            # max global grad norm
+    use_ema: bool = True              # keep an EMA of the weights (diffusers EMAModel); inference weights = EMA
+    ema_decay: float = 0.9999         # upper bound of the EMA decay
+    ema_power: float = 2 / 3          # EMA warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-power)
+    mixed_precision: str = "auto"     # "auto": bf16 autocast on GPU, fp32 on CPU; or "no", "bf16", "fp16"
+    gradient_checkpointing: bool = False  # recompute U-Net activations in backward (memory for compute)
     checkpoint_every: int = 500       # steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 3         # newest complete checkpoints kept (0: all)
+    max_seconds: float = 0.0          # wall-clock budget of one train() call (0: none); stops cleanly, saves
     log_every: int = 10               # steps between logged/emitted metrics
     seed: int = 0
     num_workers: int = 0              # dataloader workers
     max_bad_steps: int = 5            # non-finite losses in a row before training aborts (each one is skipped)
-    drops: DropConfig = DropConfig()
+    drops: DropConfig = dataclasses.field(default_factory=DropConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "n_images", "log_every"):
+        if isinstance(self.drops, dict):  # from to_dict() / JSON
+            object.__setattr__(self, "drops", DropConfig(**self.drops))
+        for name in ("steps", "batch_size", "grad_accum", "n_images", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.checkpoint_every < 0 or self.grad_clip <= 0:
             raise ValueError("TrainConfig: lr and grad_clip must be > 0, checkpoint_every >= 0")
+        for name in ("global_batch_size", "lr_warmup_steps", "keep_checkpoints", "max_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_power <= 0:
+            raise ValueError(f"TrainConfig: ema_decay must be in [0, 1) and ema_power > 0, "
+                             f"got {self.ema_decay}, {self.ema_power}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.global_batch_size and self.grad_accum != 1:
+            raise ValueError("TrainConfig: set grad_accum or global_batch_size, not both")
+
+    def accumulation(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step, so that batch_size x num_processes x accumulation = global batch."""
+        if not self.global_batch_size:
+            return self.grad_accum
+        per_micro = self.batch_size * num_processes
+        if self.global_batch_size % per_micro:
+            raise ValueError(f"TrainConfig.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"batch_size x processes = {self.batch_size} x {num_processes}")
+        return self.global_batch_size // per_micro
+
+    def global_batch(self, num_processes: int) -> int:
+        return self.batch_size * num_processes * self.accumulation(num_processes)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
         if name not in TRAIN_PRESETS:
             raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
         return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
@@ -54,19 +97,27 @@ class TrainConfig:
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(steps=50, batch_size=4, n_images=3, lr=1e-3, checkpoint_every=25, log_every=5),
-    "demo": TrainConfig(steps=1500, batch_size=12, n_images=5, lr=3e-4, checkpoint_every=500, log_every=25),
-    # Sec. 7: 8 x A100, global batch 256 (per-device batch x devices x gradient accumulation), lr 1e-5.
-    "paper": TrainConfig(steps=47_000, batch_size=256, n_images=5, lr=1e-5, checkpoint_every=2000, log_every=50),
+    # Short CPU runs: EMA capped at 0.99 so its average spans tens of steps, not thousands.
+    "tiny": TrainConfig(steps=50, batch_size=4, n_images=3, lr=1e-3, checkpoint_every=25, log_every=5,
+                        ema_decay=0.99),
+    "demo": TrainConfig(steps=1500, batch_size=12, n_images=5, lr=3e-4, checkpoint_every=500, log_every=25,
+                        ema_decay=0.999),
+    # Sec. 7: 8 x A100, global batch 256 (32 per GPU on 8 GPUs; fewer GPUs accumulate), constant lr 1e-5.
+    "paper": TrainConfig(steps=47_000, batch_size=32, global_batch_size=256, n_images=5, lr=1e-5,
+                         lr_scheduler="constant", lr_warmup_steps=0, checkpoint_every=2000, log_every=50,
+                         ema_decay=0.9999, gradient_checkpointing=True),
 }
 
 
 @dataclass
 class TrainResult:
-    checkpoint_dir: Path
-    losses: list[float]
-    steps: int
-    seconds: float
+    checkpoint_dir: Path              # inference folder (`final/`): EMA weights if EMA is on; `raw/` beside
+    losses: list[float]               # global-batch loss of every applied step, resumed history included
+    steps: int                        # applied optimizer steps so far
+    seconds: float                    # wall-clock seconds of this call
+    skipped_steps: int = 0            # non-finite steps skipped (this run and any it resumed)
+    resumed_from: Path | None = None
+    stopped_early: bool = False       # the max_seconds budget ended the run before `steps`
 
     @property
     def final_loss(self) -> float:
@@ -74,94 +125,277 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
-def _batches(data: str | os.PathLike | list | Iterable[dict[str, Any]], tc: TrainConfig) -> Iterator[dict[str, Any]]:
-    """Feature shards (a path, glob or list of paths) or any iterable of ready batches (tests)."""
-    if isinstance(data, (str, os.PathLike)) or (isinstance(data, list) and data and isinstance(data[0], (str, Path))):
-        from m2m_pipeline.data import make_loader
-
-        yield from make_loader(data, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
-                               seed=tc.seed, repeat=True)
-    else:
-        while True:
-            yielded = False
-            for batch in data:
-                yielded = True
-                yield batch
-            if not yielded:
-                raise ValueError("training data is empty")
-
-
 def context_of(batch: dict[str, Any], variant: str) -> torch.Tensor:
     """What the network attends to: the clean latents themselves (self) or their DINO tokens (dino)."""
     return batch["latents"] if variant == "self" else batch["dino"]
 
 
+def data_refs(batch: dict[str, Any]) -> list[str]:
+    """Where a batch came from, for error messages: shard#key per set, else the keys, else '?'."""
+    keys = batch.get("key", batch.get("__key__"))
+    shards = batch.get("shard", batch.get("__url__"))
+    keys = [keys] if isinstance(keys, str) else keys
+    shards = [shards] if isinstance(shards, str) else shards
+    if shards is not None and keys is not None:
+        return [f"{s}#{k}" for s, k in zip(shards, keys)]
+    return list(keys) if keys is not None else ([str(s) for s in shards] if shards is not None else ["?"])
+
+
+def make_accelerator(tc: TrainConfig, device: str | None):
+    from accelerate import (
+        Accelerator,
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+    )
+
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    precision = tc.mixed_precision if tc.mixed_precision != "auto" else ("no" if cpu else "bf16")
+    return Accelerator(
+        cpu=cpu, mixed_precision=precision,
+        # Sampler seeded by seed + epoch: a map-style dataset's order is reproducible after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
+        # Some parameters get no gradient in some steps (every set of a batch dropping its image condition,
+        # dropped task conditions), which plain DDP treats as an error.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        step_scheduler_with_optimizer=False,
+    )
+
+
 def train(net_config: M2MConfig, train_config: TrainConfig, data, out_dir: str | os.PathLike, *,
           net: M2MUNet | None = None, on_metrics: MetricsFn | None = None, device: str | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, resume_from: str | os.PathLike | None = None,
+          max_seconds: float | None = None) -> TrainResult:
     """Train M2M on `data` and write checkpoints under `out_dir` (`checkpoint-<step>/`, `final/`).
 
+    data: feature shards (a path, glob or list of paths), a DataLoader, or any re-iterable of batches.
     net: start from these weights (e.g. M2MUNet.from_stable_diffusion); default: a fresh M2MUNet.
-    on_metrics: called with ({"loss": ..., "lr": ..., "grad_norm": ...}, step) every log_every steps.
+    on_metrics: called on rank 0 with ({"loss", "lr", "grad_norm", "skipped_steps"}, step) every log_every steps.
+    resume_from: a checkpoint folder, or "latest" (the newest complete one under out_dir; none: start fresh).
+    max_seconds: overrides TrainConfig.max_seconds: stop after this wall-clock budget and save.
     """
-    tc = train_config
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(tc.seed)
-    net = (net or M2MUNet(net_config)).to(device).train()
-    objective = M2MObjective(net.config, tc.drops)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    generator = torch.Generator().manual_seed(tc.seed)
-    batches = _batches(data, tc)
-    losses: list[float] = []
-    window: list[float] = []
-    skipped, bad_in_a_row = 0, 0
-    start = time.perf_counter()
-    bar = tqdm(range(1, tc.steps + 1), desc=f"train m2m-{net.variant}", disable=not progress)
-    for step in bar:
-        batch = next(batches)
-        z_0 = batch["latents"].to(device)  # (B, N, C, H, W)
-        task_cond = batch.get("task_cond")
-        loss = objective(net, z_0, context_of(batch, net.variant).to(device),
-                         None if task_cond is None else task_cond.to(device), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        finite = math.isfinite(loss.item())
-        if finite:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-            finite = math.isfinite(float(grad_norm))
-        if not finite:
-            # A bad batch (NaN/inf in the data or the loss) is skipped, not learned from; persistent ones abort.
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            where = f"step {step}, data {batch.get('__url__', batch.get('key', '?'))}"
-            if bad_in_a_row >= tc.max_bad_steps:
-                raise FloatingPointError(f"{bad_in_a_row} non-finite losses/gradients in a row, last at {where}; "
-                                         f"aborting (TrainConfig.max_bad_steps={tc.max_bad_steps})")
-            bar.write(f"skipping non-finite loss {loss.item()} at {where}")
-            continue
-        bad_in_a_row = 0
-        optimizer.step()
-        losses.append(loss.item())
-        window.append(loss.item())
-        if step % tc.log_every == 0 or step == tc.steps:
-            metrics = {"loss": sum(window) / max(1, len(window)), "lr": tc.lr, "grad_norm": float(grad_norm),
-                       "skipped_steps": float(skipped)}
-            window.clear()
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if on_metrics is not None:
-                on_metrics(metrics, step)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.steps:
-            save_checkpoint(net, tc, losses, out / f"checkpoint-{step:07d}")
-    seconds = time.perf_counter() - start
-    final = save_checkpoint(net, tc, losses, out / "final")
-    return TrainResult(final, losses, tc.steps, seconds)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    tc = train_config if max_seconds is None else dataclasses.replace(train_config, max_seconds=max_seconds)
+    owns_state = not PartialState._shared_state  # a launcher script may have its own Accelerator
+    accelerator = make_accelerator(tc, device)
+    try:
+        return _Trainer(accelerator, net_config, tc, Path(out_dir), net).run(
+            data, on_metrics=on_metrics, progress=progress, resume_from=resume_from)
+    finally:
+        if owns_state:  # the next train() in this process may want another device or precision
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
 
-def save_checkpoint(net: M2MUNet, tc: TrainConfig, losses: list[float], directory: Path) -> Path:
-    net.save_pretrained(directory)  # config.json (M2MConfig) + model.safetensors, atomically
-    state = {"train_config": tc.to_dict(), "step": len(losses), "losses": losses}  # losses of applied steps
-    tmp = directory / "train_state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, directory / "train_state.json")
-    return directory
+class _Trainer:
+    def __init__(self, accelerator: Any, net_config: M2MConfig, tc: TrainConfig, out: Path, net: M2MUNet | None):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        self.acc, self.tc, self.out = accelerator, tc, out
+        self.rank = accelerator.process_index
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(tc.seed)  # the same fresh weights on every rank
+        self.net = net if net is not None else M2MUNet(net_config)
+        if tc.gradient_checkpointing:
+            self.net.unet.enable_gradient_checkpointing()
+        self.net.train()
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        # Not passed to prepare(): accelerate's scheduler wrapper steps once per process, which would make the
+        # schedule depend on the number of processes.
+        self.lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
+                                          num_training_steps=tc.steps)
+        self.ddp_net, self.optimizer = accelerator.prepare(self.net, optimizer)
+        self.ema = None
+        if tc.use_ema:
+            self.ema = EMAModel(self.net.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power)
+            accelerator.register_for_checkpointing(self.ema)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        accelerator.register_save_state_pre_hook(self._save_model_hook)
+        accelerator.register_load_state_pre_hook(self._load_model_hook)
+        self.objective = M2MObjective(self.net.config, tc.drops)
+        self.generator = torch.Generator().manual_seed(tc.seed + RANK_SEED_STRIDE * self.rank)
+
+    # ------------------------------------------------------------------ accelerate hooks: raw weights as M2M folder
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        if self.acc.is_main_process:
+            self.net.save_pretrained(Path(output_dir) / ckpt.RAW_DIR)
+        weights.pop()  # written above as a from_pretrained-loadable folder instead of accelerate's model file
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        from m2m_pipeline.network.unet import WEIGHTS_NAME
+
+        models.pop()
+        path = Path(input_dir) / ckpt.RAW_DIR / WEIGHTS_NAME
+        self.net.load_state_dict(load_file(str(path), device=str(self.acc.device)), strict=True)
+
+    def _inference_state(self) -> dict[str, torch.Tensor] | None:
+        if self.ema is None:
+            return None
+        state = self.net.state_dict()  # buffers as they are; parameters from the EMA
+        for (name, _), shadow in zip(self.net.named_parameters(), self.ema.shadow_params):
+            state[name] = shadow
+        return state
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        tmp, final = ckpt.temp_dir(self.out, step), self.out / ckpt.checkpoint_name(step)
+        if self.acc.is_main_process and tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)  # left by a writer killed mid-save
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))  # optimizer, RNG states of every rank, EMA, LR scheduler; raw/ via hook
+        ckpt.save_rank_state(tmp, self.rank, self.generator)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.save_weights_into(self.net, tmp, self._inference_state())
+            ckpt.write_state(tmp, {**state, "resumable": True})  # last: marks the folder complete
+            ckpt.publish(tmp, final)
+            ckpt.prune(self.out, self.tc.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
+
+    def save_final(self, state: dict[str, Any]) -> Path:
+        final = self.out / "final"
+        if self.acc.is_main_process:
+            self.net.save_pretrained(final, state_dict=self._inference_state())
+            self.net.save_pretrained(final / ckpt.RAW_DIR)
+            ckpt.write_state(final, {**state, "resumable": False})
+        self.acc.wait_for_everyone()
+        return final
+
+    def restore(self, directory: Path) -> dict[str, Any]:
+        state = ckpt.read_state(directory)
+        if not state.get("resumable", False):
+            raise ValueError(f"{directory} holds weights only (no optimizer/RNG state); resume from a checkpoint-*")
+        if state.get("world_size") != self.acc.num_processes or state.get("accumulation") != \
+                self.tc.accumulation(self.acc.num_processes):
+            self.acc.print(f"warning: {directory} was written by {state.get('world_size')} process(es) with "
+                           f"accumulation {state.get('accumulation')}; resuming with {self.acc.num_processes} and "
+                           f"{self.tc.accumulation(self.acc.num_processes)} is not exact (data split and noise differ)")
+        self.acc.load_state(str(directory))
+        if self.ema is not None:
+            self.ema.to(self.acc.device)  # accelerate loads custom states onto the CPU
+        if not ckpt.load_rank_state(directory, self.rank, self.generator):
+            self.acc.print(f"warning: {directory} has no generator state for rank {self.rank}; noise differs")
+        return state
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, data: Any, *, on_metrics: MetricsFn | None, progress: bool,
+            resume_from: str | os.PathLike | None) -> TrainResult:
+        from m2m_pipeline.data.stream import BatchStream
+
+        acc, tc = self.acc, self.tc
+        accum = tc.accumulation(acc.num_processes)
+        resume_dir = ckpt.resolve_resume(resume_from, self.out)
+        prior = ckpt.read_state(resume_dir) if resume_dir is not None else {}
+        position = prior.get("data_position", {"epoch": 0, "consumed": 0})
+        # The stream (and its first iterator) is built before the RNG states are restored, as in the first run.
+        stream = BatchStream(data, acc, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
+                             seed=tc.seed, epoch=position["epoch"], consumed=position["consumed"])
+        if resume_dir is not None:
+            self.restore(resume_dir)
+        step = int(prior.get("step", 0))
+        losses: list[float] = list(prior.get("losses", []))
+        skipped, bad_in_a_row = int(prior.get("skipped_steps", 0)), int(prior.get("bad_in_a_row", 0))
+
+        def state() -> dict[str, Any]:
+            return {"step": step, "losses": losses, "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row,
+                    "data_position": stream.position, "world_size": acc.num_processes, "accumulation": accum,
+                    "global_batch_size": tc.batch_size * acc.num_processes * accum,
+                    "inference_weights": "ema" if self.ema is not None else "raw", "train_config": tc.to_dict()}
+
+        window: list[float] = []
+        last_saved, stopped_early = step if resume_dir is not None else -1, False
+        start = time.perf_counter()
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train m2m-{self.net.variant}",
+                   disable=not (progress and acc.is_main_process))
+        while step < tc.steps:
+            step_loss, grad_norm, bad_refs = self._step(stream, accum)
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if not finite:
+                # A bad batch (NaN/inf in the data or the loss) is skipped, not learned from; persistent ones abort.
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                where = f"step {step + 1}, data {bad_refs}"
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise FloatingPointError(f"{bad_in_a_row} non-finite losses/gradients in a row, last at {where}; "
+                                             f"aborting (TrainConfig.max_bad_steps={tc.max_bad_steps})")
+                if acc.is_main_process:
+                    bar.write(f"skipping non-finite loss {step_loss} (grad norm {grad_norm}) at {where}")
+                continue
+            bad_in_a_row = 0
+            step += 1
+            losses.append(step_loss)
+            window.append(step_loss)
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics = {"loss": sum(window) / len(window), "lr": float(self.lr_scheduler.get_last_lr()[0]),
+                           "grad_norm": grad_norm, "skipped_steps": float(skipped)}
+                window.clear()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if on_metrics is not None and acc.is_main_process:
+                    on_metrics(metrics, step)
+            if tc.max_seconds and step < tc.steps and self._out_of_time(start):
+                stopped_early = True
+                if acc.is_main_process:
+                    bar.write(f"time budget of {tc.max_seconds:.0f} s spent after {step} steps; saving and stopping")
+                break
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.steps:
+                self.save(step, state())
+                last_saved = step
+        bar.close()
+        seconds = time.perf_counter() - start
+        if last_saved != step:
+            self.save(step, state())  # resumable end state (also after a time-budget stop)
+        final = self.save_final(state())
+        return TrainResult(final, losses, step, seconds, skipped, resume_dir, stopped_early)
+
+    def _step(self, stream: Any, accum: int) -> tuple[float, float, list[str]]:
+        """Forward/backward over `accum` micro-batches and, if every rank's loss and the gradient are finite,
+        one optimizer update. Returns (global-batch loss, grad norm, refs of bad data); every rank agrees."""
+        from accelerate.utils import gather_object
+
+        acc, net = self.acc, self.net
+        micro_losses, refs = [], []
+        for micro in range(accum):
+            batch = next(stream)
+            refs.append(data_refs(batch))
+            z_0 = batch["latents"].to(acc.device)  # (B, N, C, H, W)
+            task_cond = batch.get("task_cond")
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = acc.no_sync(self.ddp_net) if micro < accum - 1 else nullcontext()
+            with sync:
+                with acc.autocast():
+                    loss = self.objective(self.ddp_net, z_0, context_of(batch, net.variant).to(acc.device),
+                                          None if task_cond is None else task_cond.to(acc.device),
+                                          generator=self.generator)
+                # A non-finite loss is still back-propagated (its gradient is discarded below): every rank
+                # must run the same collective ops, or DDP deadlocks.
+                acc.backward(loss / accum)
+            micro_losses.append(loss.detach().float())
+        local = torch.stack(micro_losses)  # (accum,)
+        step_loss = acc.reduce(local.mean(), "mean")  # global-batch loss; NaN if any rank's is
+        grad_norm = acc.clip_grad_norm_(self.ddp_net.parameters(), self.tc.grad_clip)
+        ok = torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
+        ok = bool(acc.reduce(ok.float(), "min").item())  # all ranks take the same branch
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            bad = [r for loss, rs in zip(micro_losses, refs) if not torch.isfinite(loss) for r in rs]
+            if not bad and math.isfinite(float(step_loss)):
+                bad = [r for rs in refs for r in rs]  # finite loss, non-finite gradient: name the step's data
+            if acc.num_processes > 1:
+                bad = gather_object(bad)  # the rank that saw the bad data may not be rank 0
+            return float(step_loss), float("nan"), list(dict.fromkeys(bad))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.net.parameters())
+        return float(step_loss), float(grad_norm), []
+
+    def _out_of_time(self, start: float) -> bool:
+        over = torch.tensor(float(time.perf_counter() - start > self.tc.max_seconds), device=self.acc.device)
+        return bool(self.acc.reduce(over, "max").item())  # rank 0's clock is not enough: all ranks stop together

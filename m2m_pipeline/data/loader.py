@@ -53,6 +53,7 @@ def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> 
     indices = rng.sample(range(len(latents)), n_images)  # random subset, random order
     example: dict[str, Any] = {
         "key": key,
+        "shard": url,                                                          # for error messages
         "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else "",
         "indices": torch.tensor(indices, dtype=torch.long),                    # (N,)
         "latents": torch.from_numpy(latents[indices].astype(np.float32)),      # (N, C, H, W)

@@ -25,6 +25,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def sd_unet_weights(folder: Path, subfolder: str, prefer_ema: bool) -> tuple[str, str | None]:
+    """(subfolder, weight variant) of the SD U-Net weights to start from: EMA ones first when asked."""
+    if prefer_ema:
+        if (folder / f"{subfolder}_ema" / "config.json").is_file():
+            return f"{subfolder}_ema", None
+        if any((folder / subfolder).glob("diffusion_pytorch_model.ema.*")):
+            return subfolder, "ema"
+    return subfolder, None
+
+
 class M2MUNet(nn.Module):
     """eps_theta(z_t^{1:N}, z_0^{1:N}, t) of Eq. 5, for both variants.
 
@@ -38,6 +48,7 @@ class M2MUNet(nn.Module):
     def __init__(self, config: M2MConfig, unet: UNet2DConditionModel | None = None):
         super().__init__()
         self.config = config
+        self.init_source = "random"  # or the SD folder from_stable_diffusion read (logged by training)
         self.unet = unet if unet is not None else UNet2DConditionModel(**config.unet_kwargs())
         self.task_embedder = build_task_embedder(config.task, config.task_embed_dim, config.camera_dim)
         task_dim = config.task_embed_dim if self.task_embedder is not None else None
@@ -228,19 +239,28 @@ class M2MUNet(nn.Module):
     # ------------------------------------------------------------------ weights
     @classmethod
     def from_stable_diffusion(cls, path: str | os.PathLike, config: M2MConfig | None = None,
-                              subfolder: str = "unet") -> "M2MUNet":
+                              subfolder: str = "unet", prefer_ema: bool = True) -> M2MUNet:
         """Sec. 6.1: SD weights everywhere except the text cross-attention; Image-Set Attention from scratch.
 
         `path` is a Stable Diffusion pipeline folder; its U-Net dimensions win over `config`'s, which supplies
-        the variant and the Image-Set Attention settings.
+        the variant and the Image-Set Attention settings. The paper starts from SD 2.1-base's EMA weights; with
+        `prefer_ema` they are taken from `unet_ema/` (what diffusers' training scripts write) or from an "ema"
+        weight variant of `unet/` (`diffusion_pytorch_model.ema.safetensors`) when the folder has one, else
+        from `unet/` (the released SD 2.1-base `unet/` already holds its EMA weights).
         """
         local = resolve_local_path(path, subfolder=subfolder, what="Stable Diffusion U-Net")
-        sd_unet = UNet2DConditionModel.from_pretrained(local, subfolder=subfolder)
+        subfolder, variant = sd_unet_weights(Path(local), subfolder, prefer_ema)
+        sd_unet = UNet2DConditionModel.from_pretrained(local, subfolder=subfolder, variant=variant)
         cfg = M2MConfig.from_unet_config(dict(sd_unet.config), base=config or M2MConfig())
-        return cls(cfg, unet=sd_unet)
+        net = cls(cfg, unet=sd_unet)
+        net.init_source = f"{local}/{subfolder}" + (f" (variant {variant})" if variant else "")
+        return net
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """config.json (the whole M2MConfig) + model.safetensors, written atomically (temp dir + rename).
+
+        state_dict: weights to write instead of this module's own (e.g. its EMA weights during training).
 
         Hand-written rather than diffusers' ModelMixin because M2MConfig is a nested dataclass, not flat
         __init__ kwargs; the on-disk format is the same idea: JSON config + safetensors, no pickle.
@@ -249,7 +269,7 @@ class M2MUNet(nn.Module):
         with atomic_directory(directory) as tmp:
             meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
 

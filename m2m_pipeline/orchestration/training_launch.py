@@ -76,8 +76,14 @@ def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], 
 
     entry = ["-m", "m2m_pipeline.orchestration.pipes_train"]
     if compute.launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-                   str(compute.num_processes), *(["--cpu"] if compute.resolved_device() == "cpu" else []), *entry]
+        # Several processes go through torchrun (`--multi_gpu`) even on CPU, where train() picks gloo: accelerate's
+        # `--cpu --num_processes N` starts one process unless given an MPI hostfile (docs/training.md).
+        if compute.num_processes > 1:
+            placement = ["--multi_gpu"]
+        else:
+            placement = ["--cpu"] if compute.resolved_device() == "cpu" else []
+        command = [sys.executable, "-m", "accelerate.commands.launch", *placement, "--num_processes",
+                   str(compute.num_processes), *entry]
     else:
         command = [sys.executable, *entry]
     extras = {"net_preset": r.net_preset, "variant": variant, "train_preset": r.train_preset,
