@@ -19,3 +19,28 @@ def quick_oracle_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quick_oracle(quick_oracle_dir) -> AttributeOracle:
     return AttributeOracle.load(quick_oracle_dir)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random-weight open_clip model in the 'local-dir:' layout users give for their own weights."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out
