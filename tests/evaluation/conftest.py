@@ -44,3 +44,39 @@ def tiny_clip_dir(tmp_path_factory):
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_test_split(tmp_path_factory):
+    """Feature shards of the tiny preset's *test* split (shapes world, 16 px, attributes included)."""
+    from m2m_pipeline.data import (
+        build_feature_shards,
+        filter_captions,
+        generate_mis,
+        get_preset,
+        make_generator,
+        write_shapes_caption_tsv,
+    )
+
+    cfg = get_preset("tiny")
+    root = tmp_path_factory.mktemp("tiny-test-split")
+    write_shapes_caption_tsv(root / "captions.tsv", cfg.num_captions, cfg.seed)
+    filter_captions(root / "captions.tsv", root / "captions.jsonl", cfg, progress=False)
+    generate_mis(root / "captions.jsonl", root / "mis", make_generator(cfg), cfg, split="test", progress=False)
+    build_feature_shards(root / "mis", root / "features", cfg, device="cpu", progress=False)
+    assert sorted((root / "features").glob("*.tar")), "tiny preset has no test sets"
+    return root / "features"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny M2M-Self checkpoint: the protocol must run end to end on it."""
+    from m2m_pipeline.network import M2MConfig, M2MUNet
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    torch_seed = 0
+    import torch
+
+    torch.manual_seed(torch_seed)
+    M2MUNet(M2MConfig.preset("tiny")).save_pretrained(out)
+    return out
