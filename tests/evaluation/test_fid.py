@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from m2m_pipeline.data.shapes import VOCABULARIES, render_image, uint8_to_images
 from m2m_pipeline.evaluation import fid as fid_module
 from m2m_pipeline.evaluation.fid import (
     INCEPTION_FILE,
@@ -19,19 +18,8 @@ from m2m_pipeline.evaluation.fid import (
     oracle_feature_network,
     to_uint8,
 )
+from m2m_pipeline.evaluation.sanity import draw_shapes as draw
 from m2m_pipeline.weights import WeightsNotFoundError
-
-
-def draw(n: int, seed: int, colours: list[int], resolution: int = 16, fixed: dict | None = None) -> torch.Tensor:
-    """n images of the shapes world with colours restricted to `colours`, other attributes uniform."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(n):
-        ids = {name: int(rng.integers(len(v))) for name, v in VOCABULARIES.items()}
-        ids["colour"] = int(rng.choice(colours))
-        ids.update(fixed or {})
-        images.append(render_image(ids, int(rng.integers(2**62)), resolution)[0])
-    return uint8_to_images(np.stack(images))
 
 
 @pytest.fixture(scope="module")
