@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2m_pipeline.data.io import atomic_write_bytes
 from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
 
 
@@ -87,30 +88,23 @@ def sample_report(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, o
     return {**report, "grid": grid, "report": out / "report.json"}
 
 
-@torch.no_grad()
-def benchmark(r: Resolved, checkpoints: dict[str, Path], test_dir: Path, out: Path, compute: ComputeResource
-              ) -> list[dict[str, Any]]:
-    """Seconds per generated image for each model and context size (one set, KV cache on, after a warm-up)."""
-    from m2m_pipeline.sampling import generate
+def benchmark(r: Resolved, checkpoints: dict[str, Path], out: Path, compute: ComputeResource
+              ) -> tuple[list[dict[str, Any]], Path]:
+    """Fig. 9: seconds per generated image of the SD baseline, M2M-DINO and M2M-Self (KV cache on / off) at
+    each context size, with ratios to the SD baseline measured in the same run; writes speed.json + fig9.png."""
+    from m2m_pipeline.network import M2MUNet
+    from m2m_pipeline.speed import measure_sampling_speed, plot_speed, rows_to_dicts
 
     ev = r.eval
-    contexts = tuple(ev.benchmark_contexts)
-    rows = []
-    z_all, _, _ = load_test_sets(test_dir, 1, max(contexts))
-    for variant, checkpoint in checkpoints.items():
-        net, _, encoder = _model(checkpoint, r, compute)
-        z_all_d = z_all.to(net.device)
-        generate(net, z_all_d[:, :1], 1, context_encoder=encoder, steps=1, progress=False)  # warm-up
-        for n in contexts:
-            start = time.perf_counter()
-            generate(net, z_all_d[:, :n], ev.benchmark_images, context_encoder=encoder, steps=ev.benchmark_steps,
-                     guidance_scale=ev.guidance_scale, progress=False)
-            if net.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            rows.append({"variant": variant, "context": n, "images": ev.benchmark_images,
-                         "steps": ev.benchmark_steps, "seconds": seconds,
-                         "seconds_per_image": seconds / ev.benchmark_images, "device": str(net.device)})
+    device = compute.resolved_device()
+    nets = {v: M2MUNet.from_pretrained(c, map_location=device) for v, c in checkpoints.items()}
+    preset = r.net_preset
+    speed = measure_sampling_speed(preset, ev.benchmark_contexts, steps=ev.benchmark_steps,
+                                   generated=ev.benchmark_images, repeats=ev.benchmark_repeats,
+                                   guidance=ev.guidance_scale, device=device, nets=nets)
+    rows = [{**row, "steps": ev.benchmark_steps, "images": ev.benchmark_images, "device": device}
+            for row in rows_to_dicts(speed)]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(rows, indent=1) + "\n")
-    return rows
+    atomic_write_bytes(out / "benchmark.json", (json.dumps(rows, indent=1) + "\n").encode())
+    plot = plot_speed(speed, out / "fig9.png", f"Sampling time per image ({r.profile.name}, {device})")
+    return rows, plot

@@ -33,6 +33,7 @@ class EvalSpec:
     benchmark_contexts: tuple[int, ...] = (1, 2, 4)  # context sizes the sampling benchmark times
     benchmark_images: int = 2             # images generated per timed call
     benchmark_steps: int = 20             # DDIM steps per timed image
+    benchmark_repeats: int = 2            # interleaved timed rounds (median reported), after one warm-up
 
 
 @dataclass(frozen=True)

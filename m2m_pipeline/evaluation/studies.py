@@ -1,0 +1,86 @@
+"""The paper's qualitative studies as measurements (Sec. 8.1-8.3, 9): generation for drift over long runs,
+for a varying number of preceding images (Fig. 6), and zero-shot continuation of real photographs (Fig. 5).
+
+Plain functions over a network and clean context latents; scoring is the caller's (oracle, CLIP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m2m_pipeline.sampling import generate
+
+Encoder = Callable[[torch.Tensor], torch.Tensor] | None
+
+# Photographs that ship inside scikit-image's wheel (no download): the zero-shot continuation inputs.
+REAL_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field",
+                                "immunohistochemistry")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How every study samples; recorded in every report."""
+
+    steps: int = 25                  # DDIM steps
+    guidance_scale: float = 3.0      # s of Eq. 6
+    window: int | None = None        # context window W (None: every preceding image)
+    seed: int = 0                    # set b uses seed + b; image k of a set depends on (seed + b, k) only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def continue_sets(net, context: torch.Tensor, num_images: int, spec: SamplingSpec, *,
+                  context_encoder: Encoder = None, guidance_scale: float | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """(B, n_c, C, H, W) clean latents -> (B, num_images, C, H, W) generated autoregressively."""
+    b = context.shape[0]
+    return generate(net, context.to(net.device), num_images, context_encoder=context_encoder, steps=spec.steps,
+                    guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
+                    window=spec.window, seed=[spec.seed + i for i in range(b)], progress=progress).cpu()
+
+
+def context_count_sweep(net, context: torch.Tensor, spec: SamplingSpec, counts: Sequence[int] = (1, 2, 3, 4), *,
+                        context_encoder: Encoder = None) -> dict[int, torch.Tensor]:
+    """Fig. 6 as a measurement: the first image generated after the first k preceding images, k in counts.
+
+    The same seeds are used for every k, so only the number of preceding images changes.
+    Returns {k: (B, 1, C, H, W)}.
+    """
+    if max(counts) > context.shape[1]:
+        raise ValueError(f"counts up to {max(counts)} need that many context images, got {context.shape[1]}")
+    return {k: continue_sets(net, context[:, :k], 1, spec, context_encoder=context_encoder) for k in counts}
+
+
+def real_photo_sets(image_size: int, views: int = 4, names: Sequence[str] = REAL_PHOTOS, seed: int = 0
+                    ) -> tuple[torch.Tensor, list[str]]:
+    """Sets of real photographs for zero-shot continuation (Fig. 5): per photo, `views` random square crops
+    (60-100% of the short side) resized to `image_size` - one scene seen several times, as an MIS set is
+    one caption rendered several times. Any mode (grey, RGBA) becomes RGB. Returns (S, views, 3, H, W) in
+    [-1, 1] and the photo names."""
+    from skimage import (
+        data as skdata,  # scikit-image ships these files inside its wheel
+    )
+
+    rng = np.random.default_rng(seed)
+    sets = []
+    for name in names:
+        image = np.asarray(getattr(skdata, name)())
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        image = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+        _, h, w = image.shape
+        crops = []
+        for _ in range(views):
+            side = int(min(h, w) * rng.uniform(0.6, 1.0))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = image[:, top:top + side, left:left + side][None]
+            crops.append(F.interpolate(crop, size=(image_size, image_size), mode="bilinear", antialias=True,
+                                       align_corners=False)[0])
+        sets.append(torch.stack(crops))
+    return torch.stack(sets).clamp(-1, 1), list(names)

@@ -1,0 +1,167 @@
+"""Sampling speed per generated image (Fig. 9): SD baseline vs M2M-DINO vs M2M-Self (cached / uncached).
+
+All models share one preset's U-Net dimensions and are measured in one process, interleaved, with DDIM,
+classifier-free guidance (both branches in one batch) and the same number of steps. The SD baseline is the
+same U-Net with its text cross-attention and a 77-token text context, which is what SD's pipeline runs per
+step. Timing does not depend on weight values, so freshly initialised networks are as good as trained ones
+(a trained checkpoint of the same preset can be passed in instead). Used by `benchmarks/bench_sampling.py`
+and the `sampling_benchmark` Dagster asset.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from m2m_pipeline.encoders import DinoEncoder, PixelAutoencoder
+from m2m_pipeline.network import M2MConfig, M2MUNet
+from m2m_pipeline.sampling import classifier_free_guidance, generate, make_ddim
+
+METHODS = ("sd", "dino", "self_cached", "self_uncached")
+LABELS = {"sd": "SD baseline (text)", "dino": "M2M-DINO", "self_cached": "M2M-Self, KV cache",
+          "self_uncached": "M2M-Self, no cache"}
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    method: str          # one of METHODS
+    context: int         # preceding images (0 for the SD baseline, which has none)
+    seconds_per_image: float
+    ratio_to_sd: float   # seconds_per_image / the SD baseline's, measured in the same run
+
+
+@torch.no_grad()
+def sd_baseline(unet: UNet2DConditionModel, cfg: M2MConfig, num_images: int, steps: int, guidance: float,
+                device: torch.device) -> None:
+    """Text-to-image sampling with the plain U-Net: 77 text tokens, CFG, DDIM (what SD's pipeline does)."""
+    text = torch.randn(2, 77, cfg.cross_attention_dim, device=device)  # [uncond; cond] prompt embeddings
+    scheduler = make_ddim(cfg, steps)
+    for _ in range(num_images):
+        z = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+        for t in scheduler.timesteps:
+            eps = unet(torch.cat([z, z]), t, encoder_hidden_states=text).sample
+            u, c = eps.chunk(2)
+            z = scheduler.step(classifier_free_guidance(u, c, guidance), t, z).prev_sample
+
+
+def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, measured interleaved (one call of each per round) so that drift in
+    machine load hits every configuration alike; one untimed warm-up call each first."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: allocator growth, thread-pool start, kernel selection
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _dino_encoder(preset: str, cfg: M2MConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The DINO pass over each generated image is part of M2M-DINO's cost."""
+    if cfg.autoencoder == "vae":
+        from transformers import Dinov2Config, Dinov2Model
+
+        # dinov2-giant's shape, random weights; a VAE decode would add the same cost to every row: left out.
+        dino = DinoEncoder(Dinov2Model(Dinov2Config(hidden_size=cfg.dino_dim, num_hidden_layers=40,
+                                                    num_attention_heads=24, intermediate_size=4 * cfg.dino_dim,
+                                                    patch_size=14, image_size=224)),
+                           image_size=224, resize_size=256).to(device)
+        return lambda z: dino.encode(torch.rand(z.shape[0], 3, 224, 224, device=z.device) * 2 - 1)
+    dino = DinoEncoder.random(image_size=cfg.image_size, hidden_size=cfg.dino_dim, seed=0).to(device)
+    decode = PixelAutoencoder().decode
+    return lambda z: dino.encode(decode(z))
+
+
+def measure_sampling_speed(preset: str, contexts: Sequence[int] = (1, 2, 4, 8), *, steps: int = 50,
+                           generated: int = 2, repeats: int = 3, guidance: float = 7.5,
+                           device: str | torch.device | None = None,
+                           nets: dict[str, M2MUNet] | None = None) -> list[SpeedRow]:
+    """Seconds per generated image for every method and context size, with ratios to the SD baseline.
+
+    nets: {"self": ..., "dino": ...} trained models of `preset`'s dimensions (default: fresh ones).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    cfg = M2MConfig.preset(preset)
+    sd = UNet2DConditionModel(**cfg.unet_kwargs()).to(device).eval()
+    nets = dict(nets or {})
+    for variant in ("self", "dino"):
+        nets.setdefault(variant, M2MUNet(M2MConfig.preset(preset, variant)))
+        nets[variant] = nets[variant].to(device).eval()
+    dino_of = _dino_encoder(preset, cfg, device)
+    k = generated
+
+    fns: dict[str, Callable[[], object]] = {"sd/0": lambda: sd_baseline(sd, cfg, k, steps, guidance, device)}
+    for n in contexts:
+        ctx = torch.randn(1, n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+        common = {"steps": steps, "guidance_scale": guidance, "window": n, "progress": False}
+        fns[f"dino/{n}"] = lambda ctx=ctx, c=common: generate(nets["dino"], ctx, k, context_encoder=dino_of, **c)
+        fns[f"self_cached/{n}"] = lambda ctx=ctx, c=common: generate(nets["self"], ctx, k, use_cache=True, **c)
+        fns[f"self_uncached/{n}"] = lambda ctx=ctx, c=common: generate(nets["self"], ctx, k, use_cache=False, **c)
+    seconds = {name: s / k for name, s in timed_round_robin(fns, repeats).items()}
+    sd_time = seconds["sd/0"]
+    rows = []
+    for name, s in seconds.items():
+        method, n = name.split("/")
+        rows.append(SpeedRow(method, int(n), s, s / sd_time))
+    return rows
+
+
+def format_table(rows: Sequence[SpeedRow]) -> str:
+    sd = next(r for r in rows if r.method == "sd")
+    by = {(r.method, r.context): r for r in rows}
+    contexts = sorted({r.context for r in rows if r.method != "sd"})
+    lines = [f"seconds per generated image (SD baseline, text-to-image: {sd.seconds_per_image:.3f} s)",
+             (f"{'context':>7} | {'SD':>7} | {'DINO':>7} | {'Self cached':>11} | {'Self uncached':>13} | "
+             f"{'DINO/SD':>7} | {'SelfC/SD':>8} | {'SelfU/SD':>8}")]
+    for n in contexts:
+        d, c, u = by[("dino", n)], by[("self_cached", n)], by[("self_uncached", n)]
+        lines.append(f"{n:>7} | {sd.seconds_per_image:7.3f} | {d.seconds_per_image:7.3f} | "
+                     f"{c.seconds_per_image:11.3f} | {u.seconds_per_image:13.3f} | {d.ratio_to_sd:7.2f} | "
+                     f"{c.ratio_to_sd:8.2f} | {u.ratio_to_sd:8.2f}")
+    return "\n".join(lines)
+
+
+def plot_speed(rows: Sequence[SpeedRow], path: str | Path, title: str = "Sampling time per image (Fig. 9)") -> Path:
+    """Fig. 9: seconds per generated image vs number of context images; SD as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m2m_pipeline.data.io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    sd = next(r for r in rows if r.method == "sd")
+    ax.axhline(sd.seconds_per_image, color="k", ls="--", lw=1, label=LABELS["sd"])
+    for method in METHODS[1:]:
+        pts = sorted((r.context, r.seconds_per_image) for r in rows if r.method == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=LABELS[method])
+    ax.set(xlabel="context images", ylabel="seconds / image", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def rows_to_dicts(rows: Sequence[SpeedRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
