@@ -72,7 +72,8 @@ def oracle_feature_network(oracle) -> FeatureNetwork:
             joint = (joint[:, :, None] + lp[:, None, :]).flatten(1)
         return joint  # (B, 512)
 
-    info = {"network": "attribute-oracle", "feature_dim": oracle.config.feature_dim, "image_size": s,
+    info = {"network": "attribute-oracle", "mode": "clean-fid pipeline, custom feature extractor",
+            "feature_dim": oracle.config.feature_dim, "image_size": s,
             "resize": f"clean-fid PIL bicubic to {s}x{s} (no quantization after resize)",
             "oracle_config": oracle.config.to_dict(), "oracle_weights_sha256": _state_hash(oracle),
             "is_classes": "joint softmax over the 4 attribute heads (512 classes)"}
