@@ -177,13 +177,23 @@ def extract_features(images: torch.Tensor | str | os.PathLike, network: FeatureN
 
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """clean-fid's Frechet distance of the two feature sets' Gaussians (needs >= 2 samples each)."""
+    """clean-fid's Frechet distance of the two feature sets' Gaussians (needs >= 2 samples each).
+
+    With fewer images than feature dimensions the covariances are singular and scipy warns on every call;
+    the warning is silenced because reports carry the real-vs-real FID at the same N as the floor to read
+    such values against.
+    """
+    import warnings
+
     from cleanfid.fid import fid_from_feats
+    from scipy.linalg import LinAlgWarning
 
     for name, f in (("first", feats1), ("second", feats2)):
         if len(f) < 2:
             raise ValueError(f"FID needs at least 2 images per side; the {name} has {len(f)}")
-    return float(fid_from_feats(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LinAlgWarning)
+        return float(fid_from_feats(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)))
 
 
 def compute_fid(images1: torch.Tensor | str | os.PathLike, images2: torch.Tensor | str | os.PathLike,

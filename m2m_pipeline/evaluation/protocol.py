@@ -141,6 +141,10 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvaluationReport:
+        return cls(**json.loads(Path(path).read_text()))
+
     def to_json(self, path: str | os.PathLike) -> Path:
         atomic_write_text(path, [json.dumps(self.to_dict(), indent=1, default=str) + "\n"])
         return Path(path)
@@ -148,11 +152,12 @@ class EvaluationReport:
     def table(self) -> str:
         """Plain-text table: one row per metric, mean +- std, then the per-position values."""
         k = len(next(iter(self.per_position.values()), []))
-        head = f"{'metric':<28}{'mean +- std':>20}  " + " ".join(f"{f'n={n}':>7}" for n in range(1, k + 1))
+        width = max([len("metric"), *map(len, self.per_position)]) + 2
+        head = f"{'metric':<{width}}{'mean +- std':>20}  " + " ".join(f"{f'n={n}':>7}" for n in range(1, k + 1))
         lines = [head, "-" * len(head)]
         for name, values in self.per_position.items():
             s = self.summary[name]
-            lines.append(f"{name:<28}{s['mean']:>11.3f} +- {s['std']:<6.3f}  " + " ".join(f"{v:>7.3f}" for v in values))
+            lines.append(f"{name:<{width}}{s['mean']:>11.3f} +- {s['std']:<6.3f}  " + " ".join(f"{v:>7.3f}" for v in values))
         p = self.provenance
         lines.append("")
         lines.append(f"sets {p['num_sets']}, {p['context_images']} preceding + {p['generated_images']} generated, "

@@ -11,6 +11,7 @@ from m2m_pipeline.evaluation.clip_score import ClipScorer
 from m2m_pipeline.evaluation.consistency import chance_levels
 from m2m_pipeline.evaluation.fid import oracle_feature_network
 from m2m_pipeline.evaluation.protocol import (
+    EvaluationReport,
     ProtocolConfig,
     Scorers,
     load_model,
@@ -52,6 +53,7 @@ def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, qui
     # JSON round trip and the printed table.
     data = json.loads(report.to_json(tmp_path / "report.json").read_text())
     assert data["per_position"]["fid"] == report.per_position["fid"]
+    assert EvaluationReport.from_json(tmp_path / "report.json").table() == report.table()
     table = report.table()
     assert "consistency_style" in table and "n=3" in table and "W=4" in table
 
