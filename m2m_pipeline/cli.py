@@ -217,11 +217,15 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
                f"{result.final_loss:.3f}; grid {grid}")
 
 
-# Subcommands that live beside their library code.
-from m2m_pipeline.evaluation.cli import evaluate
+from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
+from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
+    evaluate_task_cmd,
+    finetune_cmd,
+)
 
+main.add_command(finetune_cmd)
+main.add_command(evaluate_task_cmd)
 main.add_command(evaluate)
-
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dagster import Definitions, multiprocess_executor
 
 from m2m_pipeline.orchestration.assets import build_profile_assets
+from m2m_pipeline.orchestration.finetune_assets import (
+    build_finetune_assets,
+    finetune_jobs,
+)
 from m2m_pipeline.orchestration.jobs import profile_jobs
 from m2m_pipeline.orchestration.profiles import PROFILES
 from m2m_pipeline.orchestration.resources import (
@@ -26,8 +30,8 @@ def local_resources() -> dict[str, object]:
 
 
 defs = Definitions(
-    assets=[a for profile in PROFILES.values() for a in build_profile_assets(profile)],
-    jobs=[j for profile in PROFILES.values() for j in profile_jobs(profile)],
+    assets=[a for profile in PROFILES.values() for a in build_profile_assets(profile) + build_finetune_assets(profile)],
+    jobs=[j for profile in PROFILES.values() for j in profile_jobs(profile) + finetune_jobs(profile)],
     resources=local_resources(),
     executor=multiprocess_executor,  # also for `dagster asset materialize` (dvc.yaml commands)
 )

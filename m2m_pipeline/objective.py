@@ -45,6 +45,8 @@ def sample_drops(b: int, with_task: bool, drops: DropConfig, generator: torch.Ge
 class M2MObjective:
     """L = E ||eps - eps_theta(z_t^{1:N}, z_0^{1:N}, t)||^2 over all N noisy images of a set (Eq. 5).
 
+    With `prediction_type="v_prediction"` (CPU presets) the target is v = sqrt(a_t) eps - sqrt(1 - a_t) z_0.
+
     t is drawn independently for every image of a set: each image's prediction is conditioned on clean
     context only, so independent noise levels are valid and decorrelate the N terms of the sum (the paper
     writes a single t; with N images this is the same expectation, with lower variance).
@@ -69,6 +71,11 @@ class M2MObjective:
         )
         z_t = rearrange(z_t, "(b n) c h w -> b n c h w", b=b)
         drop_image, drop_task = sample_drops(b, self.with_task and task_cond is not None, self.drops, generator)
-        eps_pred = net(z_t, t, context, task_cond, drop_image=drop_image.to(device),
-                       drop_task=None if drop_task is None else drop_task.to(device))
-        return F.mse_loss(eps_pred.float(), eps.float())
+        pred = net(z_t, t, context, task_cond, drop_image=drop_image.to(device),
+                   drop_task=None if drop_task is None else drop_task.to(device))
+        target = eps
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = rearrange(self.scheduler.get_velocity(
+                rearrange(z_0, "b n c h w -> (b n) c h w"), rearrange(eps, "b n c h w -> (b n) c h w"),
+                rearrange(t, "b n -> (b n)")), "(b n) c h w -> b n c h w", b=b)
+        return F.mse_loss(pred.float(), target.float())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from m2m_pipeline.network import ContextKV, M2MConfig, M2MUNet
 from m2m_pipeline.sampling import (
@@ -179,3 +180,31 @@ def test_generate_images_pixels_in_pixels_out():
     images = torch.rand(1, 2, 3, 16, 16) * 2 - 1
     out = generate_images(net, images, 2, PixelAutoencoder(), steps=2, progress=False)
     assert out.shape == (1, 2, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sampler_recovers_z0_from_an_exact_predictor(prediction_type):
+    """A net that knows z_0 and returns the exact eps / v target for any z_t: DDIM must land on z_0, so the
+    sampler interprets the network's output as the config's prediction_type says."""
+    cfg = M2MConfig.preset("tiny", "self", prediction_type=prediction_type)
+    ab = DDPMScheduler(**cfg.scheduler_kwargs()).alphas_cumprod
+    z_0 = torch.rand(1, 3, 16, 16) * 2 - 1
+
+    class Exact(torch.nn.Module):
+        config = cfg
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode_context(self, *a, **k):
+            return None
+
+        def denoise(self, z_t, t, *a, **k):
+            a_t = ab[int(t.flatten()[0])]
+            eps = (z_t - a_t.sqrt() * z_0) / (1 - a_t).sqrt()
+            return eps if prediction_type == "epsilon" else a_t.sqrt() * eps - (1 - a_t).sqrt() * z_0
+
+    net = Exact()
+    out = generate(net, torch.zeros(1, 0, 3, 16, 16), 1, steps=20, guidance_scale=1.0, progress=False)
+    # SD's DDIM settings (set_alpha_to_one=False) end at the noise level of t = 0, not at a clean sample:
+    # the residual is sqrt(1 - a_0) * eps, i.e. at most ~5 * 0.01 here.
+    residual = 5 * (1 - ab[0]).sqrt().item()
+    assert (out[0, 0] - z_0[0]).abs().max() < residual

@@ -35,6 +35,10 @@ class M2MConfig:
     beta_schedule: str = "scaled_linear"   # SD's schedule; pixel-space presets use DDPM's "linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # What the network predicts: SD-2.1-base predicts eps. The CPU presets predict v (Salimans & Ho 2022):
+    # at high noise v ~ -z_0, so the loss rewards reading the set's look from the context early in training,
+    # where an eps target is nearly z_t itself and barely depends on the context (docs/model.md).
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # --- images ---
     autoencoder: Literal["pixel", "vae"] = "vae"  # pixel: identity (CPU presets); vae: SD's AutoencoderKL
     image_size: int = 512                  # pixels; latents are image_size / downsample
@@ -73,6 +77,8 @@ class M2MConfig:
             raise ValueError(f"M2MConfig.variant must be 'self' or 'dino', got {self.variant!r}")
         if self.task not in ("none", "camera", "position"):
             raise ValueError(f"M2MConfig.task must be 'none', 'camera' or 'position', got {self.task!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"M2MConfig.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if self.autoencoder not in ("pixel", "vae"):
             raise ValueError(f"M2MConfig.autoencoder must be 'pixel' or 'vae', got {self.autoencoder!r}")
         for name in ("sample_size", "in_channels", "out_channels", "layers_per_block", "dino_dim", "dino_tokens",
@@ -98,7 +104,7 @@ class M2MConfig:
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Arguments of diffusers' DDPMScheduler / DDIMScheduler for this model's noise schedule."""
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                    beta_start=self.beta_start, beta_end=self.beta_end, prediction_type="epsilon",
+                    beta_start=self.beta_start, beta_end=self.beta_end, prediction_type=self.prediction_type,
                     clip_sample=False)
 
     def unet_kwargs(self) -> dict[str, Any]:
@@ -149,7 +155,7 @@ PRESETS: dict[str, M2MConfig] = {
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
         attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32, dino_dim=32, dino_tokens=5,
-        task_embed_dim=32, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        task_embed_dim=32, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction",
     ),
     # CPU demo: pixel space, 32 px, ~2 M parameters. Image-Set Attention at 16 and 8 px only: at 32 px every
     # context image adds 1024 keys per query, which would dominate a CPU's sampling time (see benchmarks).
@@ -158,7 +164,7 @@ PRESETS: dict[str, M2MConfig] = {
         block_out_channels=(32, 64, 96), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
         attention_head_dim=(2, 4, 4), norm_num_groups=16, cross_attention_dim=256, dino_dim=96, dino_tokens=17,
-        task_embed_dim=128, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        task_embed_dim=128, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction",
     ),
     # The paper: SD-2.1-base U-Net on 64x64x4 latents, DINOv2-giant tokens.
     "paper": _PAPER,

@@ -10,9 +10,16 @@ import pytest
 import yaml
 from dagster import AssetKey
 
-from m2m_pipeline.orchestration.assets import DVC_STAGE, layout
+from m2m_pipeline.orchestration.assets import DVC_STAGE as CHAIN_STAGES
+from m2m_pipeline.orchestration.assets import layout as chain_layout
+from m2m_pipeline.orchestration.finetune_assets import (
+    FINETUNE_DVC_STAGE,
+    finetune_layout,
+)
 from m2m_pipeline.orchestration.profiles import PROFILES
 
+DVC_STAGE = {**CHAIN_STAGES, **FINETUNE_DVC_STAGE}
+layout = lambda profile: {**chain_layout(profile), **finetune_layout(profile)}
 DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"
 OUTS = {"latent_cache": "features", "dino_features": "features"}  # layout key of each asset's output
 

@@ -1,0 +1,122 @@
+"""`python -m m2m_pipeline.cli finetune` and `... evaluate-task`: task fine-tuning and its evaluation, with an
+MLflow run each (registered in m2m_pipeline/cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+TASKS = {"camera": "camera", "nvs": "camera", "position": "position", "procedures": "position"}
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    if threads:  # on shared cores one thread per process avoids OpenMP oversubscription (docs/tasks.md)
+        torch.set_num_threads(threads)
+
+
+def _eval_overrides(cfg, steps, s_i, s_c, items, sweep):
+    changes = {k: v for k, v in {"steps": steps, "s_I": s_i, "s_C": s_c, "max_items": items}.items() if v is not None}
+    if not sweep:
+        changes.update(sweep_s_I=(), sweep_s_C=())
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+
+
+_eval_options = [
+    click.option("--eval-steps", "eval_steps", type=int, default=None, help="DDIM steps (default: the preset's)."),
+    click.option("--s-i", "s_i", type=float, default=None, help="Image guidance s_I (Eq. 7); with --no-sweep."),
+    click.option("--s-c", "s_c", type=float, default=None, help="Task guidance s_C (Eq. 7); with --no-sweep."),
+    click.option("--items", type=int, default=None, help="Held-out items evaluated (default: all)."),
+    click.option("--sweep/--no-sweep", default=True, show_default=True,
+                 help="Choose (s_I, s_C) on the validation split from the preset's grid."),
+]
+
+
+def eval_options(fn):
+    for option in reversed(_eval_options):
+        fn = option(fn)
+    return fn
+
+
+@click.command("finetune")
+@click.option("--task", type=click.Choice(sorted(TASKS)), required=True,
+              help="camera (= nvs): novel view synthesis; position (= procedures): visual procedures.")
+@click.option("--data", "data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Objaverse renders (Zero-1-to-3 layout) or VGSI steps; the stand-ins write both layouts.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output: OUT/final/ (checkpoint), OUT/splits.json, OUT/eval/ (metrics, figures).")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Base M2M checkpoint trained without a task (default: train from scratch).")
+@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+@click.option("--steps", type=int, default=None, help="Fine-tuning steps (default: the preset's).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
+@eval_options
+def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, seed, threads, evaluate,
+                 eval_steps, s_i, s_c, items, sweep) -> None:
+    """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
+    from m2m_pipeline.data.io import atomic_write_text
+    from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
+    from m2m_pipeline.tasks.tracking import TaskRun, flatten
+
+    _threads(threads)
+    cfg = FinetuneConfig.preset(preset, TASKS[task])
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **overrides))
+    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
+    with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
+        run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
+        result, splits = finetune(cfg, data, out_dir, base=base,
+                                  on_metrics=lambda metrics, step: run.log_metrics(
+                                      {f"train/{k}": v for k, v in metrics.items()}, step))
+        atomic_write_text(out_dir / "splits.json", [json.dumps(
+            {"data": str(data), "base": str(base) if base else None, "config": cfg.to_dict(),
+             **dataclasses.asdict(splits)}, indent=1)])
+        run.log_metrics({"train/final_loss": result.final_loss, "train/seconds": result.seconds})
+        click.echo(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
+                   f"checkpoint {result.checkpoint_dir}")
+        if evaluate:
+            _evaluate(cfg, data, out_dir, base, run)
+
+
+@click.command("evaluate-task")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A finetune output folder (final/ + splits.json).")
+@click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
+@eval_options
+def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep) -> None:
+    """Evaluate a fine-tuned task model on its held-out split against the baselines and the model before."""
+    from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskEvalConfig
+    from m2m_pipeline.tasks.tracking import TaskRun
+    from m2m_pipeline.training import TrainConfig
+
+    _threads(threads)
+    meta = json.loads((run_dir / "splits.json").read_text())
+    c = meta["config"]
+    cfg = FinetuneConfig(c["task"], c["net_preset"], TrainConfig(**{k: v for k, v in c["train"].items()
+                                                                    if k != "drops"}),
+                         c["held_out"], c["validation"], c["split_seed"],
+                         TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}))
+    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
+    with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(run_dir)}) as run:
+        _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run)
+
+
+def _evaluate(cfg, data, out_dir: Path, base, run) -> None:
+    from m2m_pipeline.tasks.evaluate import evaluate_finetune
+    from m2m_pipeline.tasks.tracking import flatten
+
+    report = evaluate_finetune(cfg, data, out_dir / "final", out_dir / "eval", base=base)
+    run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
+    for method, row in report["summary"].items():
+        run.log_metrics({f"test/{method}/{metric}": value for metric, value in row.items()})
+    for path in report["files"].values():
+        run.log_artifact(path)
+    click.echo(report["table"])

@@ -1,0 +1,287 @@
+"""Task evaluation (issue 5, item 5): held-out items split into context and targets; targets generated with
+dual guidance (Eq. 7) and scored against the truth, next to the baselines and the model before fine-tuning.
+
+NVS: `context_images` views of a held-out object (1, as Zero-1-to-3) -> `target_images` views at its other
+(held-out) poses, PSNR / SSIM (LPIPS with local weights). Procedures: the first `context_images` steps ->
+the next `target_images`, PSNR / SSIM plus the stand-in's attribute check (|measured - true progress|).
+Every number is per image; the summary is the mean ± std over held-out items of each item's mean over its
+targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from m2m_pipeline.data.io import atomic_write_bytes, atomic_write_text
+from m2m_pipeline.network import M2MUNet
+from m2m_pipeline.sampling import generate
+from m2m_pipeline.tasks.batching import make_task_loader
+from m2m_pipeline.tasks.finetune import (
+    FinetuneConfig,
+    Task,
+    TaskEvalConfig,
+    init_task_model,
+    make_splits,
+    task_dataset,
+)
+from m2m_pipeline.tasks.metrics import (
+    copy_input_view,
+    image_metrics,
+    lpips_available,
+    repeat_last_step,
+)
+from m2m_pipeline.tasks.procedures import (
+    ATTRIBUTES_NAME,
+    load_attributes,
+    progress_error,
+)
+
+Method = Callable[[dict[str, Any], list[int]], torch.Tensor]  # (batch, per-item seeds) -> (B, K, 3, H, W)
+BASELINE = {"camera": "copy_input_view", "position": "repeat_last_step"}
+LOWER_IS_BETTER = ("lpips", "progress_error")
+
+
+# ---------------------------------------------------------------------- examples and methods
+def heldout_batches(task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
+                    image_size: int, items: int | None = None) -> list[dict[str, Any]]:
+    """Fixed examples of the given items: context_images + target_images views / consecutive steps each,
+    drawn with `ec.seed` (the same for every method and every run)."""
+    keys = list(keys)[: items if items is not None else ec.max_items]
+    if not keys:
+        raise ValueError("no held-out items to evaluate")
+    data = task_dataset(task, root, keys, ec.context_images + ec.target_images, image_size, seed=ec.seed)
+    return list(make_task_loader(data, ec.batch_size, shuffle=False, drop_last=False))
+
+
+def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C: float | None = None) -> Method:
+    """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0)."""
+    net = net.eval()
+
+    def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
+        context = batch["latents"][:, : ec.context_images]  # (B, n_c, 3, S, S): pixel presets, latents = images
+        g_I, g_C = ec.s_I if s_I is None else s_I, ec.s_C if s_C is None else s_C
+        if g_I == 1.0 and g_C == 1.0:
+            # Eq. 7 at s_I = s_C = 1 is eps(z_0, c_C) alone: one network branch instead of three, same images.
+            g_C = None
+        out = generate(net, context, ec.target_images, task_cond=batch["task_cond"], steps=ec.steps,
+                       guidance_scale=g_I, task_guidance_scale=g_C, seed=seeds, progress=False)
+        return out.float().clamp(-1, 1)
+
+    return predict
+
+
+def baseline_method(task: Task, ec: TaskEvalConfig) -> Method:
+    def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
+        context = batch["latents"][:, : ec.context_images]
+        if task == "camera":  # the context view nearest in relative pose (the strongest copy baseline)
+            cond = batch["task_cond"]
+            return copy_input_view(context, ec.target_images, cond[:, : ec.context_images],
+                                   cond[:, ec.context_images:])
+        return repeat_last_step(context, ec.target_images)
+
+    return predict
+
+
+# ---------------------------------------------------------------------- scoring
+def score(task: Task, root: str | os.PathLike, batch: dict[str, Any], pred: torch.Tensor, ec: TaskEvalConfig,
+          with_lpips: bool) -> dict[str, torch.Tensor]:
+    """Per image (B, K) metrics of `pred` against the batch's targets."""
+    target = batch["latents"][:, ec.context_images:]
+    values = image_metrics(pred, target, with_lpips=with_lpips)
+    keys = batch["key"]
+    if task == "position" and all((Path(root) / k / ATTRIBUTES_NAME).is_file() for k in keys):
+        metas = [load_attributes(root, k) for k in keys]
+        steps = batch["steps"][:, ec.context_images:]
+        # in units of one step (1 / (n - 1) of the progress): < 0.5 means the right step was drawn
+        n = torch.tensor([m["n_steps"] - 1 for m in metas], dtype=torch.float64)[:, None]
+        values["progress_error"] = progress_error(pred, metas, steps) * n
+    return values
+
+
+def run_methods(methods: dict[str, Method], task: Task, root: str | os.PathLike, batches: list[dict[str, Any]],
+                ec: TaskEvalConfig, with_lpips: bool = False, progress: bool = True
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """values[method][metric]: (items, K); predictions[method]: (items, K, 3, H, W)."""
+    values: dict[str, dict[str, list[torch.Tensor]]] = {m: {} for m in methods}
+    preds: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    offset = 0
+    bar = tqdm(total=len(methods) * len(batches), desc=f"evaluate {task}", disable=not progress)
+    for batch in batches:
+        b = batch["latents"].shape[0]
+        seeds = [ec.seed + offset + i for i in range(b)]  # item i of the split samples with seed + i
+        for name, method in methods.items():
+            pred = method(batch, seeds)
+            preds[name].append(pred)
+            for metric, v in score(task, root, batch, pred, ec, with_lpips).items():
+                values[name].setdefault(metric, []).append(v.double())
+            bar.update(1)
+        offset += b
+    bar.close()
+    return ({m: {k: torch.cat(v) for k, v in per.items()} for m, per in values.items()},
+            {m: torch.cat(p) for m, p in preds.items()})
+
+
+def summarize(values: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """{method: {metric_mean, metric_std, items}}: mean ± std (population) over items of each item's mean over
+    its K targets. NaN values (a failed attribute check: no foreground) count as failures, not as zeros:
+    `progress_fail` is their share, and the error means are over the images that were readable."""
+    out: dict[str, dict[str, float]] = {}
+    for method, metrics in values.items():
+        row: dict[str, float] = {}
+        for metric, v in metrics.items():
+            per_item = v.nanmean(dim=1)  # (items,)
+            per_item = per_item[~per_item.isnan()]
+            row[f"{metric}_mean"] = float(per_item.mean()) if len(per_item) else float("nan")
+            row[f"{metric}_std"] = float(per_item.std(correction=0)) if len(per_item) > 1 else 0.0
+            if metric == "progress_error":
+                row["progress_fail"] = float(v.isnan().double().mean())
+                row["progress_within_half_step"] = float((v < 0.5).double().mean())  # NaN compares False
+            row["items"] = float(v.shape[0])
+        out[method] = row
+    return out
+
+
+def metrics_table(summary: dict[str, dict[str, float]]) -> str:
+    """Markdown table, one row per method, mean ± std over held-out items."""
+    metrics = [m for m in ("psnr", "ssim", "lpips", "progress_error")
+               if any(f"{m}_mean" in row for row in summary.values())]
+    extra = [k for k in ("progress_within_half_step",) if any(k in row for row in summary.values())]
+    head = ["method", "items"] + [f"{m} ({'lower' if m in LOWER_IS_BETTER else 'higher'} is better)"
+                                  for m in metrics] + extra
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in summary.items():
+        cells = [method, f"{int(row['items'])}"]
+        cells += [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" if f"{m}_mean" in row else "-" for m in metrics]
+        cells += [f"{row[k]:.2f}" if k in row else "-" for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- guidance sweep
+def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
+                   progress: bool = True) -> tuple[float, float, list[dict[str, float]]]:
+    """(s_I, s_C) with the best mean PSNR on validation items (never test items), over the grid
+    ec.sweep_s_I x ec.sweep_s_C; returns the choice and every grid point's PSNR."""
+    batches = heldout_batches(task, root, keys, ec, net.config.image_size, items=ec.sweep_items)
+    rows = []
+    for s_I in ec.sweep_s_I:
+        for s_C in ec.sweep_s_C:
+            values, _ = run_methods({"m": model_method(net, ec, s_I, s_C)}, task, root, batches, ec, progress=False)
+            rows.append({"s_I": s_I, "s_C": s_C, "psnr": float(values["m"]["psnr"].mean())})
+            if progress:
+                tqdm.write(f"sweep s_I={s_I} s_C={s_C}: validation PSNR {rows[-1]['psnr']:.2f} dB")
+    best = max(rows, key=lambda r: r["psnr"])
+    return best["s_I"], best["s_C"], rows
+
+
+# ---------------------------------------------------------------------- figures
+def _tile(images: torch.Tensor) -> np.ndarray:
+    """(K, 3, H, W) in [-1, 1] -> (H, K*W, 3) uint8."""
+    from m2m_pipeline.visualize import to_uint8
+
+    return np.concatenate(list(to_uint8(images)), axis=1)
+
+
+def save_grid(context: torch.Tensor, predictions: dict[str, torch.Tensor], truth: torch.Tensor,
+              path: str | os.PathLike, scale: int = 3, gap: int = 4) -> Path:
+    """One row per item: context | each method's targets | truth, white gaps between the groups."""
+    from PIL import Image
+
+    groups = [context] + list(predictions.values()) + [truth]
+    rows = []
+    for i in range(context.shape[0]):
+        parts = []
+        for g in groups:
+            tile = _tile(g[i])
+            parts += [tile, np.full((tile.shape[0], gap, 3), 255, np.uint8)]
+        rows += [np.concatenate(parts[:-1], axis=1), np.full((2, sum(p.shape[1] for p in parts[:-1]), 3), 255,
+                                                              np.uint8)]
+    image = Image.fromarray(np.concatenate(rows[:-1], axis=0))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return _save_png(image, path)
+
+
+def save_bar_chart(summary: dict[str, dict[str, float]], path: str | os.PathLike, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [summary[n]["psnr_mean"] for n in names]
+    stds = [summary[n]["psnr_std"] for n in names]
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.bar(names, means, yerr=stds, capsize=4, color=["C0", "C1", "C2", "C3"][: len(names)])
+    for x, m in enumerate(means):
+        ax.text(x, m, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel="PSNR (dB), mean ± std over items", title=title)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _save_png(image: Any, path: str | os.PathLike) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+# ---------------------------------------------------------------------- the whole evaluation
+def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: str | os.PathLike,
+                      out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                      grid_items: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Fine-tuned model vs the model before fine-tuning (the base, or the untrained task model) vs the
+    task's copy baseline on the test split. Writes metrics.json, table.md, grid.png, psnr.png to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task, ec = cfg.task, cfg.eval
+    splits = make_splits(task, root, cfg.held_out, cfg.validation, cfg.split_seed)
+    tuned = M2MUNet.from_pretrained(checkpoint)
+    if tuned.config.task != task:
+        raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
+    before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed)
+    s_I, s_C, sweep = ec.s_I, ec.s_C, []
+    if ec.sweep_s_I and ec.sweep_s_C and splits.validation:
+        s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress)
+    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C),
+               "before fine-tuning": model_method(before, ec, s_I, s_C),
+               BASELINE[task]: baseline_method(task, ec)}
+    batches = heldout_batches(task, root, splits.test, ec, tuned.config.image_size)
+    with_lpips = lpips_available()
+    values, preds = run_methods(methods, task, root, batches, ec, with_lpips, progress)
+    summary = summarize(values)
+    sampler = {"steps": ec.steps, "s_I": s_I, "s_C": s_C, "eta": 0.0, "seed": ec.seed,
+               "seeds": "item i of the test split: seed + i", "context_images": ec.context_images,
+               "target_images": ec.target_images, "test_items": len(values["fine-tuned"]["psnr"]),
+               "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)"}
+    table = metrics_table(summary)
+    context = torch.cat([b["latents"][:, : ec.context_images] for b in batches])[:grid_items]
+    truth = torch.cat([b["latents"][:, ec.context_images:] for b in batches])[:grid_items]
+    files = {
+        "grid": save_grid(context, {k: v[:grid_items] for k, v in preds.items()}, truth, out / "grid.png"),
+        "psnr_chart": save_bar_chart(summary, out / "psnr.png", f"{task}: held-out PSNR"),
+    }
+    report = {"task": task, "summary": summary, "sampler": sampler, "sweep": sweep, "test_keys": splits.test,
+              "per_item": {m: {k: v.tolist() for k, v in per.items()} for m, per in values.items()}}
+    atomic_write_text(out / "metrics.json", [json.dumps(report, indent=1)])
+    grid_note = "rows: held-out items; columns: context | " + " | ".join(methods) + " | truth\n"
+    atomic_write_text(out / "table.md", [table, "\n", json.dumps(sampler), "\n\n", grid_note])
+    files.update(metrics=out / "metrics.json", table=out / "table.md")
+    return {**report, "table": table, "files": files}

@@ -1,0 +1,164 @@
+"""Task fine-tuning and evaluation (issue 5, items 3-5): base init, splits, metrics table, tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from m2m_pipeline.network import M2MConfig, M2MUNet
+from m2m_pipeline.tasks.evaluate import (
+    baseline_method,
+    evaluate_finetune,
+    heldout_batches,
+    metrics_table,
+    run_methods,
+    summarize,
+)
+from m2m_pipeline.tasks.finetune import (
+    FinetuneConfig,
+    TaskEvalConfig,
+    finetune,
+    init_task_model,
+    is_task_parameter,
+    make_splits,
+)
+from m2m_pipeline.tasks.metrics import psnr
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path):
+    """A tiny M2M-Self without a task whose weights are all non-zero (a trained model's are)."""
+    torch.manual_seed(1)
+    net = M2MUNet(M2MConfig.preset("tiny", "self"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.save_pretrained(tmp_path / "base"), net.eval()
+
+
+@pytest.mark.parametrize("task", ["camera", "position"])
+def test_base_init_keeps_base_function_at_step_0(task, base_checkpoint):
+    path, base = base_checkpoint
+    net = init_task_model(task, path).eval()
+    new = {k for k, _ in net.named_parameters()} - {k for k, _ in base.named_parameters()}
+    assert new and all(is_task_parameter(k) for k in new)
+    b, n = 2, 3
+    g = torch.Generator().manual_seed(0)
+    z_t, z_0 = torch.randn(b, n, 3, 16, 16, generator=g), torch.randn(b, n, 3, 16, 16, generator=g)
+    t = torch.randint(0, 1000, (b, n), generator=g)
+    cond = torch.randn(b, n, 12, generator=g) * 3 if task == "camera" else torch.tensor([[0.0, 4, 7], [2, 3, 9]])
+    with torch.no_grad():
+        expected = base(z_t, t, z_0)
+        for drop in (None, torch.tensor([True, False])):  # any condition, kept or dropped: the base's output
+            assert torch.allclose(net(z_t, t, z_0, cond, drop_task=drop), expected, atol=1e-6)
+    # and the new parameters do learn: the task projections get gradients once the embedder is non-zero
+    net.train()
+    net(z_t, t, z_0, cond).square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in net.named_parameters()
+               if "cond_to_q" in k)
+
+
+def test_base_with_a_task_is_refused(tmp_path):
+    path = M2MUNet(M2MConfig.preset("tiny", "self", task="camera")).save_pretrained(tmp_path / "task")
+    with pytest.raises(ValueError, match="already has task 'camera'"):
+        init_task_model("position", path)
+
+
+def test_splits_are_disjoint_and_by_item(polyhedra_root, procedures_root):
+    for task, root in (("camera", polyhedra_root), ("position", procedures_root)):
+        s = make_splits(task, root, held_out=2, validation=1, seed=0)
+        assert len(s.test) == 2 and len(s.validation) == 1
+        assert not (set(s.train) & set(s.test)) and not (set(s.train) & set(s.validation))
+        assert make_splits(task, root, 2, 1, seed=0) == s
+
+
+def test_summary_and_table_on_a_known_case():
+    values = {"a": {"psnr": torch.tensor([[10.0, 20.0], [30.0, 40.0]], dtype=torch.float64),
+                    "progress_error": torch.tensor([[0.2, float("nan")], [1.0, 0.4]], dtype=torch.float64)}}
+    row = summarize(values)["a"]
+    assert row["psnr_mean"] == pytest.approx(25.0)        # item means 15 and 35
+    assert row["psnr_std"] == pytest.approx(10.0)         # population std over items
+    assert row["progress_error_mean"] == pytest.approx((0.2 + 0.7) / 2)  # the NaN image is skipped in the mean
+    assert row["progress_fail"] == pytest.approx(0.25)
+    assert row["progress_within_half_step"] == pytest.approx(0.5)  # 0.2 and 0.4; NaN is not within
+    table = metrics_table(summarize(values))
+    assert "| a | 2 | 25.000 ± 10.000 |" in table and "0.50" in table
+
+
+def test_baselines_go_through_the_same_metrics(procedures_root):
+    ec = TaskEvalConfig(context_images=3, target_images=2, batch_size=4)
+    batches = heldout_batches("position", procedures_root, ["proc_000000/method_0", "proc_000001/method_0"], ec, 32)
+    truth = lambda batch, seeds: batch["latents"][:, 3:]  # a perfect method
+    values, _ = run_methods({"truth": truth, "repeat": baseline_method("position", ec)}, "position",
+                                procedures_root, batches, ec, progress=False)
+    assert torch.all(values["truth"]["psnr"] == 100.0)
+    assert values["truth"]["progress_error"].max() < 0.25  # the attribute check reads true steps back
+    last = batches[0]["latents"][:, 2:3]
+    expected = psnr(last.expand(-1, 2, -1, -1, -1), batches[0]["latents"][:, 3:])
+    assert torch.allclose(values["repeat"]["psnr"], expected.double())
+    assert values["repeat"]["progress_error"].nanmean() > 0.75  # off by one step or more
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["camera", "position"])
+def test_tiny_finetune_and_evaluation_end_to_end(task, polyhedra_root, procedures_root, base_checkpoint, tmp_path):
+    root = polyhedra_root if task == "camera" else procedures_root
+    cfg = FinetuneConfig.preset("tiny", task)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0,)))
+    result, splits = finetune(cfg, root, tmp_path / "run", base=base_checkpoint[0], progress=False)
+    assert result.steps == cfg.train.steps and all(math.isfinite(x) for x in result.losses)
+    report = evaluate_finetune(cfg, root, result.checkpoint_dir, tmp_path / "run" / "eval", base=base_checkpoint[0],
+                               progress=False)
+    assert set(report["summary"]) == {"fine-tuned", "before fine-tuning",
+                                      "copy_input_view" if task == "camera" else "repeat_last_step"}
+    for row in report["summary"].values():
+        assert math.isfinite(row["psnr_mean"]) and math.isfinite(row["ssim_mean"]) and row["items"] == 2
+    assert len(report["sweep"]) == 2 and report["sampler"]["s_I"] in (1.0, 2.0)
+    for path in report["files"].values():
+        assert path.is_file() and path.stat().st_size > 0
+    saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert saved["test_keys"] == splits.test and saved["summary"] == report["summary"]
+
+
+def test_unit_guidance_takes_one_branch_with_the_same_images():
+    from m2m_pipeline.sampling import generate
+    from m2m_pipeline.tasks.evaluate import model_method
+
+    torch.manual_seed(0)
+    net = M2MUNet(M2MConfig.preset("tiny", "self", task="camera")).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # non-zero task projections: the task branch differs from the image branch
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = {"latents": torch.randn(2, 3, 3, 16, 16).clamp(-1, 1), "task_cond": torch.randn(2, 3, 12)}
+    ec = TaskEvalConfig(context_images=1, target_images=2, steps=3)
+    fast = model_method(net, ec, 1.0, 1.0)(batch, [0, 1])
+    dual = generate(net, batch["latents"][:, :1], 2, task_cond=batch["task_cond"], steps=3, guidance_scale=1.0,
+                    task_guidance_scale=1.0, seed=[0, 1], progress=False).clamp(-1, 1)
+    assert torch.allclose(fast, dual, atol=1e-4)
+    guided = model_method(net, ec, 2.0, 3.0)(batch, [0, 1])
+    assert not torch.allclose(guided, dual, atol=1e-3)  # other scales do go through Eq. 7
+
+
+@pytest.mark.slow
+def test_cli_finetune_logs_an_mlflow_run(polyhedra_root, base_checkpoint, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from m2m_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the run goes to ./.state/mlflow, like the Dagster resource's local store
+    out = CliRunner().invoke(main, ["finetune", "--task", "nvs", "--preset", "tiny", "--data", str(polyhedra_root),
+                                    "--base", str(base_checkpoint[0]), "--out", "run", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    assert "| copy_input_view |" in out.output
+    client = MlflowClient(f"sqlite:///{tmp_path / '.state/mlflow/mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("m2m-tasks").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["task"] == "camera"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2  # log_every 2 of 4 steps
+    assert math.isfinite(run.data.metrics["test/fine-tuned/psnr_mean"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "psnr.png", "metrics.json"}
+    assert json.loads((tmp_path / "run/splits.json").read_text())["test"]
