@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 
-@click.command()
+@click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="M2M checkpoint folder (config.json + model.safetensors).")
 @click.option("--test-shards", required=True, help="Test feature shards: folder, glob or brace pattern.")
