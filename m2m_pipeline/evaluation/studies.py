@@ -84,3 +84,39 @@ def real_photo_sets(image_size: int, views: int = 4, names: Sequence[str] = REAL
                                        align_corners=False)[0])
         sets.append(torch.stack(crops))
     return torch.stack(sets).clamp(-1, 1), list(names)
+
+
+# ---------------------------------------------------------------------- oracle scoring (shapes world)
+# The learnability bar of the CPU demo (issue 6): consistency of the first generated image with its set.
+# "background" counts an image only when both the pattern and the background colour are right.
+LEARNABILITY_TARGETS: dict[str, float] = {"colour": 0.90, "background": 0.80, "shape": 0.50}
+
+
+def oracle_consistency(oracle, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """images (B, K, 3, H, W) in [-1, 1], targets {attribute: (B,)} -> {name: (K,)} fractions of sets whose
+    k-th image shows the set's value: every attribute, plus "background" (pattern and colour both right)."""
+    predicted = oracle.predict(images)  # {attribute: (B, K)}
+    hit = {name: predicted[name] == targets[name][:, None] for name in targets}
+    out = {name: h.float().mean(0) for name, h in hit.items()}
+    out["background"] = (hit["background"] & hit["background_colour"]).float().mean(0)
+    out["background_pattern"] = hit["background"].float().mean(0)
+    return out
+
+
+def chance_consistency() -> dict[str, float]:
+    """What images unrelated to their set score: 1 / number of values (joint for the background)."""
+    from m2m_pipeline.data.shapes import VOCABULARIES
+
+    n = {name: len(v) for name, v in VOCABULARIES.items()}
+    return {"shape": 1 / n["shape"], "colour": 1 / n["colour"], "background_colour": 1 / n["background_colour"],
+            "background_pattern": 1 / n["background"], "background": 1 / (n["background"] * n["background_colour"])}
+
+
+def learnability_verdict(guided: dict[str, float], unconditional: dict[str, float],
+                         targets: dict[str, float] = LEARNABILITY_TARGETS) -> dict[str, dict[str, float | bool]]:
+    """Per target attribute: the guided position-1 consistency, its target, whether it is met, and the
+    unconditional branch's value next to chance."""
+    chance = chance_consistency()
+    return {name: {"guided": guided[name], "target": target, "met": guided[name] >= target,
+                   "unconditional": unconditional[name], "chance": chance[name]}
+            for name, target in targets.items()}

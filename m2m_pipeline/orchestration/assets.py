@@ -61,6 +61,8 @@ def layout(profile: RunProfile) -> dict[str, Path]:
         "m2m_self_evaluation_report": a / "evaluation" / "m2m_self",
         "m2m_dino_evaluation_report": a / "evaluation" / "m2m_dino",
         "sampling_benchmark": a / "evaluation" / "sampling_benchmark",
+        "attribute_oracle": m / "oracle",
+        "learnability": a / "evaluation" / "learnability",
     }
 
 
@@ -73,6 +75,7 @@ DVC_STAGE = {
     "m2m_self_checkpoint": "m2m_self_checkpoint", "m2m_dino_checkpoint": "m2m_dino_checkpoint",
     "m2m_self_evaluation_report": "m2m_self_evaluation_report",
     "m2m_dino_evaluation_report": "m2m_dino_evaluation_report", "sampling_benchmark": "sampling_benchmark",
+    "attribute_oracle": "attribute_oracle", "learnability": "learnability",
 }
 
 
@@ -370,39 +373,108 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
+    @asset(key=key("attribute_oracle"), group_name="evaluation", kinds={"pytorch"},
+           description="Attribute classifier of the procedural shapes world (shape, colour, background pattern, "
+                       "background colour), trained on freshly rendered images: the offline judge of consistency "
+                       "and the offline FID / IS feature network.")
+    def attribute_oracle(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
+                         mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.orchestration import evaluation
+
+        r = settings.resolve(profile)
+        out = r.path(paths["attribute_oracle"])
+        with mlflow.asset_run(context, p, {"image_size": r.mis.resolution, **r.eval.oracle_overrides}) as run:
+            _, info = evaluation.train_oracle_for(r, out, compute)
+            run.log_metrics({f"oracle/heldout_{k}": v for k, v in (info["heldout_accuracy"] or {}).items()})
+            hashes = version(dvc, run, r, "attribute_oracle", context)
+        return MaterializeResult(metadata={
+            **{f"heldout_accuracy_{k}": round(v, 4) for k, v in (info["heldout_accuracy"] or {}).items()},
+            "image_size": info["image_size"], "train_images": info["train_images"],
+            **common_metadata(r, run, hashes, [out])})
+
     def make_report_asset(variant: str) -> Any:
         name = f"m2m_{variant}_evaluation_report"
         ckpt = f"m2m_{variant}_checkpoint"
 
-        @asset(key=key(name), group_name="evaluation", deps=[key(ckpt), key("latent_cache"), key("dino_features")],
+        @asset(key=key(name), group_name="evaluation",
+               deps=[key(ckpt), key("latent_cache"), key("dino_features"), key("attribute_oracle")],
                kinds={"pytorch"}, op_tags=gpu_tags, pool=GPU_POOL,
-               description=f"Samples of M2M-{variant.capitalize()} after test-set context images: a grid "
-                           f"(preceding | generated) and sampling time. FID/CLIP come with the evaluation issue.")
+               description=f"M2M-{variant.capitalize()} on the test split: the Sec. 8.4 protocol per position "
+                           f"(oracle consistency, caption agreement, FID / IS on oracle features), the "
+                           f"unconditional branch, drift over 25 images, 1-4 preceding images, zero-shot real "
+                           f"photographs, and their figures.")
         def report(context: AssetExecutionContext, config: EvaluationConfig, settings: M2MSettings,
                    compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
             from m2m_pipeline.orchestration import evaluation
 
             r = settings.resolve(profile)
+            ev = r.eval
             out = r.path(paths[name])
-            with mlflow.asset_run(context, p, {"num_sets": r.eval.num_sets, "context_images": r.eval.context_images,
-                                               "generated_images": r.eval.generated_images, "steps": r.eval.steps,
-                                               "guidance_scale": r.eval.guidance_scale, "window": r.eval.window,
+            with mlflow.asset_run(context, p, {"num_sets": ev.num_sets, "context_images": ev.context_images,
+                                               "generated_images": ev.generated_images, "steps": ev.steps,
+                                               "guidance_scale": ev.guidance_scale, "window": ev.window,
+                                               "drift_images": ev.drift_images, "drift_sets": ev.drift_sets,
                                                "seed": config.seed}, extra_tags={"m2m.variant": variant}) as run:
-                res = evaluation.sample_report(r, variant, r.path(paths[ckpt]) / "final",
-                                               r.path(paths["features"]) / "test", out, compute, seed=config.seed)
-                run.log_artifact(res["grid"])
-                run.log_artifact(res["report"])
-                run.log_metrics({"eval/seconds_per_image": res["seconds_per_image"], "eval/sets": res["sets"]})
+                res = evaluation.evaluate_variant(r, variant, r.path(paths[ckpt]) / "final",
+                                                  r.path(paths["features"]) / "test",
+                                                  r.path(paths["attribute_oracle"]), out, compute, seed=config.seed)
+                per = res["report"]["per_position"]
+                for metric, values in per.items():  # one MLflow step per position n
+                    for n, value in enumerate(values, start=1):
+                        run.log_metrics({f"eval/{metric}": value}, step=n)
+                for metric, stats in res["report"]["summary"].items():
+                    run.log_metrics({f"eval/{metric}_mean": stats["mean"], f"eval/{metric}_std": stats["std"]})
+                for branch, values in res["position1"].items():
+                    run.log_metrics({f"position1/{branch}/{k}": v for k, v in values.items()})
+                for metric, values in res["drift"].items():
+                    for n, value in enumerate(values, start=1):
+                        run.log_metrics({f"drift/{metric}": value}, step=n)
+                for path in [*res["files"].values(), res["report_path"], out / "table.txt"]:
+                    run.log_artifact(path)
                 hashes = version(dvc, run, r, name, context)
+            g, u = res["position1"]["guided"], res["position1"]["unconditional"]
+            table = "| position 1 | guided | unconditional | chance | target |\n|---|---|---|---|---|\n" + "".join(
+                f"| {k} | {g[k]:.3f} | {u[k]:.3f} | {res['chance'][k]:.3f} | "
+                f"{res['verdict'][k]['target'] if k in res['verdict'] else ''} |\n"
+                for k in ("colour", "background", "shape", "background_pattern", "background_colour"))
             return MaterializeResult(metadata={
-                "variant": variant, "sets": res["sets"], "context_images": r.eval.context_images,
-                "generated_images": r.eval.generated_images, "steps": r.eval.steps,
-                "seconds_per_image": round(res["seconds_per_image"], 4),
-                "grid": image_markdown(res["grid"], f"M2M-{variant}: preceding | generated"),
-                "metrics_pending": "FID / CLIP scores: evaluation issue (not computed yet)",
+                "variant": variant, "sets": res["num_sets"], "context_images": ev.context_images,
+                "generated_images": ev.generated_images, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
+                "position1": MetadataValue.md(table),
+                "protocol_table": MetadataValue.md("```\n" + res["table"] + "\n```"),
+                **{f"{m}_mean": round(sv["mean"], 4) for m, sv in res["report"]["summary"].items()},
+                "grid": image_markdown(res["files"]["grid"], f"M2M-{variant}: preceding | generated (Fig. 4)"),
+                "drift": image_markdown(res["files"]["drift"], "consistency by position"),
+                "context_count": image_markdown(res["files"]["context_count"], "vs preceding images (Fig. 6)"),
+                "zero_shot": image_markdown(res["files"]["zero_shot"], "real photographs, zero-shot (Fig. 5)"),
+                "seconds": MetadataValue.json(res["seconds"]),
                 **common_metadata(r, run, hashes, [out])})
 
         return report
+
+    @asset(key=key("learnability"), group_name="evaluation",
+           deps=[key("m2m_self_evaluation_report"), key("m2m_dino_evaluation_report"),
+                 key("m2m_self_checkpoint"), key("m2m_dino_checkpoint")],
+           description="The learnability verdict: per variant, position-1 consistency (guided) against the "
+                       "targets (colour >= 0.9, background >= 0.8, shape >= 0.5), the unconditional branch next to "
+                       "chance, and the training time it took.")
+    def learnability(context: AssetExecutionContext, settings: M2MSettings, mlflow: MLflowResource,
+                     dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.orchestration import evaluation
+
+        r = settings.resolve(profile)
+        out = r.path(paths["learnability"])
+        reports = {v: r.path(paths[f"m2m_{v}_evaluation_report"]) / "report.json" for v in VARIANTS}
+        states = {v: r.path(paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}
+        with mlflow.asset_run(context, p, {}) as run:
+            res = evaluation.learnability_table(reports, states, out)
+            for v, row in res["rows"].items():
+                run.log_metrics({f"{v}/{k}": val for k, val in row.items() if isinstance(val, (int, float))})
+            run.log_artifact(res["path"])
+            hashes = version(dvc, run, r, "learnability", context)
+        return MaterializeResult(metadata={"table": MetadataValue.md(res["markdown"]),
+                                           "all_targets_met": res["all_met"],
+                                           **common_metadata(r, run, hashes, [out])})
 
     @asset(key=key("sampling_benchmark"), group_name="evaluation",
            deps=[key("m2m_self_checkpoint"), key("m2m_dino_checkpoint")], kinds={"pytorch"}, op_tags=gpu_tags,
@@ -438,7 +510,8 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
 
     return [raw_captions, filtered_captions, mis_shards, feature_caches,
             make_checkpoint_asset("self"), make_checkpoint_asset("dino"),
-            make_report_asset("self"), make_report_asset("dino"), sampling_benchmark]
+            attribute_oracle, make_report_asset("self"), make_report_asset("dino"), learnability,
+            sampling_benchmark]
 
 
 # ====================================================================== helpers

@@ -54,7 +54,9 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
         define_asset_job(f"m2m_{p}_training_job", selection=key("m2m_self_checkpoint", "m2m_dino_checkpoint"),
                          executor_def=executor, tags=tags, description="Train M2M-Self and M2M-DINO."),
         define_asset_job(f"m2m_{p}_evaluation_job",
-                         selection=key("m2m_self_evaluation_report", "m2m_dino_evaluation_report",
-                                       "sampling_benchmark"),
-                         executor_def=executor, tags=tags, description="Sample grids and the sampling benchmark."),
+                         selection=key("attribute_oracle", "m2m_self_evaluation_report",
+                                       "m2m_dino_evaluation_report", "learnability", "sampling_benchmark"),
+                         executor_def=executor, tags=tags,
+                         description="Oracle, protocol metrics and studies per model, the learnability verdict and "
+                                     "the sampling benchmark (Fig. 9)."),
     ]
