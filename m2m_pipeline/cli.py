@@ -108,6 +108,27 @@ def _mlflow_logger(uri: str, params: dict):
     return on_metrics
 
 
+def _to_rgb(img):
+    """Any PIL mode -> 8-bit RGB. Transparency is composited over white (the usual background of object
+    renders); 16/32-bit and float greyscale are rescaled to 8 bits first, since PIL's own convert("RGB")
+    clips them (a 16-bit PNG would come out almost white)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255) else 255.0
+        top = 1.0 if img.mode == "F" and a.max() <= 1.0 else top
+        img = Image.fromarray(np.clip(np.rint(a / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def _read_images(paths: list[Path], size: int):
     import numpy as np
     import torch
@@ -126,7 +147,7 @@ def _read_images(paths: list[Path], size: int):
     images = []
     for f in files:
         try:
-            img = Image.open(f).convert("RGB")  # any mode (L, RGBA, P) -> RGB
+            img = _to_rgb(Image.open(f))  # any mode (1, L, I;16, P, RGBA, CMYK) -> RGB
         except OSError as e:
             raise click.BadParameter(f"cannot read image {f}: {e}", param_hint="--context") from e
         img = ImageOps.fit(img, (size, size), Image.BICUBIC)  # centre crop to square, then resize
@@ -237,10 +258,15 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
                f"{result.final_loss:.3f}; grid {grid}")
 
 
-from m2m_pipeline.tasks.cli import evaluate_task_cmd, finetune_cmd  # task fine-tuning (issue 5)
+from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
+from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
+    evaluate_task_cmd,
+    finetune_cmd,
+)
 
 main.add_command(finetune_cmd)
 main.add_command(evaluate_task_cmd)
+main.add_command(evaluate)
 
 if __name__ == "__main__":
     main()

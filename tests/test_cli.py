@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -12,7 +13,7 @@ from m2m_pipeline.cli import main
 
 def test_help_documents_every_option():
     runner = CliRunner()
-    for cmd in ("train", "generate", "demo"):
+    for cmd in ("train", "generate", "demo", "evaluate"):
         result = runner.invoke(main, [cmd, "--help"])
         assert result.exit_code == 0
     gen_help = runner.invoke(main, ["generate", "--help"]).output
@@ -46,3 +47,42 @@ def test_generate_bad_context_path(tmp_path):
     r = CliRunner().invoke(main, ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--context",
                                   str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "nothing" in r.output
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "I;16", "P", "P-transparent", "RGBA", "LA", "CMYK", "RGB"])
+def test_generate_reads_any_image_mode(tmp_path, mode):
+    """User images of any size and mode become (1, n, 3, S, S) in [-1, 1] with the right content."""
+    from m2m_pipeline.cli import _read_images
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit: same picture, 65535 full scale
+    elif mode == "P-transparent":
+        img = Image.fromarray(np.stack([grey] * 3, -1)).convert("P")
+        img.info["transparency"] = 0
+    else:  # RGBA / LA come out fully opaque: the same picture as the grey one
+        img = Image.fromarray(grey).convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    x, files = _read_images([tmp_path], 16)
+    assert files == [path] and x.shape == (1, 1, 3, 16, 16)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    if mode in ("L", "I;16", "RGBA", "LA", "RGB"):  # lossless modes: the same picture as the 8-bit grey one
+        ref, _ = _read_images([_save(tmp_path / "ref", Image.fromarray(grey))], 16)
+        assert torch.allclose(x, ref, atol=2 / 255)
+
+
+def _save(folder, img):
+    folder.mkdir()
+    img.save(folder / "ref.png")
+    return folder
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    from m2m_pipeline.cli import _read_images
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    x, _ = _read_images([tmp_path / "t.png"], 8)
+    assert torch.allclose(x, torch.ones_like(x))

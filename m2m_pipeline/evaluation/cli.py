@@ -1,0 +1,95 @@
+"""`m2m evaluate`: the Sec. 8.4 protocol on a checkpoint and a test split, printed as a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="M2M checkpoint folder (config.json + model.safetensors).")
+@click.option("--test-shards", required=True, help="Test feature shards: folder, glob or brace pattern.")
+@click.option("--oracle", "oracle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Shapes-world attribute oracle folder; trained there first (a few minutes) if empty.")
+@click.option("--fid-features", type=click.Choice(["auto", "oracle", "inception", "none"]), default="auto",
+              show_default=True, help="FID/IS feature network; auto: the oracle when --oracle is given, else Inception.")
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
+              help="Local clean-fid Inception file inception-2015-12-05.pt (or its folder); never downloaded.")
+@click.option("--clip-model", default=None, help="open_clip model name, or local-dir:/path (no CLIP scores if unset).")
+@click.option("--clip-pretrained", default=None, help="Local open_clip checkpoint file for --clip-model.")
+@click.option("--sets", "num_sets", type=int, default=None, help="Test sets to evaluate (default: all).")
+@click.option("--context-images", type=int, default=None, help="Preceding images per set (protocol: 4).")
+@click.option("--generated-images", type=int, default=None, help="Images generated per set (protocol: 10).")
+@click.option("--window", type=int, default=None, help="Context window W (protocol: 4); -1: all preceding images.")
+@click.option("--anchors", type=int, default=None, help="First images always kept in the window (protocol: 0).")
+@click.option("--steps", type=int, default=None, help="DDIM steps (protocol: 50).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale s of Eq. 6 (protocol: 7.5).")
+@click.option("--seed", type=int, default=None, help="Set i samples with seed + i (protocol: 0).")
+@click.option("--batch-size", type=int, default=None, help="Sets sampled together (memory only).")
+@click.option("--unconditional", is_flag=True, help="Drop the image condition (W = 0): a chance-level baseline.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="Local SD folder (latent checkpoints).")
+@click.option("--dino", type=click.Path(path_type=Path), default=None, help="Local DINOv2 folder (M2M-DINO).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full report (per position, summary, provenance) as JSON here.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_features: str,
+             inception_weights: Path | None, clip_model: str | None, clip_pretrained: str | None,
+             num_sets: int | None, context_images: int | None, generated_images: int | None, window: int | None,
+             anchors: int | None, steps: int | None, guidance: float | None, seed: int | None,
+             batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
+             quiet: bool) -> None:
+    """Run the evaluation protocol (Sec. 8.4) on CHECKPOINT over the test shards and print the table."""
+    from m2m_pipeline.evaluation.protocol import (
+        ProtocolConfig,
+        Scorers,
+        load_model,
+        load_test_sets,
+        run_protocol,
+    )
+    from m2m_pipeline.weights import WeightsNotFoundError
+
+    given = {"num_sets": num_sets, "context_images": context_images, "generated_images": generated_images,
+             "anchors": anchors, "steps": steps, "guidance_scale": guidance, "seed": seed, "batch_size": batch_size}
+    overrides: dict = {k: v for k, v in given.items() if v is not None}
+    if window is not None:
+        overrides["window"] = None if window < 0 else window
+    try:
+        config = ProtocolConfig(unconditional=unconditional, **overrides)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+
+    net, autoencoder, encoder = load_model(checkpoint, vae=vae, dino=dino)
+    scorers = Scorers()
+    if oracle_dir is not None:
+        from m2m_pipeline.evaluation.oracle import load_or_train_oracle
+
+        scorers.oracle = load_or_train_oracle(oracle_dir, net.config.image_size, progress=not quiet)
+        scorers.oracle_dir = str(oracle_dir)
+    choice = ("oracle" if oracle_dir is not None else "inception") if fid_features == "auto" else fid_features
+    try:
+        if choice == "oracle":
+            if scorers.oracle is None:
+                raise click.UsageError("--fid-features oracle needs --oracle DIR")
+            from m2m_pipeline.evaluation.fid import oracle_feature_network
+
+            scorers.fid_network = oracle_feature_network(scorers.oracle)
+        elif choice == "inception":
+            from m2m_pipeline.evaluation.fid import inception_feature_network
+
+            scorers.fid_network = inception_feature_network(inception_weights)
+        if clip_model is not None:
+            from m2m_pipeline.evaluation.clip_score import ClipScorer
+
+            scorers.clip = ClipScorer(clip_model, clip_pretrained)
+    except WeightsNotFoundError as err:
+        raise click.ClickException(f"{err}\n(offline evaluation: pass --oracle DIR and --fid-features oracle)") from err
+
+    sets = load_test_sets(test_shards, config.num_sets, config.context_images)
+    report = run_protocol(net, autoencoder, sets, config, scorers, encoder, checkpoint=checkpoint, progress=not quiet)
+    click.echo(report.table())
+    if out is not None:
+        report.to_json(out)
+        click.echo(f"report: {out}")
+

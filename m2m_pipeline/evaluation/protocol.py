@@ -1,0 +1,307 @@
+"""The evaluation protocol of Sec. 8.4 (design-notes 8) on a checkpoint and a test split.
+
+Per test set: the first `context_images` images (index order) are the preceding images; `generated_images`
+images are generated autoregressively after them with `sampling.generate`. Per position n = 1..K:
+- FID: n-th generated image of every set vs the *first* preceding image of every set;
+- IS of the n-th generated images;
+- CLIP text-image vs the set's caption, image-image vs the set's preceding images (mean over them);
+- oracle (shapes world): attribute / content / style consistency with the set's true attributes and
+  caption agreement.
+Each metric is reported per position and as mean +- std (population std) over the K positions, with a
+provenance record saying exactly how it was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from m2m_pipeline.data.io import atomic_write_text
+from m2m_pipeline.evaluation.consistency import (
+    attribute_consistency,
+    caption_agreement,
+    chance_levels,
+)
+from m2m_pipeline.evaluation.fid import (
+    FeatureNetwork,
+    extract_features,
+    fid_from_features,
+    inception_score,
+)
+from m2m_pipeline.evaluation.oracle import attribute_targets
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    context_images: int = 4           # preceding images per set (Sec. 8.4: 4)
+    generated_images: int = 10        # generated autoregressively after them (Sec. 8.4: 10)
+    window: int | None = 4            # context window W: the 4 most recent images, as many as training saw (N=5)
+    anchors: int = 0                  # first images always kept in the window (0: plain sliding window)
+    steps: int = 50                   # DDIM steps (Appendix A: 50)
+    guidance_scale: float = 7.5       # s of Eq. 6 (Appendix A: 7.5)
+    num_sets: int | None = None       # test sets evaluated (None: all; the paper: 10,000)
+    seed: int = 0                     # set i samples with seed + i: same images whatever the batching
+    batch_size: int = 16              # sets sampled together (memory only; results do not depend on it)
+    unconditional: bool = False       # drop the image condition (window 0): consistency should sit at chance
+    is_splits: int = 1                # Inception Score splits per position
+
+    def __post_init__(self):
+        if self.context_images < 1 or self.generated_images < 1:
+            raise ValueError("context_images and generated_images must be >= 1 (FID needs a first preceding image)")
+        if self.window is not None and self.window < 0:
+            raise ValueError(f"window must be >= 0 or None, got {self.window}")
+
+
+@dataclass
+class TestSets:
+    latents: torch.Tensor                      # (B, n_c, C, H, W) first n_c latents of every set
+    captions: list[str]
+    keys: list[str]
+    attributes: list[dict[str, Any]] | None    # ground truth when the shards carry it (shapes world)
+    shards: list[str]
+
+
+def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_sets: int | None,
+                   context_images: int) -> TestSets:
+    """The first `context_images` latents (index order) of the first `num_sets` sets of the test shards."""
+    from m2m_pipeline.data.loader import expand_shards
+    from m2m_pipeline.data.shards import decode_npy, read_samples
+
+    urls = expand_shards(shards)
+    latents, captions, keys, attributes = [], [], [], []
+    for raw in read_samples(urls):
+        url, key = raw["__url__"], raw["__key__"]
+        z = decode_npy(raw, "latents.npy", url, key)
+        if z.ndim != 4 or len(z) < context_images:
+            raise ValueError(f"{url}: set {key} has latents {z.shape}; need (K >= {context_images}, C, H, W)")
+        latents.append(torch.from_numpy(z[:context_images].astype(np.float32)))
+        keys.append(key)
+        captions.append(raw["caption.txt"].decode("utf-8") if "caption.txt" in raw else "")
+        attributes.append(json.loads(raw["attributes.json"]) if "attributes.json" in raw else None)
+        if num_sets is not None and len(latents) == num_sets:
+            break
+    if not latents:
+        raise ValueError(f"no sets in test shards {urls}")
+    known = None if any(a is None for a in attributes) else attributes
+    return TestSets(torch.stack(latents), captions, keys, known, urls)
+
+
+def load_model(checkpoint: str | os.PathLike, vae: str | os.PathLike | None = None,
+               dino: str | os.PathLike | None = None, device: str = "cpu"):
+    """(net, autoencoder, context_encoder) of a checkpoint; pixel presets need no external weights."""
+    from m2m_pipeline.encoders import load_autoencoder
+    from m2m_pipeline.network import M2MUNet
+
+    net = M2MUNet.from_pretrained(checkpoint, map_location=device).eval()
+    cfg = net.config
+    autoencoder = load_autoencoder(cfg.autoencoder, vae)
+    encoder = None
+    if cfg.variant == "dino":
+        if dino is not None:
+            from m2m_pipeline.encoders import DinoEncoder
+
+            dino_encoder = DinoEncoder.from_pretrained(dino)
+        else:  # the seeded random DINOv2 the procedural presets' feature caches were built with
+            from m2m_pipeline.data import get_preset, load_feature_encoders
+
+            _, dino_encoder = load_feature_encoders(get_preset("tiny" if cfg.image_size <= 16 else "demo"), device)
+        encoder = lambda z: dino_encoder.encode(autoencoder.decode(z))
+    return net, autoencoder, encoder
+
+
+@dataclass
+class Scorers:
+    """Which metrics run; None skips one (the report says which ran)."""
+    fid_network: FeatureNetwork | None = None   # FID + IS feature network (oracle offline, Inception at scale)
+    clip: Any | None = None                     # ClipScorer
+    oracle: Any | None = None                   # AttributeOracle (shapes world)
+    oracle_dir: str | None = None
+
+
+@dataclass
+class EvaluationReport:
+    per_position: dict[str, list[float]]            # metric -> K values, position n = 1..K
+    summary: dict[str, dict[str, float]]            # metric -> {"mean", "std"} over positions
+    reference: dict[str, Any]                       # real-image floors / ceilings and chance levels
+    provenance: dict[str, Any]                      # exactly how it was measured
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvaluationReport:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        atomic_write_text(path, [json.dumps(self.to_dict(), indent=1, default=str) + "\n"])
+        return Path(path)
+
+    def table(self) -> str:
+        """Plain-text table: one row per metric, mean +- std, then the per-position values."""
+        k = len(next(iter(self.per_position.values()), []))
+        width = max([len("metric"), *map(len, self.per_position)]) + 2
+        head = f"{'metric':<{width}}{'mean +- std':>20}  " + " ".join(f"{f'n={n}':>7}" for n in range(1, k + 1))
+        lines = [head, "-" * len(head)]
+        for name, values in self.per_position.items():
+            s = self.summary[name]
+            lines.append(f"{name:<{width}}{s['mean']:>11.3f} +- {s['std']:<6.3f}  " + " ".join(f"{v:>7.3f}" for v in values))
+        p = self.provenance
+        lines.append("")
+        lines.append(f"sets {p['num_sets']}, {p['context_images']} preceding + {p['generated_images']} generated, "
+                     f"W={p['window']}, {p['sampler']} {p['steps']} steps, guidance {p['guidance_scale']}, "
+                     f"{'UNCONDITIONAL, ' if p['unconditional'] else ''}seeds {p['seeds']}")
+        if "fid" in p:
+            lines.append(f"FID/IS: {p['fid']['network']} ({p['fid'].get('resize', '')})")
+        if "clip" in p:
+            lines.append(f"CLIP: {p['clip']['model']} pretrained={p['clip']['pretrained']}, {p['clip']['scale']}")
+        ref = {k: v for k, v in self.reference.items() if not isinstance(v, dict)}
+        if ref:
+            lines.append("reference (real images): " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items()))
+        if "chance" in self.reference:
+            lines.append("chance: " + ", ".join(f"{k} {v:.3f}" for k, v in self.reference["chance"].items()))
+        return "\n".join(lines)
+
+
+def _decode(autoencoder, z: torch.Tensor) -> torch.Tensor:
+    b, k = z.shape[:2]
+    return autoencoder.decode(z.flatten(0, 1)).unflatten(0, (b, k)).float().cpu()  # (B, K, 3, H, W)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "clean-fid", "open_clip_torch", "torchmetrics", "diffusers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+@torch.no_grad()
+def generate_for_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, context_encoder=None,
+                          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(preceding pixels (B, n_c, 3, H, W), generated pixels (B, K, 3, H, W)), both in [-1, 1]."""
+    from m2m_pipeline.sampling import generate
+
+    b = len(test_sets.keys)
+    window = 0 if config.unconditional else config.window
+    generated = []
+    for start in tqdm(range(0, b, config.batch_size), desc="evaluate: generating", disable=not progress):
+        context = test_sets.latents[start : start + config.batch_size].to(net.device)
+        seeds = [config.seed + i for i in range(start, start + len(context))]
+        z = generate(net, context, config.generated_images, context_encoder=context_encoder, steps=config.steps,
+                     guidance_scale=config.guidance_scale, window=window, anchors=config.anchors, seed=seeds,
+                     progress=False)  # (b, K, C, H, W)
+        generated.append(_decode(autoencoder, z))
+    return _decode(autoencoder, test_sets.latents.to(net.device)), torch.cat(generated)
+
+
+def score_sets(preceding: torch.Tensor, generated: torch.Tensor, captions: Sequence[str],
+               attributes: Sequence[dict[str, Any]] | None, scorers: Scorers, is_splits: int = 1,
+               progress: bool = True) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Per-position metrics of generated (B, K, 3, H, W) against preceding (B, n_c, 3, H, W)."""
+    k = generated.shape[1]
+    per: dict[str, list[float]] = {}
+    ref: dict[str, Any] = {}
+    bar = tqdm(total=k, desc="evaluate: scoring positions", disable=not progress)
+    if scorers.fid_network is not None:
+        net = scorers.fid_network
+        real = extract_features(preceding[:, 0], net)
+        feats = [extract_features(generated[:, n], net) for n in range(k)]
+        per["fid"] = [fid_from_features(f, real) for f in feats]
+        per["inception_score"] = [inception_score(generated[:, n], net, splits=is_splits) for n in range(k)]
+        if preceding.shape[1] > 1:  # FID of two real images per set: the floor at this number of sets
+            ref["fid_real_second_vs_first"] = fid_from_features(extract_features(preceding[:, 1], net), real)
+    if scorers.clip is not None:
+        clip = scorers.clip
+        per["clip_text_image"] = [float(clip.text_image(generated[:, n], captions).mean()) for n in range(k)]
+        per["clip_image_image"] = [float(clip.image_image(generated[:, n], preceding).mean()) for n in range(k)]
+        ref["clip_text_image_real"] = float(clip.text_image(preceding[:, 0], captions).mean())
+        if preceding.shape[1] > 1:
+            ref["clip_image_image_real"] = float(clip.image_image(preceding[:, -1], preceding[:, :-1]).mean())
+    if scorers.oracle is not None:
+        predicted = scorers.oracle.predict(generated)  # {attr: (B, K)}
+        targets = attribute_targets(attributes) if attributes is not None else attribute_targets(captions=captions)
+        for name, values in attribute_consistency(predicted, targets).items():
+            per[f"consistency_{name}"] = values.tolist()
+        per["caption_agreement"] = caption_agreement(predicted, captions).tolist()
+        real = attribute_consistency(scorers.oracle.predict(preceding), targets)
+        ref.update({f"consistency_{name}_real": float(v.mean()) for name, v in real.items()
+                    if name in ("content", "style")})
+        ref["chance"] = chance_levels()
+    bar.update(k)
+    bar.close()
+    return per, ref
+
+
+def summarize(per_position: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Mean and population std over positions (the K positions are the whole population)."""
+    out = {}
+    for name, values in per_position.items():
+        v = np.asarray(values, dtype=np.float64)
+        out[name] = {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else math.nan,
+                     "std": float(np.nanstd(v)) if np.isfinite(v).any() else math.nan}
+    return out
+
+
+def run_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, scorers: Scorers,
+                 context_encoder=None, checkpoint: str | os.PathLike | None = None,
+                 progress: bool = True) -> EvaluationReport:
+    """Generate after every test set's preceding images and score every position; see the module doc."""
+    if all(s is None for s in (scorers.fid_network, scorers.clip, scorers.oracle)):
+        raise ValueError("no metric configured: give an FID feature network, a CLIP model or an oracle")
+    t0 = time.perf_counter()
+    preceding, generated = generate_for_protocol(net, autoencoder, test_sets, config, context_encoder, progress)
+    t1 = time.perf_counter()
+    per, ref = score_sets(preceding, generated, test_sets.captions, test_sets.attributes, scorers,
+                          config.is_splits, progress)
+    t2 = time.perf_counter()
+    b = len(test_sets.keys)
+    provenance: dict[str, Any] = {
+        **asdict(config), "num_sets": b, "window": 0 if config.unconditional else config.window,
+        "sampler": "DDIM (diffusers DDIMScheduler, eta 0, SD settings)", "seeds": f"{config.seed}..{config.seed + b - 1}",
+        "fid_reference": "first preceding image of every set", "std": "population std over positions",
+        "test_shards": test_sets.shards, "set_keys_sha256": hashlib.sha256("\n".join(test_sets.keys).encode()).hexdigest(),
+        "model": {"variant": net.config.variant, "image_size": net.config.image_size,
+                  "autoencoder": net.config.autoencoder},
+        "versions": _versions(), "device": str(net.device),
+    }
+    if checkpoint is not None:
+        weights = Path(checkpoint) / "model.safetensors"
+        provenance["checkpoint"] = str(checkpoint)
+        provenance["checkpoint_sha256"] = _sha256(weights) if weights.is_file() else None
+    if scorers.fid_network is not None:
+        provenance["fid"] = {**scorers.fid_network.info, "library": "clean-fid fid_from_feats",
+                             "is_library": "torchmetrics InceptionScore", "is_splits": config.is_splits}
+    if scorers.clip is not None:
+        provenance["clip"] = scorers.clip.info
+    if scorers.oracle is not None:
+        provenance["oracle"] = {"dir": scorers.oracle_dir, "config": scorers.oracle.config.to_dict(),
+                                "heldout_accuracy": scorers.oracle.heldout_accuracy,
+                                "targets": "set attributes from the shards" if test_sets.attributes is not None
+                                else "attributes parsed from captions"}
+    return EvaluationReport(per, summarize(per), ref, provenance,
+                            {"generate": round(t1 - t0, 2), "score": round(t2 - t1, 2)})
