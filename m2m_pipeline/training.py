@@ -100,8 +100,10 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Short CPU runs: EMA capped at 0.99 so its average spans tens of steps, not thousands.
     "tiny": TrainConfig(steps=50, batch_size=4, n_images=3, lr=1e-3, checkpoint_every=25, log_every=5,
                         ema_decay=0.99),
-    "demo": TrainConfig(steps=1500, batch_size=12, n_images=5, lr=3e-4, checkpoint_every=500, log_every=25,
-                        ema_decay=0.999),
+    # CPU demo: at most 15 minutes of training (the learnability result, README); lr 1e-3 measured to learn
+    # the context's colours within ~200 steps with v-prediction (docs/model.md).
+    "demo": TrainConfig(steps=1500, batch_size=12, n_images=5, lr=1e-3, checkpoint_every=100, log_every=10,
+                        ema_decay=0.999, max_seconds=900.0),
     # Sec. 7: 8 x A100, global batch 256 (32 per GPU on 8 GPUs; fewer GPUs accumulate), constant lr 1e-5.
     "paper": TrainConfig(steps=47_000, batch_size=32, global_batch_size=256, n_images=5, lr=1e-5,
                          lr_scheduler="constant", lr_warmup_steps=0, checkpoint_every=2000, log_every=50,
@@ -301,9 +303,10 @@ class _Trainer:
         step = int(prior.get("step", 0))
         losses: list[float] = list(prior.get("losses", []))
         skipped, bad_in_a_row = int(prior.get("skipped_steps", 0)), int(prior.get("bad_in_a_row", 0))
+        seconds_before = float(prior.get("seconds", 0.0))  # wall-clock of earlier runs of this training
 
         def state() -> dict[str, Any]:
-            return {"step": step, "losses": losses, "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row,
+            return {"step": step, "losses": losses, "seconds": seconds_before + time.perf_counter() - start, "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row,
                     "data_position": stream.position, "world_size": acc.num_processes, "accumulation": accum,
                     "global_batch_size": tc.batch_size * acc.num_processes * accum,
                     "inference_weights": "ema" if self.ema is not None else "raw", "train_config": tc.to_dict()}

@@ -96,6 +96,7 @@ class M2MSettings(ConfigurableResource):
     train_steps: int | None = None
     train_batch_size: int | None = None
     train_lr: float | None = None
+    train_seconds: float | None = None      # wall-clock budget per training run (TrainConfig.max_seconds)
     eval_sets: int | None = None            # test sets in the evaluation grid
     eval_generated_images: int | None = None
     eval_steps: int | None = None           # DDIM steps of the evaluation samples
@@ -116,8 +117,8 @@ class M2MSettings(ConfigurableResource):
             if value is not None and known is not None and value not in known:
                 raise ValueError(f"resources.settings.config.{name}: unknown preset {value!r}; "
                                  f"choose one of {sorted(known)}")
-        _positive(self, "settings", ("train_steps", "train_batch_size", "train_lr", "eval_sets", "eval_generated_images",
-                         "eval_steps"))
+        _positive(self, "settings", ("train_steps", "train_batch_size", "train_lr", "train_seconds", "eval_sets",
+                                     "eval_generated_images", "eval_steps"))
         if self.mis_seed is not None and self.mis_seed < 0:
             raise ValueError(f"resources.settings.config.mis_seed must be >= 0, got {self.mis_seed}")
         return self
@@ -159,7 +160,8 @@ class M2MSettings(ConfigurableResource):
         if source != "shapes" and not caption_files(str(root / source)):
             raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
         train_overrides = dict(profile.train_overrides)
-        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"), ("train_lr", "lr")):
+        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"), ("train_lr", "lr"),
+                          ("train_seconds", "max_seconds")):
             if getattr(self, name) is not None:
                 train_overrides[key] = getattr(self, name)
         ev = profile.eval

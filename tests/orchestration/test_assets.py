@@ -41,6 +41,11 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     assert mats["mis_shards"]["sets"].value == 16 and mats["mis_shards"]["images"].value == 400
     assert "data:image/png;base64," in mats["mis_shards"]["preview"].value
     assert "data:image/png;base64," in mats["m2m_self_evaluation_report"]["grid"].value
+    for figure in ("drift", "context_count", "zero_shot"):
+        assert "data:image/png;base64," in mats["m2m_dino_evaluation_report"][figure].value
+    assert "| colour |" in mats["m2m_self_evaluation_report"]["position1"].value
+    assert "M2M-self" in mats["learnability"]["table"].value and "M2M-dino" in mats["learnability"]["table"].value
+    assert "data:image/png;base64," in mats["sampling_benchmark"]["fig9"].value
     assert mats["m2m_dino_checkpoint"]["steps"].value == 4
     for meta in mats.values():
         assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
@@ -60,7 +65,7 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     assert len(parents) == 1
     nested = {r.data.tags["dagster.asset_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
               parents[0].info.run_id}
-    assert len(nested) == 9
+    assert len(nested) == 11  # one per core-chain asset (the task assets are tested on their own)
     self_run, dino_run = nested["smoke/m2m_self_checkpoint"], nested["smoke/m2m_dino_checkpoint"]
     assert set(self_run.data.metrics) == set(dino_run.data.metrics) >= {"train/loss", "train/final_loss"}
     assert self_run.data.tags["dvc.outs"] and self_run.data.tags["git.commit"]
@@ -70,7 +75,7 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
                                                                     .info.run_id))
     # DVC: every smoke stage committed and pushed
     status = dvc("status", "--with-deps", "sampling_benchmark@smoke", "m2m_self_evaluation_report@smoke",
-                 "m2m_dino_evaluation_report@smoke", cwd=project)
+                 "m2m_dino_evaluation_report@smoke", "learnability@smoke", cwd=project)
     assert "up to date" in status, status
 
 

@@ -16,7 +16,7 @@ GROUPS = {
     "raw_captions": "captions", "filtered_captions": "captions", "mis_shards": "mis", "latent_cache": "features",
     "dino_features": "features", "m2m_self_checkpoint": "training", "m2m_dino_checkpoint": "training",
     "m2m_self_evaluation_report": "evaluation", "m2m_dino_evaluation_report": "evaluation",
-    "sampling_benchmark": "evaluation",
+    "sampling_benchmark": "evaluation", "attribute_oracle": "evaluation", "learnability": "evaluation",
 }
 
 
