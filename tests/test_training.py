@@ -63,7 +63,8 @@ def test_tiny_training_lowers_loss_and_checkpoints(tmp_path, variant):
     tc = TrainConfig.preset("tiny")  # 50 steps
     result = train(M2MConfig.preset("tiny", variant), tc, data, tmp_path, progress=False)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
-    assert last < 0.7 * first, (first, last)
+    # v-prediction (tiny preset): ~0.55 -> ~0.41 in 50 steps; an untrained net stays at ~1x
+    assert last < 0.85 * first, (first, last)
     assert (tmp_path / "checkpoint-0000025" / "model.safetensors").is_file()
     state = json.loads((result.checkpoint_dir / "train_state.json").read_text())
     assert state["step"] == 50 and state["train_config"]["lr"] == tc.lr

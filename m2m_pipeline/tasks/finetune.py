@@ -87,7 +87,9 @@ def _procedure_eval(**kw: Any) -> TaskEvalConfig:
 _TINY_TRAIN = TrainConfig.preset("tiny", steps=4, batch_size=2, n_images=3, checkpoint_every=0, log_every=2)
 # demo: ~4 s/step (batch 6 x 5 images, 32 px, M2M-Self, one torch thread) when this job had about half of the
 # 2 shared cores: 150 steps ~ the 10 minutes per task. Measured runs took 28-32 min (docs/tasks.md).
-_DEMO_TRAIN = TrainConfig.preset("demo", steps=150, batch_size=6, lr=5e-4, checkpoint_every=0, log_every=5)
+# With v-prediction (docs/model.md) the demo fine-tunes at the demo pre-training lr, for at most 10 minutes.
+_DEMO_TRAIN = TrainConfig.preset("demo", steps=400, batch_size=6, lr=1e-3, checkpoint_every=0, log_every=5,
+                                 max_seconds=600.0)
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "tiny-camera": FinetuneConfig("camera", "tiny", _TINY_TRAIN, held_out=2, validation=1,
@@ -96,12 +98,12 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "tiny-position": FinetuneConfig("position", "tiny", _TINY_TRAIN, held_out=2, validation=1,
                                     eval=TaskEvalConfig(context_images=2, target_images=1, steps=3, batch_size=4,
                                                         sweep_items=1)),
-    # The guidance sweep of the demo presets is what a free machine affords; on shared cores the measured runs
-    # (docs/tasks.md) used --no-sweep --s-i 1 --s-c 1 --items 24 (one network branch per step).
+    # Demo evaluation: s_I = s_C = 1 (one network branch per step), 25 DDIM steps, 24 held-out items, so the
+    # chain stays within minutes on 2 CPU cores; `m2m evaluate-task --s-i .. --s-c ..` / a sweep for more.
     "demo-camera": FinetuneConfig("camera", "demo", dataclasses.replace(_DEMO_TRAIN, n_images=5),
-                                  eval=_nvs_eval(steps=50, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 2.0))),
+                                  eval=_nvs_eval(steps=25, max_items=24)),
     "demo-position": FinetuneConfig("position", "demo", dataclasses.replace(_DEMO_TRAIN, n_images=6),
-                                    eval=_procedure_eval(steps=50, sweep_s_I=(1.0, 2.0), sweep_s_C=(1.0, 2.0))),
+                                    eval=_procedure_eval(steps=25, max_items=24)),
 }
 
 
