@@ -141,8 +141,6 @@ def plot_speed(rows: Sequence[SpeedRow], path: str | Path, title: str = "Samplin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from m2m_pipeline.data.io import atomic_write_bytes
-
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     sd = next(r for r in rows if r.method == "sd")
     ax.axhline(sd.seconds_per_image, color="k", ls="--", lw=1, label=LABELS["sd"])
@@ -152,15 +150,9 @@ def plot_speed(rows: Sequence[SpeedRow], path: str | Path, title: str = "Samplin
     ax.set(xlabel="context images", ylabel="seconds / image", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    import io
+    from m2m_pipeline.evaluation.figures import save_figure
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def rows_to_dicts(rows: Sequence[SpeedRow]) -> list[dict]:

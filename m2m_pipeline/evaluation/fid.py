@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m2m_pipeline.data.io import sha256_file
 from m2m_pipeline.weights import WeightsNotFoundError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's name for the StyleGAN2-ADA torchscript Inception
@@ -45,13 +46,6 @@ class FeatureNetwork:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def oracle_feature_network(oracle) -> FeatureNetwork:
@@ -128,7 +122,7 @@ def inception_feature_network(weights: str | os.PathLike | None = None, device: 
         return probs.clamp_min(1e-12).log().cpu()
 
     info = {"network": "inception-v3 (clean-fid torchscript, pool3)", "feature_dim": 2048, "mode": "clean",
-            "resize": "clean-fid PIL bicubic to 299x299", "weights": str(file), "weights_sha256": _sha256(file),
+            "resize": "clean-fid PIL bicubic to 299x299", "weights": str(file), "weights_sha256": sha256_file(file),
             "is_classes": "Inception 1008-way softmax, no output bias"}
     return FeatureNetwork("inception", fn, build_resizer("clean"), info, classifier)
 

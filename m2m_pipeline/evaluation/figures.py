@@ -38,6 +38,13 @@ def line_plot(series: Series, path: str | Path, *, title: str, xlabel: str, ylab
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, ncol=2)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """tight_layout, render to PNG in memory, write atomically, close the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

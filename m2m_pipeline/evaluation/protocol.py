@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m2m_pipeline.data.io import atomic_write_text
+from m2m_pipeline.data.io import atomic_write_text, sha256_file
 from m2m_pipeline.evaluation.consistency import (
     attribute_consistency,
     caption_agreement,
@@ -180,13 +180,6 @@ def _decode(autoencoder, z: torch.Tensor) -> torch.Tensor:
     return autoencoder.decode(z.flatten(0, 1)).unflatten(0, (b, k)).float().cpu()  # (B, K, 3, H, W)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -292,7 +285,7 @@ def run_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, 
     if checkpoint is not None:
         weights = Path(checkpoint) / "model.safetensors"
         provenance["checkpoint"] = str(checkpoint)
-        provenance["checkpoint_sha256"] = _sha256(weights) if weights.is_file() else None
+        provenance["checkpoint_sha256"] = sha256_file(weights) if weights.is_file() else None
     if scorers.fid_network is not None:
         provenance["fid"] = {**scorers.fid_network.info, "library": "clean-fid fid_from_feats",
                              "is_library": "torchmetrics InceptionScore", "is_splits": config.is_splits}
