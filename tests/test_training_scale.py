@@ -247,8 +247,9 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    # Bit-identical only with the same intra-op thread count (reduction order); the child's default may differ.
     proc = subprocess.Popen([sys.executable, str(root / "tests" / "scripts" / "train_until_killed.py"),
-                             str(tmp_path / "killed")], cwd=root, env=env)
+                             str(tmp_path / "killed"), str(torch.get_num_threads())], cwd=root, env=env)
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "checkpoint-0000005" / "train_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the child ended before its first checkpoint"

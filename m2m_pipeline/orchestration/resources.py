@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from dagster import ConfigurableResource, Failure, InitResourceContext
 from filelock import FileLock
-from pydantic import model_validator
+from pydantic import PrivateAttr, model_validator
 
 from m2m_pipeline.data.config import MIS_PRESETS, MISConfig
 from m2m_pipeline.orchestration.profiles import EvalSpec, RunProfile, caption_files
@@ -210,11 +210,21 @@ class ComputeResource(ConfigurableResource):
             raise ValueError(f"resources.compute.config.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         return self
 
+    _threads_before: int = PrivateAttr(default=0)
+
     def setup_for_execution(self, context: InitResourceContext) -> None:
         if self.torch_threads:
             import torch
 
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.torch_threads)
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # In-process execution (tests, `materialize`) must not leave the caller's thread count changed.
+        if self._threads_before:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
 
     def resolved_device(self) -> str:
         if self.device == "auto":
