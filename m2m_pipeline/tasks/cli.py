@@ -55,12 +55,16 @@ def eval_options(fn):
 @click.option("--steps", type=int, default=None, help="Fine-tuning steps (default: the preset's).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
+@click.option("--max-seconds", type=float, default=None,
+              help="Wall-clock budget; stops cleanly and saves (default: the preset's; 0: none).")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every K steps (0: only final/).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (exact resume).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
-def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, seed, threads, evaluate,
-                 eval_steps, s_i, s_c, items, sweep) -> None:
+def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
+                 seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.data.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
@@ -68,12 +72,15 @@ def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, seed,
 
     _threads(threads)
     cfg = FinetuneConfig.preset(preset, TASKS[task])
-    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                   "checkpoint_every": checkpoint_every}.items() if v is not None}
+    if max_seconds is not None:
+        overrides["max_seconds"] = max_seconds
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **overrides))
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
     with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
-        result, splits = finetune(cfg, data, out_dir, base=base,
+        result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None,
                                   on_metrics=lambda metrics, step: run.log_metrics(
                                       {f"train/{k}": v for k, v in metrics.items()}, step))
         atomic_write_text(out_dir / "splits.json", [json.dumps(

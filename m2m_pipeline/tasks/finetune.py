@@ -203,8 +203,10 @@ class EpochBatches:
 # ---------------------------------------------------------------------- fine-tuning
 def finetune(config: FinetuneConfig, root: str | os.PathLike, out_dir: str | os.PathLike, *,
              base: str | os.PathLike | None = None, on_metrics: MetricsFn | None = None,
-             device: str | None = None, progress: bool = True) -> tuple[TrainResult, TaskSplits]:
-    """Fine-tune a task model on the train split of `root`; checkpoints under out_dir (final/)."""
+             device: str | None = None, progress: bool = True,
+             resume_from: str | os.PathLike | None = None) -> tuple[TrainResult, TaskSplits]:
+    """Fine-tune a task model on the train split of `root`; checkpoints under out_dir (final/).
+    `resume_from` ("latest" or a checkpoint folder) continues an interrupted or finished run exactly."""
     splits = make_splits(config.task, root, config.held_out, config.validation, config.split_seed)
     net = init_task_model(config.task, base, config.net_preset, seed=config.train.seed)
     data = task_dataset(config.task, root, splits.train, config.train.n_images, net.config.image_size,
@@ -212,5 +214,5 @@ def finetune(config: FinetuneConfig, root: str | os.PathLike, out_dir: str | os.
     batches = EpochBatches(data, config.train.batch_size, seed=config.train.seed,
                            num_workers=config.train.num_workers)
     result = train(net.config, config.train, batches, out_dir, net=net, on_metrics=on_metrics, device=device,
-                   progress=progress)
+                   progress=progress, resume_from=resume_from)
     return result, splits
