@@ -1,8 +1,10 @@
 """dvc.yaml mirrors the Dagster asset graph: a stage per asset (latent_cache and dino_features share one),
-outs where the assets write, deps on the upstream assets' outs, commands selecting exactly those assets."""
+outs where the assets write, deps on the upstream assets' outs, commands running exactly those assets' op."""
 
 from __future__ import annotations
 
+import json
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,14 +38,19 @@ def expand(text: str, key: str, item: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def graph():
+def repo():
     from m2m_pipeline.definitions import defs
 
-    return defs.get_repository_def().asset_graph
+    return defs.get_repository_def()
+
+
+@pytest.fixture(scope="module")
+def graph(repo):
+    return repo.asset_graph
 
 
 @pytest.mark.parametrize("profile", ["smoke", "demo"])
-def test_dvc_yaml_matches_asset_graph(graph, profile: str) -> None:
+def test_dvc_yaml_matches_asset_graph(repo, graph, profile: str) -> None:
     prof = PROFILES[profile]
     paths = layout(prof)
     by_stage: dict[str, list[str]] = defaultdict(list)
@@ -70,14 +77,23 @@ def test_dvc_yaml_matches_asset_graph(graph, profile: str) -> None:
         stray = {d for d in deps if d.startswith(("assets/", "models/"))} - want
         assert not stray, f"stage {stage}@{profile} depends on {stray}, which its assets do not"
         cmd = " ".join(expand(body["cmd"], profile, item).split())
-        selected = cmd.split("--select ")[1].split()[0].split(",")
-        assert sorted(selected) == sorted(f"{profile}/{a}" for a in assets), stage
+        args = shlex.split(cmd)
+        job = repo.get_job(args[args.index("-j") + 1])
+        op = args[args.index("-o") + 1]
+        # the op runs exactly this stage's assets, in a job that holds them
+        node = graph.get(AssetKey([profile, assets[0]])).assets_def.node_def.name
+        assert op == node, stage
+        assert {AssetKey([profile, a]) for a in assets} == set(graph.get(AssetKey([profile, assets[0]])).assets_def.keys)
+        assert all(job.asset_layer.has(AssetKey([profile, a])) for a in assets), stage
         partitioned = graph.get(AssetKey([profile, assets[0]])).partitions_def is not None
         if partitioned:
-            assert f"--partition-range 0...{prof.num_partitions - 1}" in cmd, stage
+            tags = json.loads(args[args.index("--tags") + 1])
+            assert tags == {"dagster/asset_partition_range_start": "0",
+                            "dagster/asset_partition_range_end": str(prof.num_partitions - 1)}, stage
         else:
-            assert "--partition" not in cmd
+            assert "--tags" not in args
         assert f"-c m2m_pipeline/configs/{profile}.yaml" in cmd
         assert cmd.startswith("MATERIALIZE")
     assert stages()["raw_captions"]["do"]["cmd"].startswith("${materialize}")
-    assert "M2M_DVC=off" in yaml.safe_load(DVC_YAML.read_text())["vars"][0]["materialize"]
+    materialize = yaml.safe_load(DVC_YAML.read_text())["vars"][0]["materialize"]
+    assert "M2M_DVC=off" in materialize and "dagster job execute" in materialize
