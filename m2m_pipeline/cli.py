@@ -190,9 +190,12 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
     autoencoder = load_autoencoder(cfg.autoencoder, vae)
     dino_encoder = None
     if cfg.variant == "dino":
-        from m2m_pipeline.encoders import DinoEncoder
+        from m2m_pipeline.data.features import dino_encoder_for
 
-        dino_encoder = DinoEncoder.from_pretrained(dino) if dino else _default_dino(cfg)
+        try:
+            dino_encoder = dino_encoder_for(cfg.image_size, cfg.dino_dim, dino)
+        except ValueError as error:
+            raise click.UsageError(f"{error} (--dino)") from error
     if context:
         images, _ = _read_images(list(context), cfg.image_size)
     else:
@@ -210,18 +213,6 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
         Image.fromarray(arr).save(out_dir / f"generated_{k:03d}.png")
     grid = save_set_grid(images, out, out_dir / "grid.png", scale=max(1, 128 // cfg.image_size))
     click.echo(f"wrote {num_images} images and {grid}")
-
-
-def _default_dino(cfg):
-    """The seeded random DINOv2 the procedural presets' feature caches use (m2m_pipeline.data)."""
-    from m2m_pipeline.data import get_preset
-    from m2m_pipeline.data.features import load_feature_encoders
-
-    preset = "tiny" if cfg.image_size <= 16 else "demo"
-    _, dino = load_feature_encoders(get_preset(preset), device="cpu")
-    if dino.hidden_size != cfg.dino_dim:
-        raise click.UsageError(f"checkpoint expects DINO width {cfg.dino_dim}; pass --dino with a matching model")
-    return dino
 
 
 @main.command()
@@ -249,8 +240,9 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     batch = next(iter(make_loader(features, n_images=4, batch_size=4, seed=123)))
     encoder = None
     if variant == "dino":
-        dino = _default_dino(net_cfg)
-        encoder = dino.encode
+        from m2m_pipeline.data.features import dino_encoder_for
+
+        encoder = dino_encoder_for(net_cfg.image_size, net_cfg.dino_dim).encode
     context = batch["latents"]
     out = generate(net, context, 4, context_encoder=encoder, steps=25, guidance_scale=3.0, seed=0)
     grid = save_set_grid(context, out, out_dir / f"grid_{variant}.png", scale=4)

@@ -56,6 +56,24 @@ def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[An
     return autoencoder, dino
 
 
+def dino_encoder_for(image_size: int, dino_dim: int, path: str | os.PathLike | None = None,
+                     device: str | None = None) -> Any:
+    """The DINO encoder an M2M-DINO checkpoint attends through: a local DINOv2 folder, or (CPU presets) the
+    seeded random DINOv2 the tiny / demo feature caches were built with. A width mismatch is refused here,
+    not as a shape error deep inside attention."""
+    from m2m_pipeline.data.config import get_preset
+    from m2m_pipeline.encoders import DinoEncoder
+
+    if path is not None:
+        dino = DinoEncoder.from_pretrained(path)
+    else:
+        _, dino = load_feature_encoders(get_preset("tiny" if image_size <= 16 else "demo"), device or "cpu")
+    if dino.hidden_size != dino_dim:
+        raise ValueError(f"the checkpoint expects DINO width {dino_dim}, the DINO encoder "
+                         f"({path or 'random CPU-preset encoder'}) gives {dino.hidden_size}; pass a matching DINOv2")
+    return dino.to(device) if device else dino
+
+
 def encoder_tag(cfg: MISConfig) -> str:
     """Names the encoders a cache was built with; a cache built with other encoders is stale."""
     dino = cfg.dino_path or f"random-dino-{cfg.dino_hidden_size}x{cfg.dino_layers}-p{cfg.dino_patch_size}-s{cfg.seed}"

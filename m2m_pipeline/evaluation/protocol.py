@@ -109,14 +109,9 @@ def load_model(checkpoint: str | os.PathLike, vae: str | os.PathLike | None = No
     autoencoder = load_autoencoder(cfg.autoencoder, vae)
     encoder = None
     if cfg.variant == "dino":
-        if dino is not None:
-            from m2m_pipeline.encoders import DinoEncoder
+        from m2m_pipeline.data.features import dino_encoder_for
 
-            dino_encoder = DinoEncoder.from_pretrained(dino)
-        else:  # the seeded random DINOv2 the procedural presets' feature caches were built with
-            from m2m_pipeline.data import get_preset, load_feature_encoders
-
-            _, dino_encoder = load_feature_encoders(get_preset("tiny" if cfg.image_size <= 16 else "demo"), device)
+        dino_encoder = dino_encoder_for(cfg.image_size, cfg.dino_dim, dino, device)
         encoder = lambda z: dino_encoder.encode(autoencoder.decode(z))
     return net, autoencoder, encoder
 

@@ -51,6 +51,8 @@ def eval_options(fn):
               help="Output: OUT/final/ (checkpoint), OUT/splits.json, OUT/eval/ (metrics, figures).")
 @click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Base M2M checkpoint trained without a task (default: train from scratch).")
+@click.option("--dino", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local DINOv2 folder for an M2M-DINO base (default: the CPU presets' seeded random encoder).")
 @click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
 @click.option("--steps", type=int, default=None, help="Fine-tuning steps (default: the preset's).")
 @click.option("--batch-size", type=int, default=None)
@@ -63,7 +65,7 @@ def eval_options(fn):
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
-def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
+def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
                  seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.data.io import atomic_write_text
@@ -80,17 +82,18 @@ def finetune_cmd(task, data, out_dir, base, preset, steps, batch_size, lr, max_s
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
     with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
-        result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None,
+        result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
                                   on_metrics=lambda metrics, step: run.log_metrics(
                                       {f"train/{k}": v for k, v in metrics.items()}, step))
         atomic_write_text(out_dir / "splits.json", [json.dumps(
-            {"data": str(data), "base": str(base) if base else None, "config": cfg.to_dict(),
+            {"data": str(data), "base": str(base) if base else None, "dino": str(dino) if dino else None,
+             "config": cfg.to_dict(),
              **dataclasses.asdict(splits)}, indent=1)])
         run.log_metrics({"train/final_loss": result.final_loss, "train/seconds": result.seconds})
         click.echo(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
                    f"checkpoint {result.checkpoint_dir}")
         if evaluate:
-            _evaluate(cfg, data, out_dir, base, run)
+            _evaluate(cfg, data, out_dir, base, run, dino)
 
 
 @click.command("evaluate-task")
@@ -113,14 +116,14 @@ def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep) -> N
                          TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}))
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
     with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(run_dir)}) as run:
-        _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run)
+        _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run, meta.get("dino"))
 
 
-def _evaluate(cfg, data, out_dir: Path, base, run) -> None:
+def _evaluate(cfg, data, out_dir: Path, base, run, dino=None) -> None:
     from m2m_pipeline.tasks.evaluate import evaluate_finetune
     from m2m_pipeline.tasks.tracking import flatten
 
-    report = evaluate_finetune(cfg, data, out_dir / "final", out_dir / "eval", base=base)
+    report = evaluate_finetune(cfg, data, out_dir / "final", out_dir / "eval", base=base, dino=dino)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
     for method, row in report["summary"].items():
         run.log_metrics({f"test/{method}/{metric}": value for metric, value in row.items()})

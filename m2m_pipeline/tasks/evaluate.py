@@ -61,9 +61,21 @@ def heldout_batches(task: Task, root: str | os.PathLike, keys: Sequence[str], ec
     return list(make_task_loader(data, ec.batch_size, shuffle=False, drop_last=False))
 
 
-def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C: float | None = None) -> Method:
+def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None) -> Callable | None:
+    """What generate() encodes each context image with: None (M2M-Self attends to the images) or the DINO
+    encoder of an M2M-DINO model (pixel task presets: the latents are the images)."""
+    if net.config.variant != "dino":
+        return None
+    from m2m_pipeline.data.features import dino_encoder_for
+
+    return dino_encoder_for(net.config.image_size, net.config.dino_dim, dino).encode
+
+
+def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C: float | None = None,
+                 dino: str | os.PathLike | None = None) -> Method:
     """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0)."""
     net = net.eval()
+    context_encoder = context_encoder_of(net, dino)
 
     def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         context = batch["latents"][:, : ec.context_images]  # (B, n_c, 3, S, S): pixel presets, latents = images
@@ -71,7 +83,8 @@ def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C
         if g_I == 1.0 and g_C == 1.0:
             # Eq. 7 at s_I = s_C = 1 is eps(z_0, c_C) alone: one network branch instead of three, same images.
             g_C = None
-        out = generate(net, context, ec.target_images, task_cond=batch["task_cond"], steps=ec.steps,
+        out = generate(net, context, ec.target_images, context_encoder=context_encoder,
+                       task_cond=batch["task_cond"], steps=ec.steps,
                        guidance_scale=g_I, task_guidance_scale=g_C, seed=seeds, progress=False)
         return out.float().clamp(-1, 1)
 
@@ -167,14 +180,16 @@ def metrics_table(summary: dict[str, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------------- guidance sweep
 def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                   progress: bool = True) -> tuple[float, float, list[dict[str, float]]]:
+                   progress: bool = True, dino: str | os.PathLike | None = None
+                   ) -> tuple[float, float, list[dict[str, float]]]:
     """(s_I, s_C) with the best mean PSNR on validation items (never test items), over the grid
     ec.sweep_s_I x ec.sweep_s_C; returns the choice and every grid point's PSNR."""
     batches = heldout_batches(task, root, keys, ec, net.config.image_size, items=ec.sweep_items)
     rows = []
     for s_I in ec.sweep_s_I:
         for s_C in ec.sweep_s_C:
-            values, _ = run_methods({"m": model_method(net, ec, s_I, s_C)}, task, root, batches, ec, progress=False)
+            values, _ = run_methods({"m": model_method(net, ec, s_I, s_C, dino)}, task, root, batches, ec,
+                                    progress=False)
             rows.append({"s_I": s_I, "s_C": s_C, "psnr": float(values["m"]["psnr"].mean())})
             if progress:
                 tqdm.write(f"sweep s_I={s_I} s_C={s_C}: validation PSNR {rows[-1]['psnr']:.2f} dB")
@@ -246,7 +261,8 @@ def _save_png(image: Any, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------- the whole evaluation
 def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: str | os.PathLike,
                       out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                      grid_items: int = 4, progress: bool = True) -> dict[str, Any]:
+                      grid_items: int = 4, progress: bool = True, dino: str | os.PathLike | None = None
+                      ) -> dict[str, Any]:
     """Fine-tuned model vs the model before fine-tuning (the base, or the untrained task model) vs the
     task's copy baseline on the test split. Writes metrics.json, table.md, grid.png, psnr.png to out_dir."""
     out = Path(out_dir)
@@ -259,9 +275,9 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed)
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
     if ec.sweep_s_I and ec.sweep_s_C and splits.validation:
-        s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress)
-    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C),
-               "before fine-tuning": model_method(before, ec, s_I, s_C),
+        s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress, dino=dino)
+    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, dino),
+               "before fine-tuning": model_method(before, ec, s_I, s_C, dino),
                BASELINE[task]: baseline_method(task, ec)}
     batches = heldout_batches(task, root, splits.test, ec, tuned.config.image_size)
     with_lpips = lpips_available()
@@ -270,7 +286,8 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     sampler = {"steps": ec.steps, "s_I": s_I, "s_C": s_C, "eta": 0.0, "seed": ec.seed,
                "seeds": "item i of the test split: seed + i", "context_images": ec.context_images,
                "target_images": ec.target_images, "test_items": len(values["fine-tuned"]["psnr"]),
-               "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)"}
+               "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)",
+               "variant": tuned.config.variant}
     table = metrics_table(summary)
     context = torch.cat([b["latents"][:, : ec.context_images] for b in batches])[:grid_items]
     truth = torch.cat([b["latents"][:, ec.context_images:] for b in batches])[:grid_items]

@@ -114,8 +114,8 @@ def is_task_parameter(name: str) -> bool:
 
 def init_task_model(task: Task, base: str | os.PathLike | None = None, net_preset: str = "demo",
                     seed: int = 0) -> M2MUNet:
-    """A task model: from a base checkpoint (M2MUNet.from_pretrained of a model with task 'none') or from
-    scratch (`net_preset`, M2M-Self).
+    """A task model: from a base checkpoint (M2MUNet.from_pretrained of a model with task 'none', either
+    variant) or from scratch (`net_preset`, M2M-Self).
 
     From a base, every base weight is copied and only the task parameters are new; their projections into
     attention are zero-initialised, so at step 0 the task model computes exactly the base model's function
@@ -183,6 +183,36 @@ def task_dataset(task: Task, root: str | os.PathLike, keys: Sequence[str], n_ima
     return _Split(steps, index)
 
 
+class WithDino(Dataset):
+    """A task dataset whose items also carry "dino": (N, S, D) DINO tokens of their images, what M2M-DINO
+    attends to. Computed per item (a frozen encoder: a function of the image), so the example order, epoch
+    seeding and map-style resume are those of the wrapped dataset. Task presets are pixel-space: the
+    items' "latents" are the images themselves."""
+
+    def __init__(self, dataset: Dataset, encoder: Any):
+        self.dataset, self.encoder = dataset, encoder
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["dino"] = self.encoder.encode(item["latents"])  # (N, 3, S, S) images -> (N, tokens, D)
+        return item
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
+def with_context_features(net: M2MUNet, dataset: Dataset, dino: str | os.PathLike | None = None) -> Dataset:
+    """What the variant's training batches need: M2M-Self attends to the images, M2M-DINO to their tokens."""
+    if net.config.variant != "dino":
+        return dataset
+    from m2m_pipeline.data.features import dino_encoder_for
+
+    return WithDino(dataset, dino_encoder_for(net.config.image_size, net.config.dino_dim, dino))
+
+
 class EpochBatches:
     """Re-iterable training batches; each pass is a new epoch (new view subsets / start steps, new order)."""
 
@@ -204,13 +234,17 @@ class EpochBatches:
 def finetune(config: FinetuneConfig, root: str | os.PathLike, out_dir: str | os.PathLike, *,
              base: str | os.PathLike | None = None, on_metrics: MetricsFn | None = None,
              device: str | None = None, progress: bool = True,
-             resume_from: str | os.PathLike | None = None) -> tuple[TrainResult, TaskSplits]:
+             resume_from: str | os.PathLike | None = None,
+             dino: str | os.PathLike | None = None) -> tuple[TrainResult, TaskSplits]:
     """Fine-tune a task model on the train split of `root`; checkpoints under out_dir (final/).
+    The variant is the base's (M2M-Self or M2M-DINO; from scratch: M2M-Self). `dino`: a local DINOv2 folder
+    for an M2M-DINO base (default: the CPU presets' seeded random encoder its features were built with).
     `resume_from` ("latest" or a checkpoint folder) continues an interrupted or finished run exactly."""
     splits = make_splits(config.task, root, config.held_out, config.validation, config.split_seed)
     net = init_task_model(config.task, base, config.net_preset, seed=config.train.seed)
     data = task_dataset(config.task, root, splits.train, config.train.n_images, net.config.image_size,
                         seed=config.train.seed)
+    data = with_context_features(net, data, dino)
     batches = EpochBatches(data, config.train.batch_size, seed=config.train.seed,
                            num_workers=config.train.num_workers)
     result = train(net.config, config.train, batches, out_dir, net=net, on_metrics=on_metrics, device=device,

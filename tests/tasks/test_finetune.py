@@ -162,3 +162,57 @@ def test_cli_finetune_logs_an_mlflow_run(polyhedra_root, base_checkpoint, tmp_pa
     assert math.isfinite(run.data.metrics["test/fine-tuned/psnr_mean"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "psnr.png", "metrics.json"}
     assert json.loads((tmp_path / "run/splits.json").read_text())["test"]
+
+
+@pytest.fixture
+def dino_base_checkpoint(tmp_path):
+    """A tiny M2M-DINO without a task, all weights non-zero."""
+    torch.manual_seed(2)
+    net = M2MUNet(M2MConfig.preset("tiny", "dino"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.save_pretrained(tmp_path / "dino_base"), net.eval()
+
+
+def test_dino_base_init_keeps_base_function_at_step_0(dino_base_checkpoint):
+    path, base = dino_base_checkpoint
+    net = init_task_model("camera", path).eval()
+    assert net.config.variant == "dino" and net.dino_task_proj is not None
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 2, 3, base.config.dino_dim
+    z_t = torch.randn(b, n, 3, 16, 16, generator=g)
+    tokens = torch.randn(b, n, 5, d, generator=g)  # (B, N, S, D) DINO tokens of the clean images
+    t = torch.randint(0, 1000, (b, n), generator=g)
+    cond = torch.randn(b, n, 12, generator=g) * 3
+    with torch.no_grad():
+        assert torch.allclose(net(z_t, t, tokens, cond), base(z_t, t, tokens), atol=1e-6)
+
+
+def test_dino_task_batches_carry_the_encoders_tokens(polyhedra_root, dino_base_checkpoint):
+    from m2m_pipeline.data.features import dino_encoder_for
+    from m2m_pipeline.tasks.finetune import task_dataset, with_context_features
+
+    net = init_task_model("camera", dino_base_checkpoint[0])
+    plain = task_dataset("camera", polyhedra_root, ["poly_000000"], 3, 16)
+    item = with_context_features(net, plain)[0]
+    encoder = dino_encoder_for(16, net.config.dino_dim)
+    assert torch.equal(item["dino"], encoder.encode(plain[0]["latents"]))  # (N, S, D) of the same views
+    assert item["dino"].shape[:2] == (3, encoder.num_tokens)
+    self_net = init_task_model("camera", None, "tiny")
+    assert "dino" not in with_context_features(self_net, plain)[0]  # M2M-Self attends to the images
+
+
+@pytest.mark.slow
+def test_tiny_dino_finetune_and_evaluation(polyhedra_root, dino_base_checkpoint, tmp_path):
+    cfg = FinetuneConfig.preset("tiny", "camera")
+    result, _ = finetune(cfg, polyhedra_root, tmp_path / "run", base=dino_base_checkpoint[0], progress=False)
+    assert all(math.isfinite(x) for x in result.losses)
+    tuned = M2MUNet.from_pretrained(result.checkpoint_dir)
+    assert tuned.config.variant == "dino" and tuned.config.task == "camera"
+    # training moved the DINO task projection: the camera reaches the context tokens
+    assert tuned.dino_task_proj.weight.abs().sum() > 0
+    report = evaluate_finetune(cfg, polyhedra_root, result.checkpoint_dir, tmp_path / "run" / "eval",
+                               base=dino_base_checkpoint[0], progress=False)
+    assert report["sampler"]["variant"] == "dino"
+    assert all(math.isfinite(row["psnr_mean"]) for row in report["summary"].values())
