@@ -34,6 +34,10 @@ from m2m_pipeline.orchestration.resources import (
 )
 
 TASKS = {"nvs": "camera", "procedure": "position"}
+# The M2M variant the task models start from (its <profile>/m2m_<variant>_checkpoint). See docs/tasks.md
+# ("Which base") for the measurements behind the choice; the library fine-tunes either.
+BASE_VARIANT = "self"
+BASE_ASSET = f"m2m_{BASE_VARIANT}_checkpoint"
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,10 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
     def make_checkpoint(task: str) -> Any:
         name = f"{task}_checkpoint"
 
-        @asset(key=key(name), group_name="tasks", deps=[key(DATA_OF[task]), key("m2m_self_checkpoint")],
+        @asset(key=key(name), group_name="tasks", deps=[key(DATA_OF[task]), key(BASE_ASSET)],
                kinds={"pytorch"},
-               description=f"M2M-Self fine-tuned for {'novel view synthesis' if task == 'nvs' else 'procedures'} "
-                           f"from the profile's m2m_self_checkpoint (task embedder zero-initialised).")
+               description=f"M2M fine-tuned for {'novel view synthesis' if task == 'nvs' else 'procedures'} "
+                           f"from the profile's {BASE_ASSET} (task embedder zero-initialised).")
         def checkpoint(context: AssetExecutionContext, config: FinetuneAssetConfig, settings: M2MSettings,
                        mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
             from m2m_pipeline.data.io import atomic_write_text
@@ -148,7 +152,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
             r = settings.resolve(profile)
             ft = config_for(task, config)
             out, data = r.path(paths[name]), r.path(paths[DATA_OF[task]])
-            base = r.path(profile.models_dir / "m2m_self" / "final")
+            base = r.path(profile.models_dir / f"m2m_{BASE_VARIANT}" / "final")
             with mlflow.asset_run(context, p, {"task": ft.task, "preset": spec.preset, "steps": ft.train.steps,
                                                "batch_size": ft.train.batch_size, "lr": ft.train.lr,
                                                "base": str(base.relative_to(r.root))},
@@ -172,7 +176,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
     def make_evaluation(task: str) -> Any:
         name, ckpt = f"{task}_evaluation", f"{task}_checkpoint"
 
-        @asset(key=key(name), group_name="tasks", deps=[key(ckpt), key(DATA_OF[task]), key("m2m_self_checkpoint")],
+        @asset(key=key(name), group_name="tasks", deps=[key(ckpt), key(DATA_OF[task]), key(BASE_ASSET)],
                kinds={"pytorch"},
                description="Held-out evaluation: fine-tuned vs before fine-tuning vs the copy baseline (PSNR, "
                            "SSIM" + (", progress check" if task == "procedure" else "") + "), dual guidance.")
@@ -183,7 +187,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
             r = settings.resolve(profile)
             ft = config_for(task, config)
             out = r.path(paths[name])
-            base = r.path(profile.models_dir / "m2m_self" / "final")
+            base = r.path(profile.models_dir / f"m2m_{BASE_VARIANT}" / "final")
             with mlflow.asset_run(context, p, {"task": ft.task, "steps": ft.eval.steps,
                                                "context_images": ft.eval.context_images,
                                                "target_images": ft.eval.target_images},
@@ -219,4 +223,4 @@ def finetune_jobs(profile: RunProfile) -> list[Any]:
     p = profile.name
     return [define_asset_job(f"m2m_{p}_finetune_job", selection=AssetSelection.assets(
         *[[p, n] for n in FINETUNE_DVC_STAGE]), tags={"m2m/profile": p},
-        description="Task data, NVS and procedure fine-tuning from m2m_self_checkpoint, held-out evaluations.")]
+        description=f"Task data, NVS and procedure fine-tuning from {BASE_ASSET}, held-out evaluations.")]

@@ -1,5 +1,5 @@
 """Task fine-tuning assets on the smoke profile: stand-in data -> NVS / procedure checkpoints fine-tuned from
-the profile's M2M-Self checkpoint -> held-out evaluations with a metrics table, grid and MLflow runs."""
+the profile's base M2M checkpoint -> held-out evaluations with a metrics table, grid and MLflow runs."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from .conftest import resources_for
 @pytest.mark.slow
 def test_finetune_assets_materialize_on_smoke(project: Path) -> None:
     from m2m_pipeline.network import M2MConfig, M2MUNet
-    from m2m_pipeline.orchestration.finetune_assets import build_finetune_assets
+    from m2m_pipeline.orchestration.finetune_assets import BASE_VARIANT, build_finetune_assets
 
-    # the upstream m2m_self_checkpoint asset's output (the chain itself is tested in test_assets.py)
-    M2MUNet(M2MConfig.preset(PROFILES["smoke"].net_preset, "self")).save_pretrained(
-        project / "models/smoke/m2m_self/final")
+    # the upstream base checkpoint asset's output (the chain itself is tested in test_assets.py)
+    M2MUNet(M2MConfig.preset(PROFILES["smoke"].net_preset, BASE_VARIANT)).save_pretrained(
+        project / f"models/smoke/m2m_{BASE_VARIANT}/final")
     result = materialize(build_finetune_assets(PROFILES["smoke"]), resources=resources_for(project, dvc_on=False),
                          instance=DagsterInstance.ephemeral())
     assert result.success
