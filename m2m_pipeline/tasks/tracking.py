@@ -1,5 +1,6 @@
 """MLflow runs for the task CLI, in the same local store as the Dagster MLflow resource
-(`.state/mlflow/mlflow.db`, artifacts under `.state/mlflow/artifacts`). No dagster import: the CLI is library-side."""
+(`.state/mlflow/mlflow.db`, artifacts under `.state/mlflow/artifacts`) unless MLFLOW_TRACKING_URI names
+another. No dagster import: the CLI is library-side."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TaskRun:
         from mlflow.tracking import MlflowClient
 
         state = Path(root).resolve() / ".state" / "mlflow"
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # as every MLflow client does
         if tracking_uri is None:
             state.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{state / 'mlflow.db'}"

@@ -151,6 +151,7 @@ def test_cli_finetune_logs_an_mlflow_run(polyhedra_root, base_checkpoint, tmp_pa
     from m2m_pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)  # the run goes to ./.state/mlflow, like the Dagster resource's local store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = CliRunner().invoke(main, ["finetune", "--task", "nvs", "--preset", "tiny", "--data", str(polyhedra_root),
                                     "--base", str(base_checkpoint[0]), "--out", "run", "--threads", "1"])
     assert out.exit_code == 0, out.output
@@ -162,6 +163,28 @@ def test_cli_finetune_logs_an_mlflow_run(polyhedra_root, base_checkpoint, tmp_pa
     assert math.isfinite(run.data.metrics["test/fine-tuned/psnr_mean"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"grid.png", "psnr.png", "metrics.json"}
     assert json.loads((tmp_path / "run/splits.json").read_text())["test"]
+
+
+
+@pytest.mark.slow
+def test_cli_finetune_resumes_with_more_steps(procedures_root, base_checkpoint, tmp_path, monkeypatch):
+    """`--resume` continues the newest checkpoint: a 2-step run extended to 4 steps has the first run's
+    2 losses followed by 2 new ones, and trains on (checkpoint and final state agree)."""
+    from click.testing import CliRunner
+
+    from m2m_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["finetune", "--task", "procedures", "--preset", "tiny", "--data", str(procedures_root),
+              "--base", str(base_checkpoint[0]), "--out", "run", "--threads", "1", "--no-evaluate",
+              "--checkpoint-every", "2", "--max-seconds", "0"]
+    first = CliRunner().invoke(main, common + ["--steps", "2"])
+    assert first.exit_code == 0, first.output
+    losses_2 = json.loads((tmp_path / "run/final/train_state.json").read_text())["losses"]
+    second = CliRunner().invoke(main, common + ["--steps", "4", "--resume"])
+    assert second.exit_code == 0, second.output
+    state = json.loads((tmp_path / "run/final/train_state.json").read_text())
+    assert state["step"] == 4 and state["losses"][:2] == losses_2 and len(state["losses"]) == 4
 
 
 @pytest.fixture
