@@ -19,8 +19,9 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _eval_overrides(cfg, steps, s_i, s_c, items, sweep):
+def _eval_overrides(cfg, steps, s_i, s_c, items, sweep, sweep_s_i=(), sweep_s_c=()):
     changes = {k: v for k, v in {"steps": steps, "s_I": s_i, "s_C": s_c, "max_items": items}.items() if v is not None}
+    changes.update({k: tuple(v) for k, v in {"sweep_s_I": sweep_s_i, "sweep_s_C": sweep_s_c}.items() if v})
     if not sweep:
         changes.update(sweep_s_I=(), sweep_s_C=())
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
@@ -33,6 +34,10 @@ _eval_options = [
     click.option("--items", type=int, default=None, help="Held-out items evaluated (default: all)."),
     click.option("--sweep/--no-sweep", default=True, show_default=True,
                  help="Choose (s_I, s_C) on the validation split from the preset's grid."),
+    click.option("--sweep-s-i", "sweep_s_i", type=float, multiple=True,
+                 help="Grid of s_I for the sweep (repeat the option; default: the preset's)."),
+    click.option("--sweep-s-c", "sweep_s_c", type=float, multiple=True,
+                 help="Grid of s_C for the sweep (repeat the option; default: the preset's)."),
 ]
 
 
@@ -66,7 +71,7 @@ def eval_options(fn):
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
 def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
-                 seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep) -> None:
+                 seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.data.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
@@ -79,7 +84,7 @@ def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr,
     if max_seconds is not None:
         overrides["max_seconds"] = max_seconds
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **overrides))
-    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
+    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
     with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
         result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
@@ -101,7 +106,7 @@ def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr,
               help="A finetune output folder (final/ + splits.json).")
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @eval_options
-def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep) -> None:
+def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
     """Evaluate a fine-tuned task model on its held-out split against the baselines and the model before."""
     from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskEvalConfig
     from m2m_pipeline.tasks.tracking import TaskRun
@@ -114,7 +119,7 @@ def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep) -> N
                                                                     if k != "drops"}),
                          c["held_out"], c["validation"], c["split_seed"],
                          TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}))
-    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep)
+    cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
     with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(run_dir)}) as run:
         _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run, meta.get("dino"))
 
