@@ -29,15 +29,19 @@ from m2m_pipeline.tasks.finetune import (
 from m2m_pipeline.tasks.metrics import psnr
 
 
-@pytest.fixture
-def base_checkpoint(tmp_path):
-    """A tiny M2M-Self without a task whose weights are all non-zero (a trained model's are)."""
-    torch.manual_seed(1)
-    net = M2MUNet(M2MConfig.preset("tiny", "self"))
+def perturbed_base(folder, variant: str, seed: int):
+    """A tiny M2M without a task whose weights are all non-zero (a trained model's are): (path, net)."""
+    torch.manual_seed(seed)
+    net = M2MUNet(M2MConfig.preset("tiny", variant))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return net.save_pretrained(tmp_path / "base"), net.eval()
+    return net.save_pretrained(folder), net.eval()
+
+
+@pytest.fixture
+def base_checkpoint(tmp_path):
+    return perturbed_base(tmp_path / "base", "self", seed=1)
 
 
 @pytest.mark.parametrize("task", ["camera", "position"])
@@ -189,13 +193,7 @@ def test_cli_finetune_resumes_with_more_steps(procedures_root, base_checkpoint, 
 
 @pytest.fixture
 def dino_base_checkpoint(tmp_path):
-    """A tiny M2M-DINO without a task, all weights non-zero."""
-    torch.manual_seed(2)
-    net = M2MUNet(M2MConfig.preset("tiny", "dino"))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.save_pretrained(tmp_path / "dino_base"), net.eval()
+    return perturbed_base(tmp_path / "dino_base", "dino", seed=2)
 
 
 def test_dino_base_init_keeps_base_function_at_step_0(dino_base_checkpoint):
