@@ -72,10 +72,10 @@ def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None) -> C
 
 
 def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C: float | None = None,
-                 dino: str | os.PathLike | None = None) -> Method:
-    """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0)."""
+                 context_encoder: Callable | None = None) -> Method:
+    """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0).
+    `context_encoder`: `context_encoder_of(net)`, built once by the caller (a real DINOv2 is gigabytes)."""
     net = net.eval()
-    context_encoder = context_encoder_of(net, dino)
 
     def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         context = batch["latents"][:, : ec.context_images]  # (B, n_c, 3, S, S): pixel presets, latents = images
@@ -180,7 +180,7 @@ def metrics_table(summary: dict[str, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------------- guidance sweep
 def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                   progress: bool = True, dino: str | os.PathLike | None = None
+                   progress: bool = True, context_encoder: Callable | None = None
                    ) -> tuple[float, float, list[dict[str, float]]]:
     """(s_I, s_C) with the best mean PSNR on validation items (never test items), over the grid
     ec.sweep_s_I x ec.sweep_s_C; returns the choice and every grid point's PSNR."""
@@ -188,8 +188,8 @@ def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequ
     rows = []
     for s_I in ec.sweep_s_I:
         for s_C in ec.sweep_s_C:
-            values, _ = run_methods({"m": model_method(net, ec, s_I, s_C, dino)}, task, root, batches, ec,
-                                    progress=False)
+            method = model_method(net, ec, s_I, s_C, context_encoder)
+            values, _ = run_methods({"m": method}, task, root, batches, ec, progress=False)
             rows.append({"s_I": s_I, "s_C": s_C, "psnr": float(values["m"]["psnr"].mean())})
             if progress:
                 tqdm.write(f"sweep s_I={s_I} s_C={s_C}: validation PSNR {rows[-1]['psnr']:.2f} dB")
@@ -273,11 +273,15 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     if tuned.config.task != task:
         raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
     before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed)
+    tuned_encoder = context_encoder_of(tuned, dino)
+    before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
+                      else context_encoder_of(before, dino))
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
     if ec.sweep_s_I and ec.sweep_s_C and splits.validation:
-        s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress, dino=dino)
-    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, dino),
-               "before fine-tuning": model_method(before, ec, s_I, s_C, dino),
+        s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress,
+                                         context_encoder=tuned_encoder)
+    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, tuned_encoder),
+               "before fine-tuning": model_method(before, ec, s_I, s_C, before_encoder),
                BASELINE[task]: baseline_method(task, ec)}
     batches = heldout_batches(task, root, splits.test, ec, tuned.config.image_size)
     with_lpips = lpips_available()
