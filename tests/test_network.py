@@ -11,13 +11,13 @@ from m2m_pipeline.network import ImageSetAttnProcessor, M2MConfig, M2MUNet
 from m2m_pipeline.weights import WeightsNotFoundError
 
 
-def make_net(variant: str, task: str = "none") -> M2MUNet:
-    net = M2MUNet(M2MConfig.preset("tiny", variant, task=task)).eval()
+def make_net(variant: str, task: str = "none", spatial_bias: bool = False) -> M2MUNet:
+    net = M2MUNet(M2MConfig.preset("tiny", variant, task=task, spatial_bias=spatial_bias)).eval()
     # Fresh init has zero null values and zero-initialised task projections; perturb them so every path
     # through Image-Set Attention carries signal and a leak would show.
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if "null_v" in name or "cond_to" in name or "dino_task_proj" in name or "conv_out" in name:
+            if any(k in name for k in ("null_v", "cond_to", "dino_task_proj", "conv_out", "spatial_bias")):
                 p.add_(torch.randn_like(p) * 0.1)
     return net
 
@@ -49,10 +49,12 @@ def test_forward_backward_shapes(variant, n):
 
 
 @pytest.mark.parametrize("variant", ["self", "dino"])
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
-def test_no_leak_across_images(variant, n):
-    """eps[:, i] depends only on z_t[:, i], t and context[:, :i] (design-notes 3)."""
-    net = make_net(variant)
+@pytest.mark.parametrize("n,spatial_bias", [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                            (6, False), (3, True), (5, True)])
+def test_no_leak_across_images(variant, n, spatial_bias):
+    """eps[:, i] depends only on z_t[:, i], t and context[:, :i] (design-notes 3), with or without the
+    spatial bias of task models."""
+    net = make_net(variant, spatial_bias=spatial_bias)
     z_t, t, context = inputs(net, 2, n)
     with torch.no_grad():
         eps = net(z_t, t, context)

@@ -30,6 +30,9 @@ class M2MConfig:
     task: TaskKind = "none"                # task condition c_C of Sec. 6.2
     task_embed_dim: int = 1280             # width of E(c_C) before the per-layer projections
     camera_dim: int = 12                   # flattened 3x4 relative extrinsic (design-notes 7)
+    # Relative spatial-position logits in Image-Set Attention (not in the paper; network/spatial_bias.py).
+    # Off for MIS training, as in the paper; task fine-tuning turns it on (FinetuneConfig.spatial_bias).
+    spatial_bias: bool = False
     # --- diffusion process (used by the objective and the samplers; saved with the network) ---
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"   # SD's schedule; pixel-space presets use DDPM's "linear"

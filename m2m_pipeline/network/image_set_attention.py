@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from m2m_pipeline.network.context import ImageSetCall
+from m2m_pipeline.network.spatial_bias import SpatialBias
 
 
 class ImageSetAttnProcessor(nn.Module):
@@ -27,7 +28,7 @@ class ImageSetAttnProcessor(nn.Module):
     """
 
     def __init__(self, layer_index: int, query_dim: int, inner_dim: int, heads: int,
-                 task_embed_dim: int | None, clean_stream_cond: bool):
+                 task_embed_dim: int | None, clean_stream_cond: bool, spatial_bias: bool = False):
         super().__init__()
         self.layer_index = layer_index
         self.heads = heads
@@ -38,6 +39,8 @@ class ImageSetAttnProcessor(nn.Module):
         # condition (E = 0) adds nothing, and fine-tuning starts from the pretrained model's function.
         self.cond_to_q = self._zero_linear(task_embed_dim, query_dim) if task_embed_dim else None
         self.cond_to_kv = self._zero_linear(task_embed_dim, query_dim) if task_embed_dim and clean_stream_cond else None
+        # Optional relative-position logits (M2MConfig.spatial_bias; zero at init, spatial_bias.py says why).
+        self.spatial_bias = SpatialBias(heads) if spatial_bias else None
 
     @staticmethod
     def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
@@ -89,6 +92,8 @@ class ImageSetAttnProcessor(nn.Module):
             rows = k_all.shape[0]
             null_kh = null_k[None, :, None, :].expand(rows, h, 1, d)
             null_vh = null_v[None, :, None, :].expand(rows, h, 1, d)
+            s_k = k_all.shape[2]
+            bias = None if self.spatial_bias is None else self.spatial_bias(s_q, s_k, q.dtype)  # (h, S_q, S_k)
 
         outs = []
         for i in range(n):
@@ -98,8 +103,10 @@ class ImageSetAttnProcessor(nn.Module):
                 k_i = rearrange(k_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)  # (B', h, p*S, d)
                 v_i = rearrange(v_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)
                 q_i = q[:, i] if keep is None else q[:, i].index_select(0, keep)
+                mask = None if bias is None else torch.cat(  # the null key has no position: bias 0
+                    [bias.new_zeros(h, s_q, 1), bias.repeat(1, 1, p)], dim=2)  # (h, S_q, 1 + p*S_k)
                 a = F.scaled_dot_product_attention(
-                    q_i, torch.cat([null_kh, k_i], dim=2), torch.cat([null_vh, v_i], dim=2)
+                    q_i, torch.cat([null_kh, k_i], dim=2), torch.cat([null_vh, v_i], dim=2), attn_mask=mask
                 )  # (B', h, S_q, d)
                 out_i = a if keep is None or keep.numel() == b else out_i.index_put((keep,), a)
             outs.append(out_i)

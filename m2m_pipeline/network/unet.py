@@ -75,7 +75,7 @@ class M2MUNet(nn.Module):
         )
         attn.set_processor(ImageSetAttnProcessor(
             index, text_attn.query_dim, attn.inner_dim, heads, task_dim,
-            clean_stream_cond=self.config.variant == "self",
+            clean_stream_cond=self.config.variant == "self", spatial_bias=self.config.spatial_bias,
         ))
         return attn
 

@@ -118,7 +118,8 @@ def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep, swee
     cfg = FinetuneConfig(c["task"], c["net_preset"], TrainConfig(**{k: v for k, v in c["train"].items()
                                                                     if k != "drops"}),
                          c["held_out"], c["validation"], c["split_seed"],
-                         TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}))
+                         TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}),
+                         spatial_bias=c.get("spatial_bias", False))  # runs from before the option had none
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
     with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(run_dir)}) as run:
         _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run, meta.get("dino"))

@@ -272,7 +272,7 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     tuned = M2MUNet.from_pretrained(checkpoint)
     if tuned.config.task != task:
         raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
-    before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed)
+    before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed, spatial_bias=cfg.spatial_bias)
     tuned_encoder = context_encoder_of(tuned, dino)
     before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
                       else context_encoder_of(before, dino))

@@ -26,7 +26,7 @@ from m2m_pipeline.training import MetricsFn, TrainConfig, TrainResult, train
 Task = Literal["camera", "position"]
 TASK_OF = {"nvs": "camera", "procedures": "position"}  # task names people type -> M2MConfig.task
 # Parameters a task adds to a base M2M: zero-initialised (or only read through zero-initialised layers).
-TASK_PARAM_MARKERS = ("task_embedder.", "cond_to_q.", "cond_to_kv.", "dino_task_proj.")
+TASK_PARAM_MARKERS = ("task_embedder.", "cond_to_q.", "cond_to_kv.", "dino_task_proj.", "spatial_bias.")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class FinetuneConfig:
     validation: int = 16                  # further items kept out of training, for the guidance sweep
     split_seed: int = 0
     eval: TaskEvalConfig = field(default_factory=TaskEvalConfig)
+    # Relative spatial-position logits in Image-Set Attention (M2MConfig.spatial_bias; not in the paper):
+    # both tasks' targets are geometric edits of the context, which attention without positions cannot
+    # look up (docs/tasks.md, "Spatial bias"). Zero-initialised like the task embedders.
+    spatial_bias: bool = True
 
     @property
     def image_size(self) -> int:
@@ -113,22 +117,23 @@ def is_task_parameter(name: str) -> bool:
 
 
 def init_task_model(task: Task, base: str | os.PathLike | None = None, net_preset: str = "demo",
-                    seed: int = 0) -> M2MUNet:
+                    seed: int = 0, spatial_bias: bool = False) -> M2MUNet:
     """A task model: from a base checkpoint (M2MUNet.from_pretrained of a model with task 'none', either
     variant) or from scratch (`net_preset`, M2M-Self).
 
     From a base, every base weight is copied and only the task parameters are new; their projections into
     attention are zero-initialised, so at step 0 the task model computes exactly the base model's function
-    whatever the task condition (tested).
+    whatever the task condition (tested). `spatial_bias` adds the (equally zero-initialised) relative
+    position logits to Image-Set Attention; callers pass FinetuneConfig.spatial_bias.
     """
     torch.manual_seed(seed)
     if base is None:
-        return M2MUNet(M2MConfig.preset(net_preset, "self", task=task))
+        return M2MUNet(M2MConfig.preset(net_preset, "self", task=task, spatial_bias=spatial_bias))
     base_net = M2MUNet.from_pretrained(base)
     if base_net.config.task != "none":
         raise ValueError(f"{Path(base) / 'config.json'}: base checkpoint already has task "
                          f"'{base_net.config.task}'; fine-tuning starts from a model trained without one")
-    net = M2MUNet(dataclasses.replace(base_net.config, task=task))
+    net = M2MUNet(dataclasses.replace(base_net.config, task=task, spatial_bias=spatial_bias))
     missing, unexpected = net.load_state_dict(base_net.state_dict(), strict=False)
     untouched = [k for k in missing if not is_task_parameter(k)]
     if untouched or unexpected:
@@ -241,7 +246,8 @@ def finetune(config: FinetuneConfig, root: str | os.PathLike, out_dir: str | os.
     for an M2M-DINO base (default: the CPU presets' seeded random encoder its features were built with).
     `resume_from` ("latest" or a checkpoint folder) continues an interrupted or finished run exactly."""
     splits = make_splits(config.task, root, config.held_out, config.validation, config.split_seed)
-    net = init_task_model(config.task, base, config.net_preset, seed=config.train.seed)
+    net = init_task_model(config.task, base, config.net_preset, seed=config.train.seed,
+                          spatial_bias=config.spatial_bias)
     data = task_dataset(config.task, root, splits.train, config.train.n_images, net.config.image_size,
                         seed=config.train.seed)
     data = with_context_features(net, data, dino)

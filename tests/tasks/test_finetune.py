@@ -44,10 +44,12 @@ def base_checkpoint(tmp_path):
     return perturbed_base(tmp_path / "base", "self", seed=1)
 
 
-@pytest.mark.parametrize("task", ["camera", "position"])
-def test_base_init_keeps_base_function_at_step_0(task, base_checkpoint):
+@pytest.mark.parametrize("task,spatial_bias", [("camera", False), ("position", False), ("camera", True),
+                                               ("position", True)])
+def test_base_init_keeps_base_function_at_step_0(task, spatial_bias, base_checkpoint):
     path, base = base_checkpoint
-    net = init_task_model(task, path).eval()
+    net = init_task_model(task, path, spatial_bias=spatial_bias).eval()
+    assert any("spatial_bias" in k for k, _ in net.named_parameters()) == spatial_bias
     new = {k for k, _ in net.named_parameters()} - {k for k, _ in base.named_parameters()}
     assert new and all(is_task_parameter(k) for k in new)
     b, n = 2, 3
@@ -64,6 +66,9 @@ def test_base_init_keeps_base_function_at_step_0(task, base_checkpoint):
     net(z_t, t, z_0, cond).square().mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in net.named_parameters()
                if "cond_to_q" in k)
+    if spatial_bias:  # and so does the zero-initialised last layer of the bias MLP, from step 0
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in net.named_parameters()
+                   if "spatial_bias.mlp.2" in k)
 
 
 def test_base_with_a_task_is_refused(tmp_path):
