@@ -63,6 +63,19 @@ def resolve_resume(resume_from: str | os.PathLike | None, out: Path) -> Path | N
     return path
 
 
+def check_config(directory: Path, config: Any) -> None:
+    """Refuse to resume a checkpoint made for a different network (e.g. a task run made before an option
+    that adds parameters), naming the fields, instead of failing later on missing weights."""
+    path = directory / "config.json"
+    saved = json.loads(path.read_text()).get("m2m_config", {})
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, like the saved file
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"{path}: the checkpoint's network differs from the one being trained in "
+                         f"{', '.join(f'{k} (saved {saved.get(k)!r}, now {current.get(k)!r})' for k in differ[:4])}; "
+                         f"resume with the checkpoint's settings")
+
+
 def read_state(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / STATE_NAME).read_text())

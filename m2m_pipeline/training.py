@@ -293,6 +293,8 @@ class _Trainer:
         acc, tc = self.acc, self.tc
         accum = tc.accumulation(acc.num_processes)
         resume_dir = ckpt.resolve_resume(resume_from, self.out)
+        if resume_dir is not None:
+            ckpt.check_config(resume_dir, self.net.config)
         prior = ckpt.read_state(resume_dir) if resume_dir is not None else {}
         position = prior.get("data_position", {"epoch": 0, "consumed": 0})
         # The stream (and its first iterator) is built before the RNG states are restored, as in the first run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -170,6 +171,13 @@ def test_time_budget_stops_cleanly_and_resumes(tmp_path):
     more = train(MICRO, micro_config(steps=3), list_data(), tmp_path, progress=False, device="cpu",
                  resume_from="latest")
     assert more.steps == 3 and not more.stopped_early and more.losses[0] == result.losses[0]
+
+
+def test_resume_into_a_different_network_is_refused_naming_the_field(tmp_path):
+    train(MICRO, micro_config(steps=200), list_data(), tmp_path, progress=False, device="cpu", max_seconds=1e-6)
+    other = dataclasses.replace(MICRO, spatial_bias=True)  # a network with more parameters
+    with pytest.raises(ValueError, match=r"checkpoint-0000001/config.json.*spatial_bias \(saved False, now True\)"):
+        train(other, micro_config(steps=3), list_data(), tmp_path, progress=False, device="cpu", resume_from="latest")
 
 
 @pytest.mark.slow

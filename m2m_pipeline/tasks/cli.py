@@ -66,12 +66,15 @@ def eval_options(fn):
               help="Wall-clock budget; stops cleanly and saves (default: the preset's; 0: none).")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every K steps (0: only final/).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (exact resume).")
+@click.option("--spatial-bias/--no-spatial-bias", "spatial_bias", default=None,
+              help="Relative spatial-position bias in Image-Set Attention (default: the preset's, on; "
+                   "--no-spatial-bias to resume runs made before the option).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
 def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
-                 seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
+                 spatial_bias, seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.data.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
@@ -79,6 +82,8 @@ def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr,
 
     _threads(threads)
     cfg = FinetuneConfig.preset(preset, TASKS[task])
+    if spatial_bias is not None:
+        cfg = dataclasses.replace(cfg, spatial_bias=spatial_bias)
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
                                    "checkpoint_every": checkpoint_every}.items() if v is not None}
     if max_seconds is not None:
