@@ -182,7 +182,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
                            "SSIM" + (", progress check" if task == "procedure" else "") + "), dual guidance.")
         def evaluation(context: AssetExecutionContext, config: FinetuneAssetConfig, settings: M2MSettings,
                        mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
-            from m2m_pipeline.tasks.evaluate import evaluate_finetune
+            from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
 
             r = settings.resolve(profile)
             ft = config_for(task, config)
@@ -196,8 +196,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
                 report = evaluate_finetune(ft, r.path(paths[DATA_OF[task]]), r.path(paths[ckpt]) / "final", out,
                                            base=base, progress=False)
                 run.log_params({f"sampler.{k}": v for k, v in report["sampler"].items()})
-                for method, row in report["summary"].items():
-                    run.log_metrics({f"test/{method}/{m}": v for m, v in row.items()})
+                run.log_metrics(report_metrics(report))
                 for path in report["files"].values():
                     run.log_artifact(path)
                 hashes = _version(dvc, run, r, name, context)

@@ -131,13 +131,12 @@ def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep, swee
 
 
 def _evaluate(cfg, data, out_dir: Path, base, run, dino=None) -> None:
-    from m2m_pipeline.tasks.evaluate import evaluate_finetune
+    from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
     from m2m_pipeline.tasks.tracking import flatten
 
     report = evaluate_finetune(cfg, data, out_dir / "final", out_dir / "eval", base=base, dino=dino)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
-    for method, row in report["summary"].items():
-        run.log_metrics({f"test/{method}/{metric}": value for metric, value in row.items()})
+    run.log_metrics(report_metrics(report))
     for path in report["files"].values():
         run.log_artifact(path)
     click.echo(report["table"])

@@ -162,6 +162,42 @@ def summarize(values: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str,
     return out
 
 
+def paired_comparison(values: dict[str, dict[str, torch.Tensor]], reference: str, metric: str = "psnr"
+                      ) -> dict[str, dict[str, float]]:
+    """Each method against `reference` on the same items: the mean over items of (method - reference) of the
+    item means, its standard error (sample std / sqrt(items)), and how many items the method does better on.
+    Paired, because the items differ far more from each other than the methods do on one item."""
+    ref = values[reference][metric].nanmean(dim=1)  # (items,)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    out = {}
+    for method, metrics in values.items():
+        if method == reference:
+            continue
+        d = metrics[metric].nanmean(dim=1) - ref
+        n = len(d)
+        out[method] = {"reference": reference, "metric": metric, "diff_mean": float(d.mean()),
+                       "diff_se": float(d.std(correction=1) / n ** 0.5) if n > 1 else float("nan"),
+                       "better": float((sign * d > 0).sum()), "items": float(n)}
+    return out
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """An evaluation report as flat MLflow metrics: test/<method>/<metric> and the paired comparison as
+    test/<method>/paired_<metric>_{diff_mean,diff_se,better}."""
+    out = {f"test/{method}/{m}": v for method, row in report["summary"].items() for m, v in row.items()}
+    for method, p in report.get("paired", {}).items():
+        out.update({f"test/{method}/paired_{p['metric']}_{k}": p[k] for k in ("diff_mean", "diff_se", "better")})
+    return out
+
+
+def paired_table(paired: dict[str, dict[str, float]]) -> str:
+    lines = []
+    for method, p in paired.items():
+        lines.append(f"- {method} - {p['reference']}, {p['metric']} paired over items: {p['diff_mean']:+.3f} ± "
+                     f"{p['diff_se']:.3f} (standard error), better on {int(p['better'])}/{int(p['items'])}")
+    return "\n".join(lines) + "\n"
+
+
 def metrics_table(summary: dict[str, dict[str, float]]) -> str:
     """Markdown table, one row per method, mean ± std over held-out items."""
     metrics = [m for m in ("psnr", "ssim", "lpips", "progress_error")
@@ -287,19 +323,21 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     with_lpips = lpips_available()
     values, preds = run_methods(methods, task, root, batches, ec, with_lpips, progress)
     summary = summarize(values)
+    paired = paired_comparison(values, BASELINE[task])
     sampler = {"steps": ec.steps, "s_I": s_I, "s_C": s_C, "eta": 0.0, "seed": ec.seed,
                "seeds": "item i of the test split: seed + i", "context_images": ec.context_images,
                "target_images": ec.target_images, "test_items": len(values["fine-tuned"]["psnr"]),
                "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)",
                "variant": tuned.config.variant}
-    table = metrics_table(summary)
+    table = metrics_table(summary) + "\n" + paired_table(paired)
     context = torch.cat([b["latents"][:, : ec.context_images] for b in batches])[:grid_items]
     truth = torch.cat([b["latents"][:, ec.context_images:] for b in batches])[:grid_items]
     files = {
         "grid": save_grid(context, {k: v[:grid_items] for k, v in preds.items()}, truth, out / "grid.png"),
         "psnr_chart": save_bar_chart(summary, out / "psnr.png", f"{task}: held-out PSNR"),
     }
-    report = {"task": task, "summary": summary, "sampler": sampler, "sweep": sweep, "test_keys": splits.test,
+    report = {"task": task, "summary": summary, "paired": paired, "sampler": sampler, "sweep": sweep,
+              "test_keys": splits.test,
               "per_item": {m: {k: v.tolist() for k, v in per.items()} for m, per in values.items()}}
     atomic_write_text(out / "metrics.json", [json.dumps(report, indent=1)])
     grid_note = "rows: held-out items; columns: context | " + " | ".join(methods) + " | truth\n"

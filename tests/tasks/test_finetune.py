@@ -15,6 +15,8 @@ from m2m_pipeline.tasks.evaluate import (
     evaluate_finetune,
     heldout_batches,
     metrics_table,
+    paired_comparison,
+    paired_table,
     run_methods,
     summarize,
 )
@@ -98,6 +100,18 @@ def test_summary_and_table_on_a_known_case():
     assert "| a | 2 | 25.000 ± 10.000 |" in table and "0.50" in table
 
 
+def test_paired_comparison_on_a_known_case():
+    values = {"base": {"psnr": torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]], dtype=torch.float64)},
+              "m": {"psnr": torch.tensor([[11.0, 13.0], [21.0, 21.0], [30.0, 30.0]], dtype=torch.float64)}}
+    p = paired_comparison(values, "base")["m"]
+    assert p["diff_mean"] == pytest.approx(1.0)                       # item differences 2, 1, 0
+    assert p["diff_se"] == pytest.approx(1.0 / 3 ** 0.5)               # sample std 1 over sqrt(3) items
+    assert p["better"] == 2 and p["items"] == 3
+    assert "+1.000 ± 0.577 (standard error), better on 2/3" in paired_table({"m": p})
+    errors = {"base": {"progress_error": torch.tensor([[1.0], [1.0]])}, "m": {"progress_error": torch.tensor([[0.5], [2.0]])}}
+    assert paired_comparison(errors, "base", "progress_error")["m"]["better"] == 1  # lower is better
+
+
 def test_baselines_go_through_the_same_metrics(procedures_root):
     ec = TaskEvalConfig(context_images=3, target_images=2, batch_size=4)
     batches = heldout_batches("position", procedures_root, ["proc_000000/method_0", "proc_000001/method_0"], ec, 32)
@@ -131,6 +145,8 @@ def test_tiny_finetune_and_evaluation_end_to_end(task, polyhedra_root, procedure
         assert path.is_file() and path.stat().st_size > 0
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["test_keys"] == splits.test and saved["summary"] == report["summary"]
+    assert set(saved["paired"]) == {"fine-tuned", "before fine-tuning"} and "paired over items" in report["table"]
+    assert M2MUNet.from_pretrained(result.checkpoint_dir).config.spatial_bias  # the task presets' default
 
 
 def test_unit_guidance_takes_one_branch_with_the_same_images():
