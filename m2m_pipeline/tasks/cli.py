@@ -103,15 +103,22 @@ def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr,
         click.echo(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
                    f"checkpoint {result.checkpoint_dir}")
         if evaluate:
-            _evaluate(cfg, data, out_dir, base, run, dino)
+            _evaluate(cfg, data, out_dir / "final", out_dir / "eval", base, run, dino)
 
 
 @click.command("evaluate-task")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A finetune output folder (final/ + splits.json).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Evaluate this checkpoint of the run (e.g. RUN/checkpoint-0001000) instead of RUN/final; "
+                   "results go to CHECKPOINT/eval-<split>/.")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
+              help="Items evaluated: the test split, or the validation split (to follow a run's progress "
+                   "without looking at test items).")
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @eval_options
-def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
+def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c, items, sweep, sweep_s_i,
+                      sweep_s_c) -> None:
     """Evaluate a fine-tuned task model on its held-out split against the baselines and the model before."""
     from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskEvalConfig
     from m2m_pipeline.tasks.tracking import TaskRun
@@ -126,15 +133,18 @@ def evaluate_task_cmd(run_dir, threads, eval_steps, s_i, s_c, items, sweep, swee
                          TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}),
                          spatial_bias=c.get("spatial_bias", False))  # runs from before the option had none
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
-    with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(run_dir)}) as run:
-        _evaluate(cfg, Path(meta["data"]), run_dir, meta["base"], run, meta.get("dino"))
+    weights = checkpoint or run_dir / "final"
+    out = run_dir / "eval" if checkpoint is None and split == "test" else weights / f"eval-{split}"
+    with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(weights),
+                                               "m2m.split": split}) as run:
+        _evaluate(cfg, Path(meta["data"]), weights, out, meta["base"], run, meta.get("dino"), split)
 
 
-def _evaluate(cfg, data, out_dir: Path, base, run, dino=None) -> None:
+def _evaluate(cfg, data, weights: Path, out: Path, base, run, dino=None, split: str = "test") -> None:
     from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
     from m2m_pipeline.tasks.tracking import flatten
 
-    report = evaluate_finetune(cfg, data, out_dir / "final", out_dir / "eval", base=base, dino=dino)
+    report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
     run.log_metrics(report_metrics(report))
     for path in report["files"].values():

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -297,10 +297,11 @@ def _save_png(image: Any, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------- the whole evaluation
 def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: str | os.PathLike,
                       out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                      grid_items: int = 4, progress: bool = True, dino: str | os.PathLike | None = None
-                      ) -> dict[str, Any]:
+                      grid_items: int = 4, progress: bool = True, dino: str | os.PathLike | None = None,
+                      split: Literal["test", "validation"] = "test") -> dict[str, Any]:
     """Fine-tuned model vs the model before fine-tuning (the base, or the untrained task model) vs the
-    task's copy baseline on the test split. Writes metrics.json, table.md, grid.png, psnr.png to out_dir."""
+    task's copy baseline on the test split (or the validation split, to follow a run without looking at
+    test items; no guidance sweep then). Writes metrics.json, table.md, grid.png, psnr.png to out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, ec = cfg.task, cfg.eval
@@ -313,19 +314,22 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
                       else context_encoder_of(before, dino))
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
-    if ec.sweep_s_I and ec.sweep_s_C and splits.validation:
+    keys = splits.test if split == "test" else splits.validation
+    if split not in ("test", "validation") or not keys:
+        raise ValueError(f"split must be 'test' or 'validation' with items in it, got {split!r} ({len(keys)} items)")
+    if ec.sweep_s_I and ec.sweep_s_C and splits.validation and split == "test":
         s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress,
                                          context_encoder=tuned_encoder)
     methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, tuned_encoder),
                "before fine-tuning": model_method(before, ec, s_I, s_C, before_encoder),
                BASELINE[task]: baseline_method(task, ec)}
-    batches = heldout_batches(task, root, splits.test, ec, tuned.config.image_size)
+    batches = heldout_batches(task, root, keys, ec, tuned.config.image_size)
     with_lpips = lpips_available()
     values, preds = run_methods(methods, task, root, batches, ec, with_lpips, progress)
     summary = summarize(values)
     paired = paired_comparison(values, BASELINE[task])
     sampler = {"steps": ec.steps, "s_I": s_I, "s_C": s_C, "eta": 0.0, "seed": ec.seed,
-               "seeds": "item i of the test split: seed + i", "context_images": ec.context_images,
+               "seeds": f"item i of the {split} split: seed + i", "split": split, "context_images": ec.context_images,
                "target_images": ec.target_images, "test_items": len(values["fine-tuned"]["psnr"]),
                "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)",
                "variant": tuned.config.variant}
@@ -337,7 +341,7 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
         "psnr_chart": save_bar_chart(summary, out / "psnr.png", f"{task}: held-out PSNR"),
     }
     report = {"task": task, "summary": summary, "paired": paired, "sampler": sampler, "sweep": sweep,
-              "test_keys": splits.test,
+              "split": split, f"{split}_keys": keys,
               "per_item": {m: {k: v.tolist() for k, v in per.items()} for m, per in values.items()}}
     atomic_write_text(out / "metrics.json", [json.dumps(report, indent=1)])
     grid_note = "rows: held-out items; columns: context | " + " | ".join(methods) + " | truth\n"

@@ -147,6 +147,10 @@ def test_tiny_finetune_and_evaluation_end_to_end(task, polyhedra_root, procedure
     assert saved["test_keys"] == splits.test and saved["summary"] == report["summary"]
     assert set(saved["paired"]) == {"fine-tuned", "before fine-tuning"} and "paired over items" in report["table"]
     assert M2MUNet.from_pretrained(result.checkpoint_dir).config.spatial_bias  # the task presets' default
+    val = evaluate_finetune(cfg, root, result.checkpoint_dir, tmp_path / "val", base=base_checkpoint[0],
+                            progress=False, split="validation")  # following a run without test items
+    assert val["validation_keys"] == splits.validation and "test_keys" not in val and val["sweep"] == []
+    assert val["summary"]["fine-tuned"]["items"] == len(splits.validation)
 
 
 def test_unit_guidance_takes_one_branch_with_the_same_images():
