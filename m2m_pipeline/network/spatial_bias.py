@@ -48,12 +48,13 @@ class SpatialBias(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, heads, bias=False))
         nn.init.zeros_(self.mlp[2].weight)
-        self._index: dict[tuple[int, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[tuple[int, int, torch.device], tuple[int, torch.Tensor, torch.Tensor]] = {}
 
-    def _displacements(self, s_q: int, s_k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def _displacements(self, s_q: int, s_k: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
         """The distinct query-key displacements (U, 2) and, per (query, grid key) pair, which one it is:
-        the MLP runs on U points (at most (2g - 1)^2 for equal grids) instead of s_q * s_k pairs."""
-        key = (s_q, s_k)
+        the MLP runs on U points (at most (2g - 1)^2 for equal grids) instead of s_q * s_k pairs. Cached per
+        grid pair and device: geometry only, so it is built (and copied to the device) once."""
+        key = (s_q, s_k, device)
         if key not in self._index:
             lead_q, pq = token_centres(s_q)
             if lead_q:
@@ -63,14 +64,14 @@ class SpatialBias(nn.Module):
             unique, inverse = torch.unique(d, dim=0, return_inverse=True)
             # log-spaced, as Swin V2: fine resolution near zero displacement, where copying happens
             unique = torch.sign(unique) * torch.log2(1 + 8 * unique.abs()) / math.log2(9)
-            self._index[key] = (lead_k, unique.float(), inverse.view(s_q, -1))
+            self._index[key] = (lead_k, unique.float().to(device), inverse.view(s_q, -1).to(device))
         return self._index[key]
 
     def forward(self, s_q: int, s_k: int, dtype: torch.dtype) -> torch.Tensor:
-        lead_k, unique, inverse = self._displacements(s_q, s_k)
-        device = self.mlp[0].weight.device
-        table = self.mlp(unique.to(device))  # (U, heads)
-        bias = table[inverse.to(device)].permute(2, 0, 1)  # (heads, s_q, g_k^2)
+        weight = self.mlp[0].weight
+        lead_k, unique, inverse = self._displacements(s_q, s_k, weight.device)
+        table = self.mlp(unique.to(weight.dtype))  # (U, heads)
+        bias = table[inverse].permute(2, 0, 1)  # (heads, s_q, g_k^2)
         if lead_k:
             bias = torch.cat([bias.new_zeros(bias.shape[0], s_q, lead_k), bias], dim=2)
         return bias.to(dtype)  # (heads, s_q, s_k)
