@@ -182,11 +182,12 @@ def paired_comparison(values: dict[str, dict[str, torch.Tensor]], reference: str
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """An evaluation report as flat MLflow metrics: test/<method>/<metric> and the paired comparison as
-    test/<method>/paired_<metric>_{diff_mean,diff_se,better}."""
-    out = {f"test/{method}/{m}": v for method, row in report["summary"].items() for m, v in row.items()}
+    """An evaluation report as flat MLflow metrics: <split>/<method>/<metric> (split: test or validation)
+    and the paired comparison as <split>/<method>/paired_<metric>_{diff_mean,diff_se,better}."""
+    split = report.get("split", "test")
+    out = {f"{split}/{method}/{m}": v for method, row in report["summary"].items() for m, v in row.items()}
     for method, p in report.get("paired", {}).items():
-        out.update({f"test/{method}/paired_{p['metric']}_{k}": p[k] for k in ("diff_mean", "diff_se", "better")})
+        out.update({f"{split}/{method}/paired_{p['metric']}_{k}": p[k] for k in ("diff_mean", "diff_se", "better")})
     return out
 
 
@@ -306,6 +307,10 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     out.mkdir(parents=True, exist_ok=True)
     task, ec = cfg.task, cfg.eval
     splits = make_splits(task, root, cfg.held_out, cfg.validation, cfg.split_seed)
+    keys = {"test": splits.test, "validation": splits.validation}.get(split)
+    if not keys:
+        raise ValueError(f"split must be 'test' or 'validation' with items in it, got {split!r} "
+                         f"({len(keys or [])} items)")
     tuned = M2MUNet.from_pretrained(checkpoint)
     if tuned.config.task != task:
         raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
@@ -314,9 +319,6 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
                       else context_encoder_of(before, dino))
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
-    keys = splits.test if split == "test" else splits.validation
-    if split not in ("test", "validation") or not keys:
-        raise ValueError(f"split must be 'test' or 'validation' with items in it, got {split!r} ({len(keys)} items)")
     if ec.sweep_s_I and ec.sweep_s_C and splits.validation and split == "test":
         s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress,
                                          context_encoder=tuned_encoder)
