@@ -10,6 +10,7 @@ checkpoint-<step>/                      (docs/training.md)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -66,14 +67,14 @@ def resolve_resume(resume_from: str | os.PathLike | None, out: Path) -> Path | N
 def check_config(directory: Path, config: Any) -> None:
     """Refuse to resume a checkpoint made for a different network (e.g. a task run made before an option
     that adds parameters), naming the fields, instead of failing later on missing weights."""
-    path = directory / "config.json"
-    saved = json.loads(path.read_text()).get("m2m_config", {})
-    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, like the saved file
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    from m2m_pipeline.network import M2MUNet
+
+    saved = M2MUNet.read_config(directory)
+    differ = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
     if differ:
-        raise ValueError(f"{path}: the checkpoint's network differs from the one being trained in "
-                         f"{', '.join(f'{k} (saved {saved.get(k)!r}, now {current.get(k)!r})' for k in differ[:4])}; "
-                         f"resume with the checkpoint's settings")
+        raise ValueError(f"{directory / 'config.json'}: the checkpoint's network differs from the one being "
+                         f"trained in " + ", ".join(f"{k} (saved {getattr(saved, k)!r}, now {getattr(config, k)!r})"
+                                                    for k in differ[:4]) + "; resume with the checkpoint's settings")
 
 
 def read_state(directory: Path) -> dict[str, Any]:

@@ -92,8 +92,12 @@ class ImageSetAttnProcessor(nn.Module):
             rows = k_all.shape[0]
             null_kh = null_k[None, :, None, :].expand(rows, h, 1, d)
             null_vh = null_v[None, :, None, :].expand(rows, h, 1, d)
-            s_k = k_all.shape[2]
-            bias = None if self.spatial_bias is None else self.spatial_bias(s_q, s_k, q.dtype)  # (h, S_q, S_k)
+            mask_all = None
+            if self.spatial_bias is not None:  # built once for the most context images; image i slices it
+                p_max = min(call.first_position + n - 1, k_all.shape[1])  # most context images any i sees
+                bias = self.spatial_bias(s_q, k_all.shape[2], q.dtype)  # (h, S_q, S_k)
+                mask_all = torch.cat([bias.new_zeros(h, s_q, 1), bias.repeat(1, 1, max(p_max, 1))],
+                                     dim=2)  # (h, S_q, 1 + p_max*S_k); the null key has no position: bias 0
 
         outs = []
         for i in range(n):
@@ -103,8 +107,7 @@ class ImageSetAttnProcessor(nn.Module):
                 k_i = rearrange(k_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)  # (B', h, p*S, d)
                 v_i = rearrange(v_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)
                 q_i = q[:, i] if keep is None else q[:, i].index_select(0, keep)
-                mask = None if bias is None else torch.cat(  # the null key has no position: bias 0
-                    [bias.new_zeros(h, s_q, 1), bias.repeat(1, 1, p)], dim=2)  # (h, S_q, 1 + p*S_k)
+                mask = None if mask_all is None else mask_all[:, :, : 1 + k_i.shape[2]]  # (h, S_q, 1 + p*S_k)
                 a = F.scaled_dot_product_attention(
                     q_i, torch.cat([null_kh, k_i], dim=2), torch.cat([null_vh, v_i], dim=2), attn_mask=mask
                 )  # (B', h, S_q, d)

@@ -273,6 +273,15 @@ class M2MUNet(nn.Module):
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
 
+    @staticmethod
+    def read_config(directory: str | os.PathLike) -> M2MConfig:
+        """The M2MConfig saved in a checkpoint folder's config.json."""
+        path = Path(directory) / CONFIG_NAME
+        meta = json.loads(path.read_text())
+        if "m2m_config" not in meta:
+            raise ValueError(f"{path}: not an M2M checkpoint (no 'm2m_config' field)")
+        return M2MConfig.from_dict(meta["m2m_config"])
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "M2MUNet":
         directory = Path(directory)
@@ -281,9 +290,6 @@ class M2MUNet(nn.Module):
                 f"M2M checkpoint {directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}; weights are never "
                 f"downloaded (offline)"
             )
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        if "m2m_config" not in meta:
-            raise ValueError(f"{directory / CONFIG_NAME}: not an M2M checkpoint (no 'm2m_config' field)")
-        net = cls(M2MConfig.from_dict(meta["m2m_config"]))
+        net = cls(cls.read_config(directory))
         net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True)
         return net.to(map_location)

@@ -38,6 +38,7 @@ TASKS = {"nvs": "camera", "procedure": "position"}
 # ("Which base") for the measurements behind the choice; the library fine-tunes either.
 BASE_VARIANT = "self"
 BASE_ASSET = f"m2m_{BASE_VARIANT}_checkpoint"
+BASE_DIR = Path(f"m2m_{BASE_VARIANT}") / "final"  # under the profile's models_dir: BASE_ASSET's weights
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
             r = settings.resolve(profile)
             ft = config_for(task, config)
             out, data = r.path(paths[name]), r.path(paths[DATA_OF[task]])
-            base = r.path(profile.models_dir / f"m2m_{BASE_VARIANT}" / "final")
+            base = r.path(profile.models_dir / BASE_DIR)
             with mlflow.asset_run(context, p, {"task": ft.task, "preset": spec.preset, "steps": ft.train.steps,
                                                "batch_size": ft.train.batch_size, "lr": ft.train.lr,
                                                "base": str(base.relative_to(r.root))},
@@ -187,7 +188,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
             r = settings.resolve(profile)
             ft = config_for(task, config)
             out = r.path(paths[name])
-            base = r.path(profile.models_dir / f"m2m_{BASE_VARIANT}" / "final")
+            base = r.path(profile.models_dir / BASE_DIR)
             with mlflow.asset_run(context, p, {"task": ft.task, "steps": ft.eval.steps,
                                                "context_images": ft.eval.context_images,
                                                "target_images": ft.eval.target_images},
