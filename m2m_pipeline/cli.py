@@ -1,4 +1,4 @@
-"""The `m2m` console script: train, generate, demo."""
+"""The `m2m` console script: train, train-autoencoder, generate, demo, evaluate, finetune, evaluate-task."""
 
 from __future__ import annotations
 
@@ -90,7 +90,45 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
                + (" (time budget reached)" if result.stopped_early else ""))
 
 
-def _mlflow_logger(uri: str, params: dict):
+@main.command("train-autoencoder")
+@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
+              help="AutoencoderConfig preset (m2m_pipeline/autoencoder.py).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: OUT/vae/ (load it with VaeAutoencoder.from_pretrained(OUT)), OUT/autoencoder.json.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=None,
+              help="Wall-clock cap (default: the preset's; 0: none).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@click.option("--oracle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="An attribute-oracle folder: also report its accuracy on held-out reconstructions.")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log the run there.")
+def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_seconds: float | None, seed: int,
+                          threads: int | None, oracle: Path | None, mlflow_uri: str | None) -> None:
+    """Train the CPU presets' AutoencoderKL on the procedural shapes world (SD's VAE role; docs/model.md)."""
+    import torch
+
+    from m2m_pipeline.autoencoder import AutoencoderConfig, oracle_reconstruction_accuracy, train_autoencoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds}.items() if v is not None}
+    cfg = AutoencoderConfig.preset(preset, seed=seed, **overrides)
+    on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "kind": "autoencoder", **cfg.to_dict()},
+                                prefix="autoencoder", run_name=f"autoencoder-{preset}") if mlflow_uri else None
+    report = train_autoencoder(cfg, out_dir, on_metrics=on_metrics)
+    click.echo(f"autoencoder: {report['steps']} steps in {report['train_seconds']:.0f} s; latents "
+               f"{tuple(report['latent_shape'])} (f = {report['downsample']}); held-out PSNR "
+               f"{report['heldout_psnr_db']:.2f} dB; saved to {out_dir}/vae")
+    if oracle is not None:
+        from m2m_pipeline.evaluation.oracle import AttributeOracle
+
+        acc = oracle_reconstruction_accuracy(out_dir, AttributeOracle.load(oracle))
+        click.echo("oracle accuracy on held-out reconstructions: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in acc["reconstruction"].items()) + f" ({acc['images']} images)")
+
+
+def _mlflow_logger(uri: str, params: dict, prefix: str = "train", run_name: str | None = None):
     """on_metrics for train(): one MLflow run, metrics logged per step (train() calls it on rank 0 only)."""
     import os
 
@@ -99,11 +137,11 @@ def _mlflow_logger(uri: str, params: dict):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(run_name=f"m2m-{params['variant']}-{params['preset']}")
+    run = mlflow.start_run(run_name=run_name or f"m2m-{params['variant']}-{params['preset']}")
     mlflow.log_params({k: str(v) for k, v in params.items()})
 
     def on_metrics(metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step, run_id=run.info.run_id)
+        mlflow.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step, run_id=run.info.run_id)
 
     return on_metrics
 

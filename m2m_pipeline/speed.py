@@ -70,16 +70,19 @@ def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dic
 
 def _dino_encoder(preset: str, cfg: M2MConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The DINO pass over each generated image is part of M2M-DINO's cost."""
-    if cfg.autoencoder == "vae":
+    if cfg.dino_dim == M2MConfig().dino_dim:  # the paper's width: dinov2-giant's shape at 224 px
         from transformers import Dinov2Config, Dinov2Model
 
-        # dinov2-giant's shape, random weights; a VAE decode would add the same cost to every row: left out.
+        # random weights; a VAE decode would add the same cost to every row: left out.
         dino = DinoEncoder(Dinov2Model(Dinov2Config(hidden_size=cfg.dino_dim, num_hidden_layers=40,
                                                     num_attention_heads=24, intermediate_size=4 * cfg.dino_dim,
                                                     patch_size=14, image_size=224)),
                            image_size=224, resize_size=256).to(device)
         return lambda z: dino.encode(torch.rand(z.shape[0], 3, 224, 224, device=z.device) * 2 - 1)
     dino = DinoEncoder.random(image_size=cfg.image_size, hidden_size=cfg.dino_dim, seed=0).to(device)
+    if cfg.autoencoder == "vae":  # a CPU latent preset: random pixels stand in for the decode (see above)
+        size = cfg.image_size
+        return lambda z: dino.encode(torch.rand(z.shape[0], 3, size, size, device=z.device) * 2 - 1)
     decode = PixelAutoencoder().decode
     return lambda z: dino.encode(decode(z))
 
@@ -157,3 +160,84 @@ def plot_speed(rows: Sequence[SpeedRow], path: str | Path, title: str = "Samplin
 
 def rows_to_dicts(rows: Sequence[SpeedRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+# ---------------------------------------------------------------------- training throughput
+class PlainUNet(torch.nn.Module):
+    """The baseline of the training benchmark: the same diffusers U-Net without Image-Set Attention (every
+    transformer block's cross-attention removed), called with M2M's signature so one objective trains all."""
+
+    def __init__(self, cfg: M2MConfig):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        self.config = cfg
+        self.unet = UNet2DConditionModel(**cfg.unet_kwargs())
+        for block in self.unet.modules():
+            if isinstance(block, BasicTransformerBlock):
+                block.attn2, block.norm2 = None, None  # diffusers skips the cross-attention sub-layer then
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None, task_cond=None,
+                **_: object) -> torch.Tensor:
+        b, n = z_t.shape[:2]
+        eps = self.unet(z_t.flatten(0, 1), t.flatten(), encoder_hidden_states=None).sample
+        return eps.unflatten(0, (b, n))
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    method: str                # "baseline" (plain U-Net), "dino", "self"
+    parameters: int
+    seconds_per_step: float    # one optimizer step: forward + backward + AdamW (+ M2M-Self's clean stream)
+    images_per_second: float   # noisy training images (batch x N) per second
+    ratio_to_baseline: float   # seconds_per_step / the baseline's, measured in the same run
+
+
+def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch.device
+                      ) -> dict[str, tuple[torch.nn.Module, Callable[[], object]]]:
+    """One optimizer step per call for the plain U-Net, M2M-DINO and M2M-Self on fixed random batches."""
+    from m2m_pipeline.objective import M2MObjective
+
+    cfg = M2MConfig.preset(preset)
+    z = torch.randn(batch_size, n_images, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    dino = torch.randn(batch_size, n_images, cfg.dino_tokens, cfg.dino_dim, device=device)
+    nets = {"baseline": PlainUNet(cfg), "dino": M2MUNet(M2MConfig.preset(preset, "dino")),
+            "self": M2MUNet(M2MConfig.preset(preset, "self"))}
+    out = {}
+    for name, net in nets.items():
+        net = net.to(device).train()
+        objective = M2MObjective(net.config)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        generator = torch.Generator().manual_seed(0)
+        context = dino if name == "dino" else z
+
+        def step(net=net, objective=objective, optimizer=optimizer, context=context, generator=generator):
+            loss = objective(net, z, context, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        out[name] = (net, step)
+    return out
+
+
+def measure_training_throughput(preset: str, *, batch_size: int, n_images: int, repeats: int = 5,
+                                device: str | torch.device | None = None) -> list[TrainingRow]:
+    """Seconds per training step and noisy images per second, interleaved in one run, with ratios to the
+    plain U-Net of the same size (what Image-Set Attention and M2M-Self's clean stream cost)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    fns = training_step_fns(preset, batch_size, n_images, device)
+    seconds = timed_round_robin({name: step for name, (_, step) in fns.items()}, repeats)
+    base = seconds["baseline"]
+    return [TrainingRow(name, sum(p.numel() for p in net.parameters()), seconds[name],
+                        batch_size * n_images / seconds[name], seconds[name] / base)
+            for name, (net, _) in fns.items()]
+
+
+def format_training_table(rows: Sequence[TrainingRow]) -> str:
+    lines = [f"{'method':>9} | {'params':>8} | {'s / step':>8} | {'images / s':>10} | {'ratio to baseline':>17}"]
+    for r in rows:
+        lines.append(f"{r.method:>9} | {r.parameters / 1e6:7.2f}M | {r.seconds_per_step:8.3f} | "
+                     f"{r.images_per_second:10.1f} | {r.ratio_to_baseline:17.2f}")
+    return "\n".join(lines)

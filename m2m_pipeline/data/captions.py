@@ -58,6 +58,7 @@ class CaptionStats:
     duplicates: int = 0
     kept: int = 0
     train: int = 0
+    validation: int = 0
     test: int = 0
     files: list[str] = field(default_factory=list)
     malformed_samples: list[dict[str, str]] = field(default_factory=list)  # {"where": "file:line", "reason": ...}
@@ -132,11 +133,20 @@ def caption_hash(text: str) -> str:
     return hashlib.sha256(text.lower().encode("utf-8")).hexdigest()
 
 
-def split_of(digest: str, test_fraction: float) -> str:
-    # Uses digest bits disjoint from the id's, and the caption (not the line) is hashed, so repeated
-    # captions always land in the same split: no train/test leakage through duplicates.
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+def split_of(digest: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
+    """"test" for the first `test_fraction` of the hash range, "validation" for the next `validation_fraction`
+    (hyperparameters such as guidance are chosen there, never on test), "train" for the rest.
+
+    Uses digest bits disjoint from the id's, and the caption (not the line) is hashed, so repeated captions
+    always land in the same split: no leakage through duplicates. Adding a validation split leaves the test
+    split unchanged (its bucket range is the same)."""
     bucket = int(digest[16:32], 16) / float(1 << 64)
-    return "test" if bucket < test_fraction else "train"
+    if bucket < test_fraction:
+        return "test"
+    return "validation" if bucket < test_fraction + validation_fraction else "train"
 
 
 def iter_filtered_captions(
@@ -177,12 +187,9 @@ def iter_filtered_captions(
                 if cfg.dedup:
                     continue
             caption_id = base if repeat == 0 else f"{base}_{repeat}"
-            split = split_of(digest, cfg.test_fraction)
+            split = split_of(digest, cfg.test_fraction, cfg.validation_fraction)
             stats.kept += 1
-            if split == "test":
-                stats.test += 1
-            else:
-                stats.train += 1
+            setattr(stats, split, getattr(stats, split) + 1)
             yield CaptionRecord(caption_id, text, line.url, tokens, split, line.where)
     bar.close()
 

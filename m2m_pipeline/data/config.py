@@ -18,6 +18,7 @@ class MISConfig:
     max_tokens: int = 77                            # CLIP BPE tokens, start and end tokens included
     dedup: bool = False                             # drop repeated captions (the paper is silent; off = faithful)
     test_fraction: float = 0.01                     # share of captions hashed into the test split
+    validation_fraction: float = 0.0                # next share: the validation split (guidance, steps chosen there)
     # --- caption source for the procedural world ---
     num_captions: int = 0                           # captions the shapes caption source writes (0: external TSV)
     # --- generation ---
@@ -38,7 +39,10 @@ class MISConfig:
     image_format: Literal["png", "jpeg"] = "png"    # png is lossless; jpeg for paper-scale storage
     jpeg_quality: int = 95
     # --- feature caches (Sec. 5) ---
-    autoencoder: Literal["pixel", "vae"] = "pixel"  # pixel tensors for pixel-space presets, SD VAE otherwise
+    autoencoder: Literal["pixel", "vae"] = "pixel"  # pixel: images themselves; vae: an AutoencoderKL's latents
+    # Folder holding the AutoencoderKL as `vae/` (a Stable Diffusion folder, or the demo's trained autoencoder,
+    # m2m_pipeline/autoencoder.py); None: model_path, the SD folder that also generates MIS.
+    autoencoder_path: str | None = None
     dino_path: str | None = None                    # local DINOv2 folder; None: a seeded random DinoEncoder
     dino_hidden_size: int = 96                      # random DinoEncoder width (CPU presets only)
     dino_layers: int = 2                            # random DinoEncoder depth (CPU presets only)
@@ -54,6 +58,9 @@ class MISConfig:
             raise ValueError(f"MISConfig.max_tokens must count start and end tokens (>= 2), got {self.max_tokens}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"MISConfig.test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.validation_fraction < 0.0 or self.test_fraction + self.validation_fraction >= 1.0:
+            raise ValueError(f"MISConfig.validation_fraction must be >= 0 with test_fraction + validation_fraction "
+                             f"< 1, got {self.validation_fraction} (test_fraction {self.test_fraction})")
         if not 1 <= self.images_per_example <= self.images_per_set:
             raise ValueError(
                 f"MISConfig.images_per_example ({self.images_per_example}) must be in 1..images_per_set "
@@ -66,6 +73,13 @@ class MISConfig:
 
     def replace(self, **changes: object) -> "MISConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def vae_path(self) -> str | None:
+        """Where the AutoencoderKL of a latent preset lives (a folder with `vae/`); None for pixel presets."""
+        if self.autoencoder != "vae":
+            return None
+        return self.autoencoder_path or self.model_path
 
 
 MIS_PRESETS: dict[str, MISConfig] = {

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.data.io import atomic_open, remove_stale_temps
+from m2m_pipeline.data.io import atomic_open, remove_stale_temps, sha256_file
 from m2m_pipeline.data.shapes import uint8_to_images
 from m2m_pipeline.data.shards import (
     DeterministicTarWriter,
@@ -44,7 +44,7 @@ def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[An
     from m2m_pipeline.encoders import DinoEncoder, load_autoencoder
 
     target = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    autoencoder = load_autoencoder(cfg.autoencoder, cfg.model_path if cfg.autoencoder == "vae" else None)
+    autoencoder = load_autoencoder(cfg.autoencoder, cfg.vae_path)
     if cfg.dino_path is not None:
         dino = DinoEncoder.from_pretrained(cfg.dino_path)
     else:
@@ -75,10 +75,25 @@ def dino_encoder_for(image_size: int, dino_dim: int, path: str | os.PathLike | N
 
 
 def encoder_tag(cfg: MISConfig) -> str:
-    """Names the encoders a cache was built with; a cache built with other encoders is stale."""
+    """Names the encoders a cache was built with; a cache built with other encoders is stale.
+
+    A VAE is named by the sha256 of its weights (content, not path: a moved checkout keeps its caches); a
+    retrained autoencoder (the demo's `autoencoder` asset) makes every feature shard built with the old one
+    stale."""
     dino = cfg.dino_path or f"random-dino-{cfg.dino_hidden_size}x{cfg.dino_layers}-p{cfg.dino_patch_size}-s{cfg.seed}"
-    auto = cfg.autoencoder if cfg.autoencoder == "pixel" else f"vae:{cfg.model_path}"
+    auto = cfg.autoencoder if cfg.autoencoder == "pixel" else f"vae@{vae_weights_digest(cfg.vae_path)}"
     return f"{auto}|{dino}|reuse={cfg.reuse_generation_latents}"
+
+
+def vae_weights_digest(path: str | os.PathLike | None) -> str:
+    """sha256 (first 16 hex digits) of the `vae/` weight files under `path`; "missing" when there are none."""
+    files = sorted(Path(path, "vae").glob("*.safetensors")) if path is not None else []
+    if not files:
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()[:16]
 
 
 def _device_of(encoder: Any) -> torch.device:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from m2m_pipeline.data.captions import Caption, write_caption_tsv
 from m2m_pipeline.data.generators import ImageSet, image_seed
@@ -175,6 +176,22 @@ def render_image(ids: dict[str, int], seed: int, resolution: int) -> tuple[np.nd
 def uint8_to_images(array: np.ndarray) -> torch.Tensor:
     """(K, H, W, 3) uint8 -> (K, 3, H, W) float in [-1, 1]; exact inverse of the shard encoder's rounding."""
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def render_dataset(num: int, image_size: int, seed: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` images with uniformly random attributes -> (num, 3, S, S) in [-1, 1] and labels (num, 4).
+
+    Per-image attributes (not per-set): the oracle and the autoencoder must not rely on set structure. The
+    renderer's own variation (placement, size, rotation, pattern phase, colour jitter) is the geometric jitter.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.stack([rng.integers(len(VOCABULARIES[name]), size=num) for name in VOCABULARIES], axis=1)
+    seeds = rng.integers(0, 2**63 - 1, size=num)
+    images = np.empty((num, image_size, image_size, 3), dtype=np.uint8)
+    for i in tqdm(range(num), desc=f"render shapes images ({image_size}px)", disable=not progress, leave=False):
+        ids = dict(zip(VOCABULARIES, (int(v) for v in labels[i])))
+        images[i], _ = render_image(ids, int(seeds[i]), image_size)
+    return uint8_to_images(images), torch.from_numpy(labels).long()
 
 
 class ShapesSetGenerator:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from m2m_pipeline.data.captions import read_caption_table
+from m2m_pipeline.data.captions import SPLITS, read_caption_table
 from m2m_pipeline.data.errors import MISDataError, ShardError
 from m2m_pipeline.data.io import sha256_file
 from m2m_pipeline.data.shards import decode_mis_sample, decode_npy, read_manifest, read_samples
@@ -141,7 +141,7 @@ def validate_caption_table(table: str | os.PathLike, max_tokens: int = 77) -> Va
     """Every caption is non-empty, within the CLIP limit (recounted), with a unique id."""
     result = ValidationResult("caption_table", os.fspath(table))
     ids: set[str] = set()
-    splits = {"train": 0, "test": 0}
+    splits = {name: 0 for name in SPLITS}
     try:
         for record in read_caption_table(table):
             where = f"{table}: caption {record.id!r} ({record.source})"

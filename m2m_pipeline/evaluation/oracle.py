@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -26,11 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from m2m_pipeline.data.io import atomic_directory
-from m2m_pipeline.data.shapes import (
+from m2m_pipeline.data.shapes import (  # noqa: F401 - render_dataset is re-exported for callers
     VOCABULARIES,
     attributes_of,
-    render_image,
-    uint8_to_images,
+    render_dataset,
 )
 
 CONFIG_FILE = "oracle_config.json"
@@ -205,22 +203,6 @@ def attribute_targets(attributes: Mapping[str, Any] | Sequence[Mapping[str, Any]
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def render_dataset(num: int, image_size: int, seed: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` images with uniformly random attributes -> (num, 3, S, S) in [-1, 1] and labels (num, 4).
-
-    Per-image attributes (not per-set): the oracle must not rely on set structure. The renderer's own
-    variation (placement, size, rotation, pattern phase, colour jitter) is the geometric jitter.
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.stack([rng.integers(len(VOCABULARIES[name]), size=num) for name in ATTRIBUTES], axis=1)
-    seeds = rng.integers(0, 2**63 - 1, size=num)
-    images = np.empty((num, image_size, image_size, 3), dtype=np.uint8)
-    for i in tqdm(range(num), desc=f"render oracle images ({image_size}px)", disable=not progress, leave=False):
-        ids = dict(zip(ATTRIBUTES, (int(v) for v in labels[i])))
-        images[i], _ = render_image(ids, int(seeds[i]), image_size)
-    return uint8_to_images(images), torch.from_numpy(labels).long()
-
-
 def _augment(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> torch.Tensor:
     """Photometric jitter a generator's output shows: per-image Gaussian noise, mirror images."""
     b = x.shape[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -31,9 +32,11 @@ from dagster import (
     MetadataValue,
     StaticPartitionsDefinition,
     asset,
+    asset_check,
     multi_asset,
 )
 
+from m2m_pipeline.data.captions import SPLITS
 from m2m_pipeline.orchestration.profiles import RunProfile
 from m2m_pipeline.orchestration.resources import (
     ComputeResource,
@@ -55,6 +58,7 @@ def layout(profile: RunProfile) -> dict[str, Path]:
         "raw_captions": a / "captions" / "raw.tsv",
         "filtered_captions": a / "captions" / "filtered",          # captions.jsonl + captions.jsonl.stats.json
         "mis_shards": a / "mis",                                     # <split>/mis-NNNNNN.tar + .json
+        "autoencoder": profile.autoencoder_dir,                      # vae/ + autoencoder.json (CPU profiles)
         "features": a / "features",                                  # latent_cache and dino_features share it
         "m2m_self_checkpoint": m / "m2m_self",
         "m2m_dino_checkpoint": m / "m2m_dino",
@@ -71,6 +75,7 @@ def layout(profile: RunProfile) -> dict[str, Path]:
 # share the `feature_caches` stage.
 DVC_STAGE = {
     "raw_captions": "raw_captions", "filtered_captions": "filtered_captions", "mis_shards": "mis_shards",
+    "autoencoder": "autoencoder",
     "latent_cache": "feature_caches", "dino_features": "feature_caches",
     "m2m_self_checkpoint": "m2m_self_checkpoint", "m2m_dino_checkpoint": "m2m_dino_checkpoint",
     "m2m_self_evaluation_report": "m2m_self_evaluation_report",
@@ -220,7 +225,7 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
             check = validate_caption_table(table, max_tokens=r.mis.max_tokens)
             hashes = version(dvc, run, r, "filtered_captions", context)
         yield MaterializeResult(metadata={
-            "kept": stats.kept, "train": stats.train, "test": stats.test,
+            "kept": stats.kept, "train": stats.train, "validation": stats.validation, "test": stats.test,
             "dropped": MetadataValue.json({"malformed": stats.malformed, "empty": stats.empty,
                                            "too_long": stats.too_long,
                                            "duplicates": stats.duplicates if r.mis.dedup else 0}),
@@ -251,7 +256,7 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                                            "sets_per_shard": r.mis.sets_per_shard, "seed": r.mis.seed,
                                            "partitions": f"{mine} of {world}"}) as run:
             if config.force:
-                for split in ("train", "test"):
+                for split in SPLITS:
                     for tar in owned_shards(root / split, mine, world):
                         tar.with_suffix(".json").unlink(missing_ok=True)  # uncommit: regenerated below
             generator = make_generator(r.mis, device=compute.resolved_device())
@@ -259,7 +264,7 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
             manifests: list[dict[str, Any]] = []
             shards: list[Path] = []
             for rank in mine:
-                for split in ("train", "test"):
+                for split in SPLITS:
                     done = generate_mis(captions_table(r), root / split, generator, r.mis, split=split,
                                         rank=rank, world_size=world, progress=False)
                     manifests += done
@@ -283,13 +288,19 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
         yield MaterializeResult(metadata=meta)
         yield merged_check("mis_shards_valid", key("mis_shards"), checks)
 
+    # ------------------------------------------------------------------ autoencoder (CPU profiles)
+    extra: list[Any] = []
+    if profile.autoencoder_preset is not None:
+        extra = make_autoencoder_assets(profile, key, paths, gpu_tags)
+
     # ------------------------------------------------------------------ feature caches (partitioned)
+    ae_deps = [key("autoencoder")] if profile.autoencoder_preset is not None else []
     feature_check = lambda name: AssetCheckSpec(
         "feature_shards_valid", asset=key(name), blocking=True,
         description="finite fp16 latents and DINO features of the expected shapes, keys match the MIS shard")
 
     @multi_asset(
-        specs=[AssetSpec(key("latent_cache"), group_name="features", deps=[key("mis_shards")], kinds={"pytorch"},
+        specs=[AssetSpec(key("latent_cache"), group_name="features", deps=[key("mis_shards")] + ae_deps, kinds={"pytorch"},
                          description="Autoencoder latents of every MIS image (pixels in [-1, 1] for pixel-space "
                                      "presets), fp16, one feature shard per MIS shard."),
                AssetSpec(key("dino_features"), group_name="features", deps=[key("mis_shards")], kinds={"pytorch"},
@@ -315,7 +326,7 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
             autoencoder, dino = load_feature_encoders(r.mis, compute.resolved_device())
             start = time.perf_counter()
             manifests, checks = [], []
-            for split in ("train", "test"):
+            for split in SPLITS:
                 for shard in owned_shards(src / split, mine, world):
                     manifest = build_feature_shard(shard, dst / split, autoencoder, dino, r.mis, progress=False)
                     manifests.append(manifest)
@@ -417,7 +428,8 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                                                "seed": config.seed}, extra_tags={"m2m.variant": variant}) as run:
                 res = evaluation.evaluate_variant(r, variant, r.path(paths[ckpt]) / "final",
                                                   r.path(paths["features"]) / "test",
-                                                  r.path(paths["attribute_oracle"]), out, compute, seed=config.seed)
+                                                  r.path(paths["attribute_oracle"]), out, compute, seed=config.seed,
+                                                  validation_dir=r.path(paths["features"]) / "validation")
                 per = res["report"]["per_position"]
                 for metric, values in per.items():  # one MLflow step per position n
                     for n, value in enumerate(values, start=1):
@@ -426,6 +438,11 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                     run.log_metrics({f"eval/{metric}_mean": stats["mean"], f"eval/{metric}_std": stats["std"]})
                 for branch, values in res["position1"].items():
                     run.log_metrics({f"position1/{branch}/{k}": v for k, v in values.items()})
+                run.log_params({f"chosen.{k}": v for k, v in res["sampling"].items()})
+                for i, row in enumerate((res["sweep"] or {}).get("rows", [])):
+                    run.log_metrics({f"validation_sweep/{k}": row[k] for k in ("score", "colour", "background",
+                                                                               "shape", "guidance_scale", "steps")},
+                                    step=i)
                 for metric, values in res["drift"].items():
                     for n, value in enumerate(values, start=1):
                         run.log_metrics({f"drift/{metric}": value}, step=n)
@@ -439,7 +456,9 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                 for k in ("colour", "background", "shape", "background_pattern", "background_colour"))
             return MaterializeResult(metadata={
                 "variant": variant, "sets": res["num_sets"], "context_images": ev.context_images,
-                "generated_images": ev.generated_images, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
+                "generated_images": ev.generated_images, "steps": res["sampling"]["steps"],
+                "guidance_scale": res["sampling"]["guidance_scale"], "sampling_chosen_on": res["sampling"]["chosen_on"],
+                **({"validation_sweep": MetadataValue.md(res["sweep"]["table"])} if res["sweep"] else {}),
                 "position1": MetadataValue.md(table),
                 "protocol_table": MetadataValue.md("```\n" + res["table"] + "\n```"),
                 **{f"{m}_mean": round(sv["mean"], 4) for m, sv in res["report"]["summary"].items()},
@@ -511,7 +530,68 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
     return [raw_captions, filtered_captions, mis_shards, feature_caches,
             make_checkpoint_asset("self"), make_checkpoint_asset("dino"),
             attribute_oracle, make_report_asset("self"), make_report_asset("dino"), learnability,
-            sampling_benchmark]
+            sampling_benchmark, *extra]
+
+
+# ====================================================================== the autoencoder of a CPU profile
+def make_autoencoder_assets(profile: RunProfile, key: Any, paths: dict[str, Path], gpu_tags: dict[str, str]
+                            ) -> list[Any]:
+    """`<profile>/autoencoder` (trained on the shapes world; SD's VAE at paper scale) and its blocking check
+    that the attribute oracle still reads every attribute from its reconstructions."""
+    p = profile.name
+
+    @asset(key=key("autoencoder"), group_name="features", kinds={"pytorch"}, op_tags=gpu_tags,
+           description="The CPU profiles' AutoencoderKL (E / D of Sec. 3, in the role of SD-2.1's VAE): trained on "
+                       "freshly rendered shapes-world images, saved as a Stable-Diffusion-style folder (vae/) and "
+                       "loaded by the paper path's VaeAutoencoder.from_pretrained.")
+    def autoencoder(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
+                    mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.autoencoder import GRID_NAME, AutoencoderConfig, train_autoencoder
+
+        r = settings.resolve(profile)
+        out = r.path(paths["autoencoder"])
+        cfg = AutoencoderConfig.preset(profile.autoencoder_preset, image_size=r.mis.resolution)
+        with mlflow.asset_run(context, p, cfg.to_dict()) as run:
+            report = train_autoencoder(cfg, out, progress=False, on_metrics=lambda m, step: run.log_metrics(
+                {f"autoencoder/{k}": v for k, v in m.items()}, step=step))
+            summary = {k: report[k] for k in ("heldout_psnr_db", "heldout_mse", "train_seconds", "steps",
+                                              "scaling_factor", "parameters")}
+            run.log_metrics({f"autoencoder/{k}": v for k, v in summary.items()})
+            run.log_artifact(out / GRID_NAME)
+            hashes = version(dvc, run, r, "autoencoder", context)
+        return MaterializeResult(metadata={
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()},
+            "latent_shape": str(tuple(report["latent_shape"])), "downsample": report["downsample"],
+            "cut_short_by_max_seconds": report["cut_short_by_max_seconds"],
+            "reconstructions": image_markdown(out / GRID_NAME, "held-out images | reconstructions"),
+            **common_metadata(r, run, hashes, [out])})
+
+    @asset_check(asset=key("autoencoder"), name="reconstructions_keep_attributes", blocking=True,
+                 additional_deps=[key("attribute_oracle")],
+                 description="The attribute oracle reads every attribute from the autoencoder's reconstructions of "
+                             "held-out images (>= 99% per attribute on the demo profile): the autoencoder must not "
+                             "destroy what is judged.")
+    def reconstructions_keep_attributes(context: AssetCheckExecutionContext, settings: M2MSettings,
+                                        compute: ComputeResource, mlflow: MLflowResource) -> AssetCheckResult:
+        from m2m_pipeline.autoencoder import oracle_reconstruction_accuracy
+        from m2m_pipeline.evaluation.oracle import AttributeOracle
+
+        r = settings.resolve(profile)
+        oracle = AttributeOracle.load(r.path(layout(profile)["attribute_oracle"]))
+        res = oracle_reconstruction_accuracy(r.path(paths["autoencoder"]), oracle)
+        bar = r.eval.autoencoder_min_accuracy
+        worst = min(res["reconstruction"].values())
+        with mlflow.asset_run(context, p, {"images": res["images"], "bar": bar}) as run:
+            run.log_metrics({f"autoencoder/oracle_reconstruction_{k}": v for k, v in res["reconstruction"].items()})
+            run.log_metrics({f"autoencoder/oracle_original_{k}": v for k, v in res["original"].items()})
+        return AssetCheckResult(
+            passed=bar is None or worst >= bar, severity=AssetCheckSeverity.ERROR,
+            metadata={"bar": bar if bar is not None else "none (reported only)", "worst": round(worst, 4),
+                      "images": res["images"], "psnr_db": round(res["psnr_db"], 2),
+                      **{f"reconstruction_{k}": round(v, 4) for k, v in res["reconstruction"].items()},
+                      **{f"original_{k}": round(v, 4) for k, v in res["original"].items()}})
+
+    return [autoencoder, reconstructions_keep_attributes]
 
 
 # ====================================================================== helpers

@@ -71,9 +71,11 @@ def train_oracle_for(r: Resolved, out: Path, compute: ComputeResource) -> tuple[
 
 @torch.no_grad()
 def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, oracle_dir: Path, out: Path,
-                     compute: ComputeResource, seed: int = 0) -> dict[str, Any]:
+                     compute: ComputeResource, seed: int = 0, validation_dir: Path | None = None) -> dict[str, Any]:
     """Everything one model's evaluation report holds; writes report.json, table.txt and the figures to `out`.
 
+    0. With `eval.sweep` and validation shards: guidance and DDIM steps chosen on validation sets (position-1
+       learnability score, evaluation/learnability.py), then used for everything below; never on test sets.
     1. The Sec. 8.4 protocol with guidance (`eval.generated_images` after `eval.context_images`), scored with
        the oracle (consistency, caption agreement) and oracle-feature FID / IS (the offline feature network).
     2. The same protocol with the image condition dropped (position 1): the unconditional branch.
@@ -93,6 +95,16 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
     if net.config.variant != variant:
         raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
     oracle = AttributeOracle.load(oracle_dir)
+    sweep: dict[str, Any] | None = None
+    val_shards = sorted(str(s) for s in validation_dir.glob("mis-*.tar")) if validation_dir is not None else []
+    if ev.sweep is not None and val_shards:
+        from m2m_pipeline.evaluation.learnability import choose_sampling, sweep_table
+
+        val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images)
+        best, rows = choose_sampling(net, autoencoder, val, oracle, ev.sweep, context_images=ev.context_images,
+                                     window=ev.window, seed=seed, context_encoder=encoder)
+        ev = dataclasses.replace(ev, guidance_scale=best["guidance_scale"], steps=best["steps"])
+        sweep = {"best": best, "rows": rows, "validation_sets": len(val.keys), "table": sweep_table(rows, best)}
     shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
     if not shards:
         raise FileNotFoundError(f"no test feature shards in {test_dir}")
@@ -174,6 +186,9 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
         "drift": {name: v.tolist() for name, v in drift.items()},
         "context_count": {str(n): {name: float(v[0]) for name, v in c.items()} for n, c in by_count.items()},
         "zero_shot_photos": names, "files": {k: str(v) for k, v in files.items()},
+        "sampling": {"guidance_scale": ev.guidance_scale, "steps": ev.steps,
+                     "chosen_on": "validation split" if sweep is not None else "the profile's EvalSpec"},
+        "sweep": sweep,
     }
     atomic_write_bytes(out / "report.json", (json.dumps(record, indent=1, default=str) + "\n").encode())
     atomic_write_bytes(out / "table.txt", (report.table() + "\n").encode())

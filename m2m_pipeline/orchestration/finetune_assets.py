@@ -158,7 +158,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
                                                "batch_size": ft.train.batch_size, "lr": ft.train.lr,
                                                "base": str(base.relative_to(r.root))},
                                   extra_tags={"m2m.task": ft.task}) as run:
-                result, splits = finetune(ft, data, out, base=base, progress=False,
+                result, splits = finetune(ft, data, out, base=base, progress=False, autoencoder=r.mis.vae_path,
                                           on_metrics=lambda m, step: run.log_metrics(
                                               {f"train/{k}": v for k, v in m.items()}, step=step))
                 atomic_write_text(out / "splits.json", [json.dumps(dataclasses.asdict(splits), indent=1)])
@@ -195,7 +195,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
                                   extra_tags={"m2m.task": ft.task}) as run:
                 start = time.perf_counter()
                 report = evaluate_finetune(ft, r.path(paths[DATA_OF[task]]), r.path(paths[ckpt]) / "final", out,
-                                           base=base, progress=False)
+                                           base=base, progress=False, autoencoder=r.mis.vae_path)
                 run.log_params({f"sampler.{k}": v for k, v in report["sampler"].items()})
                 run.log_metrics(report_metrics(report))
                 for path in report["files"].values():

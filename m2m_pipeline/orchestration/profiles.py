@@ -16,10 +16,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from m2m_pipeline.data.captions import caption_hash, split_of
+from m2m_pipeline.data.captions import SPLITS, caption_hash, split_of
 from m2m_pipeline.data.config import MISConfig, get_preset
 from m2m_pipeline.data.shapes import random_captions
 from m2m_pipeline.data.tokens import normalise_caption
+from m2m_pipeline.evaluation.learnability import SamplingSweep
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,14 @@ class EvalSpec:
     context_counts: tuple[int, ...] = (1, 2, 3, 4)  # preceding images in the Fig. 6 study
     zero_shot_images: int = 4             # images generated after each set of real photographs (Fig. 5)
     oracle_overrides: dict[str, Any] = field(default_factory=dict)  # train_oracle kwargs (OracleConfig fields)
+    autoencoder_min_accuracy: float | None = 0.99  # oracle accuracy on reconstructions, per attribute (None: report)
     benchmark_contexts: tuple[int, ...] = (1, 2, 4)  # context sizes the sampling benchmark times
     benchmark_images: int = 2             # images generated per timed call
     benchmark_steps: int = 20             # DDIM steps per timed image
     benchmark_repeats: int = 2            # interleaved timed rounds (median reported), after one warm-up
+    # Guidance and DDIM steps chosen on the validation split before the test protocol (None: use the two
+    # fields above as they are).
+    sweep: SamplingSweep | None = None
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,16 @@ class RunProfile:
     shard_groups: int | None = None       # partitions when shards are too many to list (paper); None: one per shard
     eval: EvalSpec = EvalSpec()
     gpu: bool = False                     # steps ask the production executor for nvidia.com/gpu
+    # AutoencoderConfig preset the profile trains as its `autoencoder` asset (the CPU presets' stand-in for
+    # SD's VAE, m2m_pipeline/autoencoder.py); None: the MIS preset names its own (SD's VAE, or pixels).
+    autoencoder_preset: str | None = None
 
     @cached_property
     def mis_config(self) -> MISConfig:
-        return get_preset(self.mis_preset).replace(**self.mis_overrides)
+        cfg = get_preset(self.mis_preset).replace(**self.mis_overrides)
+        if self.autoencoder_preset is not None and "autoencoder_path" not in self.mis_overrides:
+            cfg = cfg.replace(autoencoder="vae", autoencoder_path=str(self.autoencoder_dir))
+        return cfg
 
     # ------------------------------------------------------------------ paths (relative to the repo root)
     @property
@@ -68,6 +79,11 @@ class RunProfile:
     def models_dir(self) -> Path:
         return Path("models") / self.name
 
+    @property
+    def autoencoder_dir(self) -> Path:
+        """Where the profile's trained autoencoder lives (a folder with `vae/`, as an SD folder has)."""
+        return self.models_dir / "autoencoder"
+
     # ------------------------------------------------------------------ partitions
     def shard_counts(self, num_captions: int | None = None, test_fraction: float | None = None,
                      sets_per_shard: int | None = None) -> dict[str, int]:
@@ -76,9 +92,9 @@ class RunProfile:
         num = cfg.num_captions if num_captions is None else num_captions
         frac = cfg.test_fraction if test_fraction is None else test_fraction
         per = cfg.sets_per_shard if sets_per_shard is None else sets_per_shard
-        counts = {"train": 0, "test": 0}
+        counts = {split: 0 for split in SPLITS}
         for _, text in random_captions(num, self.caption_seed):
-            counts[split_of(caption_hash(normalise_caption(text)), frac)] += 1
+            counts[split_of(caption_hash(normalise_caption(text)), frac, cfg.validation_fraction)] += 1
         return {split: math.ceil(n / per) for split, n in counts.items()}
 
     @cached_property
@@ -100,19 +116,20 @@ class RunProfile:
 PROFILES: dict[str, RunProfile] = {
     # CI: the whole chain in a few minutes on 2 CPU cores (16 px sets, tiny nets, a few dozen steps).
     "smoke": RunProfile(
-        name="smoke", mis_preset="tiny", net_preset="tiny", train_preset="tiny",
+        name="smoke", mis_preset="tiny", net_preset="tiny-latent", train_preset="tiny", autoencoder_preset="tiny",
         train_overrides={"steps": 30},
         eval=EvalSpec(num_sets=4, context_images=4, generated_images=2, steps=4, drift_images=3, drift_sets=2,
                       zero_shot_images=1, benchmark_images=1, benchmark_steps=2, benchmark_repeats=1,
                       # an untrained smoke model needs no 99% oracle: a small one keeps CI fast (accuracy reported)
                       oracle_overrides={"train_images": 1500, "heldout_images": 300, "epochs": 2,
-                                        "min_accuracy": None}),
+                                        "min_accuracy": None}, autoencoder_min_accuracy=None,
+                      sweep=SamplingSweep(guidance_scales=(2.0, 3.0), steps=(4,), num_sets=2)),
     ),
-    # CPU demo: procedural MIS at 32 px, pixel-space demo nets, the demo training preset.
+    # CPU demo: procedural MIS at 32 px, its own autoencoder (32 px -> 8x8x4 latents), latent demo nets.
     "demo": RunProfile(
-        name="demo", mis_preset="demo", net_preset="demo", train_preset="demo",
+        name="demo", mis_preset="demo", net_preset="demo", train_preset="demo", autoencoder_preset="demo",
         eval=EvalSpec(num_sets=64, context_images=4, generated_images=10, steps=25, drift_images=25,
-                      drift_sets=12, benchmark_images=2, benchmark_steps=20),
+                      drift_sets=12, benchmark_images=2, benchmark_steps=20, sweep=SamplingSweep()),
     ),
     # The paper: SD-2.1-base MIS from CC12M on GPUs; partitions are groups of shards (~122 k shards in all).
     "paper": RunProfile(

@@ -139,6 +139,8 @@ class M2MSettings(ConfigurableResource):
             mis_overrides["model_path"] = self.sd_model_path
         if self.dino_path is not None:
             mis_overrides["dino_path"] = self.dino_path
+        if profile.autoencoder_preset is not None:  # trained by the profile's autoencoder asset
+            mis_overrides["autoencoder_path"] = str(root / profile.autoencoder_dir)
         changed = profile.replace(mis_preset=self.mis_preset or profile.mis_preset, mis_overrides=mis_overrides)
         try:
             mis = changed.mis_config
@@ -149,7 +151,7 @@ class M2MSettings(ConfigurableResource):
                           f"profile {profile.name!r} has {profile.num_partitions}; partitions are fixed by the "
                           f"profile (m2m_pipeline/orchestration/profiles.py)")
         # weights and data paths must exist before anything runs
-        if mis.generator == "stable-diffusion" or mis.autoencoder == "vae":
+        if mis.generator == "stable-diffusion" or (mis.autoencoder == "vae" and profile.autoencoder_preset is None):
             which = "sd_model_path"
             if not mis.model_path or not (root / mis.model_path).is_dir():
                 raise Failure(f"{field}.{which}: Stable Diffusion weights not found at "

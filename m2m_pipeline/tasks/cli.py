@@ -58,6 +58,8 @@ def eval_options(fn):
               help="Base M2M checkpoint trained without a task (default: train from scratch).")
 @click.option("--dino", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local DINOv2 folder for an M2M-DINO base (default: the CPU presets' seeded random encoder).")
+@click.option("--autoencoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of a latent base's AutoencoderKL (holding vae/, e.g. models/demo/autoencoder).")
 @click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
 @click.option("--steps", type=int, default=None, help="Fine-tuning steps (default: the preset's).")
 @click.option("--batch-size", type=int, default=None)
@@ -73,7 +75,7 @@ def eval_options(fn):
 @click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
-def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
+def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
                  spatial_bias, seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.data.io import atomic_write_text
@@ -93,17 +95,17 @@ def finetune_cmd(task, data, out_dir, base, dino, preset, steps, batch_size, lr,
     with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
         result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
-                                  on_metrics=lambda metrics, step: run.log_metrics(
+                                  autoencoder=autoencoder, on_metrics=lambda metrics, step: run.log_metrics(
                                       {f"train/{k}": v for k, v in metrics.items()}, step))
         atomic_write_text(out_dir / "splits.json", [json.dumps(
             {"data": str(data), "base": str(base) if base else None, "dino": str(dino) if dino else None,
-             "config": cfg.to_dict(),
+             "autoencoder": str(autoencoder) if autoencoder else None, "config": cfg.to_dict(),
              **dataclasses.asdict(splits)}, indent=1)])
         run.log_metrics({"train/final_loss": result.final_loss, "train/seconds": result.seconds})
         click.echo(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
                    f"checkpoint {result.checkpoint_dir}")
         if evaluate:
-            _evaluate(cfg, data, out_dir / "final", out_dir / "eval", base, run, dino)
+            _evaluate(cfg, data, out_dir / "final", out_dir / "eval", base, run, dino, autoencoder=autoencoder)
 
 
 @click.command("evaluate-task")
@@ -137,14 +139,16 @@ def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c,
     out = run_dir / "eval" if checkpoint is None and split == "test" else weights / f"eval-{split}"
     with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(weights),
                                                "m2m.split": split}) as run:
-        _evaluate(cfg, Path(meta["data"]), weights, out, meta["base"], run, meta.get("dino"), split)
+        _evaluate(cfg, Path(meta["data"]), weights, out, meta["base"], run, meta.get("dino"), split,
+                  meta.get("autoencoder"))
 
 
-def _evaluate(cfg, data, weights: Path, out: Path, base, run, dino=None, split: str = "test") -> None:
+def _evaluate(cfg, data, weights: Path, out: Path, base, run, dino=None, split: str = "test",
+              autoencoder=None) -> None:
     from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
     from m2m_pipeline.tasks.tracking import flatten
 
-    report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split)
+    report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split, autoencoder=autoencoder)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
     run.log_metrics(report_metrics(report))
     for path in report["files"].values():

@@ -28,8 +28,10 @@ from m2m_pipeline.tasks.finetune import (
     FinetuneConfig,
     Task,
     TaskEvalConfig,
+    TaskFeatures,
     init_task_model,
     make_splits,
+    task_autoencoder,
     task_dataset,
 )
 from m2m_pipeline.tasks.metrics import (
@@ -51,34 +53,41 @@ LOWER_IS_BETTER = ("lpips", "progress_error")
 
 # ---------------------------------------------------------------------- examples and methods
 def heldout_batches(task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                    image_size: int, items: int | None = None) -> list[dict[str, Any]]:
+                    image_size: int, items: int | None = None, autoencoder: Any | None = None
+                    ) -> list[dict[str, Any]]:
     """Fixed examples of the given items: context_images + target_images views / consecutive steps each,
-    drawn with `ec.seed` (the same for every method and every run)."""
+    drawn with `ec.seed` (the same for every method and every run); "images" are the pixels, "latents" their
+    codes under `autoencoder` (the pixels themselves when it is None)."""
     keys = list(keys)[: items if items is not None else ec.max_items]
     if not keys:
         raise ValueError("no held-out items to evaluate")
     data = task_dataset(task, root, keys, ec.context_images + ec.target_images, image_size, seed=ec.seed)
-    return list(make_task_loader(data, ec.batch_size, shuffle=False, drop_last=False))
+    return list(make_task_loader(TaskFeatures(data, autoencoder), ec.batch_size, shuffle=False, drop_last=False))
 
 
-def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None) -> Callable | None:
-    """What generate() encodes each context image with: None (M2M-Self attends to the images) or the DINO
-    encoder of an M2M-DINO model (pixel task presets: the latents are the images)."""
+def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None, autoencoder: Any | None = None
+                       ) -> Callable | None:
+    """What generate() encodes each context latent with: None (M2M-Self attends to the latents) or, for
+    M2M-DINO, the DINO encoder applied to the decoded image (the latent itself for pixel models)."""
     if net.config.variant != "dino":
         return None
     from m2m_pipeline.data.features import dino_encoder_for
 
-    return dino_encoder_for(net.config.image_size, net.config.dino_dim, dino).encode
+    encoder = dino_encoder_for(net.config.image_size, net.config.dino_dim, dino)
+    if autoencoder is None:
+        return encoder.encode
+    return lambda z: encoder.encode(autoencoder.decode(z))
 
 
 def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C: float | None = None,
-                 context_encoder: Callable | None = None) -> Method:
-    """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0).
-    `context_encoder`: `context_encoder_of(net)`, built once by the caller (a real DINOv2 is gigabytes)."""
+                 context_encoder: Callable | None = None, autoencoder: Any | None = None) -> Method:
+    """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0); latents are
+    decoded with `autoencoder` (pixel models: none). `context_encoder`: `context_encoder_of(net)`, built once
+    by the caller (a real DINOv2 is gigabytes)."""
     net = net.eval()
 
     def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
-        context = batch["latents"][:, : ec.context_images]  # (B, n_c, 3, S, S): pixel presets, latents = images
+        context = batch["latents"][:, : ec.context_images]  # (B, n_c, C, h, w)
         g_I, g_C = ec.s_I if s_I is None else s_I, ec.s_C if s_C is None else s_C
         if g_I == 1.0 and g_C == 1.0:
             # Eq. 7 at s_I = s_C = 1 is eps(z_0, c_C) alone: one network branch instead of three, same images.
@@ -86,6 +95,9 @@ def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C
         out = generate(net, context, ec.target_images, context_encoder=context_encoder,
                        task_cond=batch["task_cond"], steps=ec.steps,
                        guidance_scale=g_I, task_guidance_scale=g_C, seed=seeds, progress=False)
+        if autoencoder is not None:
+            b, k = out.shape[:2]
+            out = autoencoder.decode(out.flatten(0, 1)).unflatten(0, (b, k))  # (B, K, 3, S, S)
         return out.float().clamp(-1, 1)
 
     return predict
@@ -93,7 +105,7 @@ def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C
 
 def baseline_method(task: Task, ec: TaskEvalConfig) -> Method:
     def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
-        context = batch["latents"][:, : ec.context_images]
+        context = batch["images"][:, : ec.context_images]
         if task == "camera":  # the context view nearest in relative pose (the strongest copy baseline)
             cond = batch["task_cond"]
             return copy_input_view(context, ec.target_images, cond[:, : ec.context_images],
@@ -107,7 +119,7 @@ def baseline_method(task: Task, ec: TaskEvalConfig) -> Method:
 def score(task: Task, root: str | os.PathLike, batch: dict[str, Any], pred: torch.Tensor, ec: TaskEvalConfig,
           with_lpips: bool) -> dict[str, torch.Tensor]:
     """Per image (B, K) metrics of `pred` against the batch's targets."""
-    target = batch["latents"][:, ec.context_images:]
+    target = batch["images"][:, ec.context_images:]
     values = image_metrics(pred, target, with_lpips=with_lpips)
     keys = batch["key"]
     if task == "position" and all((Path(root) / k / ATTRIBUTES_NAME).is_file() for k in keys):
@@ -128,7 +140,7 @@ def run_methods(methods: dict[str, Method], task: Task, root: str | os.PathLike,
     offset = 0
     bar = tqdm(total=len(methods) * len(batches), desc=f"evaluate {task}", disable=not progress)
     for batch in batches:
-        b = batch["latents"].shape[0]
+        b = batch["images"].shape[0]
         seeds = [ec.seed + offset + i for i in range(b)]  # item i of the split samples with seed + i
         for name, method in methods.items():
             pred = method(batch, seeds)
@@ -217,15 +229,16 @@ def metrics_table(summary: dict[str, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------------- guidance sweep
 def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                   progress: bool = True, context_encoder: Callable | None = None
+                   progress: bool = True, context_encoder: Callable | None = None, autoencoder: Any | None = None
                    ) -> tuple[float, float, list[dict[str, float]]]:
     """(s_I, s_C) with the best mean PSNR on validation items (never test items), over the grid
     ec.sweep_s_I x ec.sweep_s_C; returns the choice and every grid point's PSNR."""
-    batches = heldout_batches(task, root, keys, ec, net.config.image_size, items=ec.sweep_items)
+    batches = heldout_batches(task, root, keys, ec, net.config.image_size, items=ec.sweep_items,
+                              autoencoder=autoencoder)
     rows = []
     for s_I in ec.sweep_s_I:
         for s_C in ec.sweep_s_C:
-            method = model_method(net, ec, s_I, s_C, context_encoder)
+            method = model_method(net, ec, s_I, s_C, context_encoder, autoencoder)
             values, _ = run_methods({"m": method}, task, root, batches, ec, progress=False)
             rows.append({"s_I": s_I, "s_C": s_C, "psnr": float(values["m"]["psnr"].mean())})
             if progress:
@@ -299,10 +312,12 @@ def _save_png(image: Any, path: str | os.PathLike) -> Path:
 def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: str | os.PathLike,
                       out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
                       grid_items: int = 4, progress: bool = True, dino: str | os.PathLike | None = None,
-                      split: Literal["test", "validation"] = "test") -> dict[str, Any]:
+                      split: Literal["test", "validation"] = "test",
+                      autoencoder: str | os.PathLike | None = None) -> dict[str, Any]:
     """Fine-tuned model vs the model before fine-tuning (the base, or the untrained task model) vs the
     task's copy baseline on the test split (or the validation split, to follow a run without looking at
-    test items; no guidance sweep then). Writes metrics.json, table.md, grid.png, psnr.png to out_dir."""
+    test items; no guidance sweep then). Writes metrics.json, table.md, grid.png, psnr.png to out_dir.
+    `autoencoder`: the AutoencoderKL folder of a latent model (both models share the base's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, ec = cfg.task, cfg.eval
@@ -315,17 +330,21 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     if tuned.config.task != task:
         raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
     before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed, spatial_bias=cfg.spatial_bias)
-    tuned_encoder = context_encoder_of(tuned, dino)
+    if before.config.autoencoder != tuned.config.autoencoder:
+        raise ValueError(f"{checkpoint} works in '{tuned.config.autoencoder}' space, the model before fine-tuning "
+                         f"in '{before.config.autoencoder}' space; evaluate against its own base")
+    ae = task_autoencoder(tuned, autoencoder)
+    tuned_encoder = context_encoder_of(tuned, dino, ae)
     before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
-                      else context_encoder_of(before, dino))
+                      else context_encoder_of(before, dino, ae))
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
     if ec.sweep_s_I and ec.sweep_s_C and splits.validation and split == "test":
         s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress,
-                                         context_encoder=tuned_encoder)
-    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, tuned_encoder),
-               "before fine-tuning": model_method(before, ec, s_I, s_C, before_encoder),
+                                         context_encoder=tuned_encoder, autoencoder=ae)
+    methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, tuned_encoder, ae),
+               "before fine-tuning": model_method(before, ec, s_I, s_C, before_encoder, ae),
                BASELINE[task]: baseline_method(task, ec)}
-    batches = heldout_batches(task, root, keys, ec, tuned.config.image_size)
+    batches = heldout_batches(task, root, keys, ec, tuned.config.image_size, autoencoder=ae)
     with_lpips = lpips_available()
     values, preds = run_methods(methods, task, root, batches, ec, with_lpips, progress)
     summary = summarize(values)
@@ -336,8 +355,8 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
                "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)",
                "variant": tuned.config.variant}
     table = metrics_table(summary) + "\n" + paired_table(paired)
-    context = torch.cat([b["latents"][:, : ec.context_images] for b in batches])[:grid_items]
-    truth = torch.cat([b["latents"][:, ec.context_images:] for b in batches])[:grid_items]
+    context = torch.cat([b["images"][:, : ec.context_images] for b in batches])[:grid_items]
+    truth = torch.cat([b["images"][:, ec.context_images:] for b in batches])[:grid_items]
     files = {
         "grid": save_grid(context, {k: v[:grid_items] for k, v in preds.items()}, truth, out / "grid.png"),
         "psnr_chart": save_bar_chart(summary, out / "psnr.png", f"{task}: held-out PSNR"),

@@ -188,34 +188,55 @@ def task_dataset(task: Task, root: str | os.PathLike, keys: Sequence[str], n_ima
     return _Split(steps, index)
 
 
-class WithDino(Dataset):
-    """A task dataset whose items also carry "dino": (N, S, D) DINO tokens of their images, what M2M-DINO
-    attends to. Computed per item (a frozen encoder: a function of the image), so the example order, epoch
-    seeding and map-style resume are those of the wrapped dataset. Task presets are pixel-space: the
-    items' "latents" are the images themselves."""
+class TaskFeatures(Dataset):
+    """A task dataset whose items carry what training and evaluation read: "images" (N, 3, S, S) in [-1, 1],
+    "latents" (the autoencoder's codes of the images; the images themselves for pixel-space models) and, for
+    M2M-DINO, "dino" (N, tokens, D). Frozen encoders, computed per item, so the example order, epoch seeding
+    and map-style resume are those of the wrapped dataset (whose items hold the pixels as "latents")."""
 
-    def __init__(self, dataset: Dataset, encoder: Any):
-        self.dataset, self.encoder = dataset, encoder
+    def __init__(self, dataset: Dataset, autoencoder: Any | None = None, dino: Any | None = None):
+        self.dataset, self.autoencoder, self.dino = dataset, autoencoder, dino
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = dict(self.dataset[index])
-        item["dino"] = self.encoder.encode(item["latents"])  # (N, 3, S, S) images -> (N, tokens, D)
+        images = item["latents"]  # the task readers yield pixels
+        item["images"] = images
+        if self.autoencoder is not None:
+            item["latents"] = self.autoencoder.encode(images).float()  # (N, C, h, w)
+        if self.dino is not None:
+            item["dino"] = self.dino.encode(images)  # (N, 3, S, S) images -> (N, tokens, D)
         return item
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
-def with_context_features(net: M2MUNet, dataset: Dataset, dino: str | os.PathLike | None = None) -> Dataset:
-    """What the variant's training batches need: M2M-Self attends to the images, M2M-DINO to their tokens."""
-    if net.config.variant != "dino":
-        return dataset
-    from m2m_pipeline.data.features import dino_encoder_for
+def task_autoencoder(net: M2MUNet, autoencoder: str | os.PathLike | None = None) -> Any | None:
+    """The autoencoder a task model works through: None for pixel-space models, else the AutoencoderKL folder
+    (`vae/` inside) its base was trained with, loaded by the paper path's VaeAutoencoder."""
+    if net.config.autoencoder == "pixel":
+        return None
+    if autoencoder is None:
+        raise ValueError("this model diffuses autoencoder latents (config autoencoder 'vae'): pass the folder of "
+                         "its autoencoder (the one holding vae/, e.g. models/demo/autoencoder)")
+    from m2m_pipeline.encoders import VaeAutoencoder
 
-    return WithDino(dataset, dino_encoder_for(net.config.image_size, net.config.dino_dim, dino))
+    return VaeAutoencoder.from_pretrained(autoencoder)
+
+
+def with_context_features(net: M2MUNet, dataset: Dataset, dino: str | os.PathLike | None = None,
+                          autoencoder: str | os.PathLike | None = None) -> Dataset:
+    """What the variant's training batches need: latents (the images for pixel models), and for M2M-DINO the
+    DINO tokens of the images."""
+    encoder = None
+    if net.config.variant == "dino":
+        from m2m_pipeline.data.features import dino_encoder_for
+
+        encoder = dino_encoder_for(net.config.image_size, net.config.dino_dim, dino)
+    return TaskFeatures(dataset, task_autoencoder(net, autoencoder), encoder)
 
 
 class EpochBatches:
@@ -240,17 +261,19 @@ def finetune(config: FinetuneConfig, root: str | os.PathLike, out_dir: str | os.
              base: str | os.PathLike | None = None, on_metrics: MetricsFn | None = None,
              device: str | None = None, progress: bool = True,
              resume_from: str | os.PathLike | None = None,
-             dino: str | os.PathLike | None = None) -> tuple[TrainResult, TaskSplits]:
+             dino: str | os.PathLike | None = None,
+             autoencoder: str | os.PathLike | None = None) -> tuple[TrainResult, TaskSplits]:
     """Fine-tune a task model on the train split of `root`; checkpoints under out_dir (final/).
     The variant is the base's (M2M-Self or M2M-DINO; from scratch: M2M-Self). `dino`: a local DINOv2 folder
     for an M2M-DINO base (default: the CPU presets' seeded random encoder its features were built with).
+    `autoencoder`: the folder of a latent base's AutoencoderKL (`vae/` inside); pixel bases need none.
     `resume_from` ("latest" or a checkpoint folder) continues an interrupted or finished run exactly."""
     splits = make_splits(config.task, root, config.held_out, config.validation, config.split_seed)
     net = init_task_model(config.task, base, config.net_preset, seed=config.train.seed,
                           spatial_bias=config.spatial_bias)
     data = task_dataset(config.task, root, splits.train, config.train.n_images, net.config.image_size,
                         seed=config.train.seed)
-    data = with_context_features(net, data, dino)
+    data = with_context_features(net, data, dino, autoencoder)
     batches = EpochBatches(data, config.train.batch_size, seed=config.train.seed,
                            num_workers=config.train.num_workers)
     result = train(net.config, config.train, batches, out_dir, net=net, on_metrics=on_metrics, device=device,
