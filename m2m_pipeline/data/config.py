@@ -85,19 +85,20 @@ class MISConfig:
 MIS_PRESETS: dict[str, MISConfig] = {
     # Unit tests: a handful of 16 px sets, whole pipeline in seconds.
     "tiny": MISConfig(
-        name="tiny", num_captions=16, resolution=16, sets_per_shard=4, test_fraction=0.25,
+        name="tiny", num_captions=16, resolution=16, sets_per_shard=4, test_fraction=0.25, validation_fraction=0.2,
         dino_hidden_size=32, dino_layers=1, dino_patch_size=8, feature_batch_size=50, shuffle_buffer=16,
     ),
     # CPU demo: the procedural world at 32 px, enough sets for a small model to learn colour/shape/background.
     "demo": MISConfig(
         name="demo", num_captions=4096, resolution=32, sets_per_shard=512, test_fraction=0.05,
+        validation_fraction=0.05,
         dino_hidden_size=96, dino_layers=2, dino_patch_size=8, feature_batch_size=200,
     ),
     # Sec. 4 as published: SD 2.1-base, 512 px, 25 images, Euler, guidance 7.5, 50 steps.
     "paper": MISConfig(
         name="paper", generator="stable-diffusion", model_path="models/stable-diffusion-2-1-base",
         model_name="stabilityai/stable-diffusion-2-1-base", resolution=512, captions_per_batch=2,
-        keep_latents=True, sets_per_shard=100, image_format="jpeg", test_fraction=0.001,
+        keep_latents=True, sets_per_shard=100, image_format="jpeg", test_fraction=0.001, validation_fraction=0.001,
         autoencoder="vae", dino_path="models/dinov2-giant", feature_batch_size=64, reuse_generation_latents=True,
         shuffle_buffer=2000,
     ),
