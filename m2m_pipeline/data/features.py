@@ -163,7 +163,8 @@ def build_feature_shard(
                 keys.append(sample.key)
             chunk.clear()
 
-        for raw in read_samples([mis_shard]):
+        read: dict[str, dict[str, Any]] = {}  # what the reader hashed while streaming the MIS shard
+        for raw in read_samples([mis_shard], digests=read):  # raises at the end if bytes or keys differ
             chunk.append(decode_mis_sample(raw, source["images_per_set"]))
             if len(chunk) == samples_per_chunk:
                 flush()
@@ -174,7 +175,7 @@ def build_feature_shard(
                              f"holds {len(keys)} samples but its manifest lists {source['num_samples']} "
                              f"(truncated?); regenerate it")
     bar.close()
-    extra = {"kind": "features", "source": mis_shard.name, "source_sha256": source["sha256"],
+    extra = {"kind": "features", "source": mis_shard.name, "source_sha256": read[os.fspath(mis_shard)]["sha256"],
              "encoders": encoder_tag(cfg), "images_per_set": source["images_per_set"],
              "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
              "preset": cfg.name}
