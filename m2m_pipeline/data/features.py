@@ -128,6 +128,8 @@ def build_feature_shard(
     source = read_manifest(mis_shard)
     if source is None:
         raise ShardError(os.fspath(mis_shard), None, f"no manifest {manifest_path(mis_shard)}; generate the shard first")
+    if source["num_samples"] == 0:
+        raise ShardError(os.fspath(mis_shard), None, "holds no sets (its manifest lists 0); nothing to encode")
     shard = Path(out_dir) / mis_shard.name
     request = hashlib.sha256(dump_json({"source": source["sha256"], "encoders": encoder_tag(cfg)})).hexdigest()
     done = shard_is_complete(shard, request)
@@ -192,7 +194,9 @@ def build_feature_shards(
     rank: int = 0, world_size: int = 1, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Feature shards for every MIS shard in `mis_dir` (this worker's share, round-robin)."""
-    autoencoder, dino = load_feature_encoders(cfg, device)
     shards = sorted(Path(mis_dir).glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no MIS shards (*.tar) in {mis_dir}; generate them first")
+    autoencoder, dino = load_feature_encoders(cfg, device)
     return [build_feature_shard(s, out_dir, autoencoder, dino, cfg, progress=progress)
             for i, s in enumerate(shards) if i % world_size == rank]
