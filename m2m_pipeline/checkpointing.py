@@ -83,9 +83,11 @@ def resolve_resume(resume_from: str | os.PathLike | None, out: Path) -> Path | N
     path = Path(resume_from)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from={str(resume_from)!r}: no such checkpoint folder")
-    if not is_complete(path) or not (path / RAW_DIR).is_dir():
-        raise ValueError(f"resume_from={str(path)!r} is not a complete training checkpoint (needs {STATE_NAME}, "
-                         f"config.json and {RAW_DIR}/); `final/` holds weights only; resume from a checkpoint-*")
+    missing = [name for name in (STATE_NAME, "config.json", RAW_DIR) if not (path / name).exists()]
+    if missing:
+        raise CheckpointError(f"{path / missing[0]}: missing, so {path} is not a complete training checkpoint (needs "
+                         f"{STATE_NAME}, config.json and {RAW_DIR}/); `final/` holds weights only; resume from a "
+                         f"checkpoint-*")
     return path
 
 
@@ -269,6 +271,7 @@ class CheckpointReader:
                                   f"accelerate state, cannot be resumed safely; start from its weights instead)")
         self.files: dict[str, dict[str, Any]] = files
         self.check_listing()
+        self.verified: set[str] = set()
 
     def check_names(self) -> None:
         """Refuse any file or folder this module does not write (a planted .pkl, .pt, .bin, ...), naming it."""
@@ -310,7 +313,14 @@ class CheckpointReader:
         if len(data) != record["bytes"] or digest != record.get("sha256"):
             raise CheckpointError(f"{path}: sha256 {digest[:12]}.. does not match {str(record.get('sha256'))[:12]}.. "
                                   f"recorded in train_state.json (corrupt or replaced)")
+        self.verified.add(rel)
         return data
+
+    def verify_rest(self) -> None:
+        """Hash the recorded files a resume does not read (raw/config.json, other ranks' states): a checkpoint
+        is resumed from only if all of it is intact, so the next one is not built on a damaged folder."""
+        for rel in sorted(set(self.files) - self.verified):
+            self.read(rel)
 
     def json(self, rel: str) -> Any:
         try:

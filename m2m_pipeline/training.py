@@ -236,14 +236,23 @@ class _Trainer:
                 shutil.rmtree(tmp)  # left by a writer killed mid-save
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        ckpt.save_rank_state(tmp, self.rank, self.generator)  # every rank: its own RNGs
+        try:
+            ckpt.save_rank_state(tmp, self.rank, self.generator)  # every rank: its own RNGs
+            if self.acc.is_main_process:
+                self.net.save_pretrained(tmp / ckpt.RAW_DIR)
+                ckpt.save_weights_into(self.net, tmp, self._inference_state())
+                ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler, self.ema, self.acc.scaler)
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                ckpt.write_state(tmp, {**state, "resumable": True})  # last: hashes the rest, marks it complete
+        except OSError as exn:  # e.g. a full disk: the temp folder is dropped, published checkpoints stay
+            if self.acc.is_main_process:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(exn.errno, f"{final}: writing the checkpoint failed ({exn.strerror or exn}); the "
+                                     f"checkpoints already in {self.out} are unchanged") from exn
         if self.acc.is_main_process:
-            self.net.save_pretrained(tmp / ckpt.RAW_DIR)
-            ckpt.save_weights_into(self.net, tmp, self._inference_state())
-            ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler, self.ema, self.acc.scaler)
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            ckpt.write_state(tmp, {**state, "resumable": True})  # last: hashes the rest, marks the folder complete
             ckpt.publish(tmp, final)
             ckpt.prune(self.out, self.tc.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -286,6 +295,7 @@ class _Trainer:
             ckpt.set_rng_state(reader.state_pair(name), self.generator, f"{directory / name}.json")
         else:
             self.acc.print(f"warning: {directory} has no RNG state for rank {self.rank}; noise differs")
+        reader.verify_rest()
         return state
 
     # ------------------------------------------------------------------ the loop
