@@ -152,18 +152,21 @@ def _manifest_for(url: str, verify: bool) -> dict[str, Any] | None:
     return manifest
 
 
-def _manifest_problem(keys: list[str], manifest: dict[str, Any], end_problem: str | None) -> str | None:
+def _manifest_problem(keys: list[str], manifest: dict[str, Any],
+                      end_problem: str | None) -> tuple[str | None, str] | None:
+    """(sample key at fault, reason) when the keys read differ from the manifest's, else None."""
     expected = manifest["keys"]
     if keys == expected:
         return None
     if len(keys) < len(expected) and keys == expected[: len(keys)]:
-        return (f"shard ends after {len(keys)} samples but its manifest lists {manifest['num_samples']} "
-                + (f"({end_problem})" if end_problem else "(truncated at a member boundary?)"))
+        return keys[-1] if keys else None, (
+            f"shard ends after {len(keys)} samples but its manifest lists {manifest['num_samples']} "
+            + (f"({end_problem})" if end_problem else "(truncated at a member boundary?)"))
     i = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
-    read = keys[i] if i < len(keys) else "<end>"
+    read = keys[i] if i < len(keys) else None
     listed = expected[i] if i < len(expected) else "<end>"
-    return (f"sample keys differ from the manifest at position {i}: read {read!r}, manifest lists {listed!r} "
-            f"({len(keys)} read, {len(expected)} listed)")
+    return read, (f"sample keys differ from the manifest at position {i}: read {read or '<end>'!r}, manifest "
+                  f"lists {listed!r} ({len(keys)} read, {len(expected)} listed)")
 
 
 def _tar_members(src: Iterable[Mapping[str, Any]], verify: bool = True,
@@ -211,7 +214,7 @@ def _tar_members(src: Iterable[Mapping[str, Any]], verify: bool = True,
             digests[url] = {"sha256": stream.hexdigest(), "bytes": stream.position, "keys": keys}
         problem = _manifest_problem(keys, manifest, end_problem) if manifest is not None else None
         if problem is not None:
-            raise ShardError(url, last_key, problem)
+            raise ShardError(url, *problem)
         if end_problem is not None:
             raise ShardError(url, last_key, end_problem)
         if manifest is not None and (stream.hexdigest() != manifest["sha256"] or stream.position != manifest["bytes"]):

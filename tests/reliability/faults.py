@@ -29,9 +29,10 @@ def member(shard: Path, suffix: str, sample: int = 1) -> Member:
     return next(m for m in members(shard) if m.name == name)
 
 
-def flip(path: Path, offset: int) -> None:
+def flip(path: Path, offset: int, bits: int = 0x01) -> None:
+    """Flip bits of one byte (default: the lowest, as bit rot does; text stays ASCII, arrays stay arrays)."""
     data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
+    data[offset] ^= bits
     path.write_bytes(bytes(data))
 
 
