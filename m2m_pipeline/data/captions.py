@@ -1,7 +1,7 @@
 """Caption filtering (Sec. 4): CC12M-format TSV in, a filtered caption table with stable ids out.
 
 Input lines are `url<TAB>caption` (CC12M has exactly two columns and no header). A line with no tab,
-more than one tab, or bytes that are not UTF-8 is *malformed*: counted, sampled with `file:line` in the
+more than one tab, a NUL byte, or bytes that are not UTF-8 is *malformed*: counted, sampled with `file:line` in the
 stats, and skipped. A second tab is treated as malformed rather than joined into the caption because
 TSV has no escaping: the extra column may as well be a shifted record, and at 12 M captions dropping a
 handful costs less than rendering 25 images of a mis-parsed caption.
@@ -116,6 +116,9 @@ def read_tsv_lines(path: Path) -> Iterator[_Line]:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exn:
                     yield _Line(where, None, None, f"bad UTF-8 at byte {exn.start}")
+                    continue
+                if "\x00" in line:  # text never holds NUL; a binary file does (and may hold a tab by chance)
+                    yield _Line(where, None, None, "NUL byte (binary data)")
                     continue
                 columns = line.split("\t")
                 if len(columns) != 2:

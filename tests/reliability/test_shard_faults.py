@@ -182,3 +182,30 @@ def test_a_verified_shard_closes_its_ledger_entry(built):
     for batch in make_loader(shard, n_images=3, batch_size=1, shuffle_buffer=0):
         ledger.record(batch)
     assert ledger.pending() == []
+
+
+# ---- reads without a manifest (verify=False: the validators' own reads, other tools' shards)
+def test_a_corrupt_attributes_json_names_shard_and_key_without_a_manifest(data):
+    from m2m_pipeline.data import MISExamples
+
+    shard = data / "features" / "train" / SHARD
+    m = member(shard, "attributes.json", 0)
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[m.data : m.data + 2] = b"\xff\xfe"  # not UTF-8 (was a bare UnicodeDecodeError on main)
+    shard.write_bytes(bytes(data_bytes))
+    manifest_path(shard).unlink()
+    with pytest.raises(ShardError) as caught:
+        list(MISExamples(shard, n_images=3, shuffle_buffer=0, verify=False))
+    assert caught.value.shard == str(shard) and caught.value.key == m.name.split(".")[0]
+    assert "'attributes.json' is not UTF-8" in str(caught.value)
+
+
+@pytest.mark.parametrize("fault", ["header_name", "header_size", "cut_at_sample_boundary"])
+def test_a_damaged_tar_without_a_manifest_is_an_error_not_fewer_samples(data, fault):
+    from m2m_pipeline.data import read_samples
+
+    shard = data / "features" / "train" / SHARD
+    FAULTS["features"][fault](shard)
+    manifest_path(shard).unlink()
+    with pytest.raises(ShardError, match=f"^{shard}: sample .*(corrupt tar header|no end-of-archive marker)"):
+        list(read_samples([shard], verify=False))
