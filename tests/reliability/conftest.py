@@ -53,3 +53,11 @@ def run(trained, tmp_path) -> Path:
     """A private copy of the micro training run."""
     shutil.copytree(trained, tmp_path / "run")
     return tmp_path / "run"
+
+
+COLLECTED: list[str] = []  # node ids of every reliability test collected, before -k / -m deselect any
+
+
+def pytest_itemcollected(item) -> None:
+    if "tests/reliability/" in item.nodeid:
+        COLLECTED.append(item.nodeid.split("tests/reliability/", 1)[1])

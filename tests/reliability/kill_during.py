@@ -5,6 +5,7 @@ ROOT and SIGKILL this very process in the middle of its writing (tests/reliabili
 - mis:        at the 6th image set, i.e. inside the second MIS shard (4 sets per shard)
 - features:   while encoding the second feature shard
 - checkpoint: while saving checkpoint-0000004, after its tensors and before its train_state.json
+- step:       in training step 3, between checkpoint-0000002 and checkpoint-0000004
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main(stage: str, root: Path) -> None:
         features.encode_images = dying
         features.build_feature_shards(root / "mis" / "train", root / "features" / "train", cfg, device="cpu",
                                       progress=False)
-    elif stage == "checkpoint":
+    elif stage in ("checkpoint", "step"):
         from test_training_scale import MICRO, list_data, micro_config
 
         from m2m_pipeline import checkpointing
@@ -78,9 +79,10 @@ def main(stage: str, root: Path) -> None:
                 die()
             real(directory, state)
 
-        checkpointing.write_state = dying
+        if stage == "checkpoint":
+            checkpointing.write_state = dying
         train(MICRO, micro_config(steps=6, checkpoint_every=2), list_data(), root / "run", progress=False,
-              device="cpu")
+              device="cpu", on_metrics=(lambda metrics, step: step == 3 and die()) if stage == "step" else None)
     raise SystemExit(f"stage {stage!r} ended without being killed")
 
 

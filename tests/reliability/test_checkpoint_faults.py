@@ -58,8 +58,11 @@ def test_a_damaged_checkpoint_file_is_refused_naming_it(run, name, how):
     assert tree_digest(run) == before
 
 
-@pytest.mark.parametrize("forgery", ["not_json", "no_file_list", "lists_a_pickle", "wrong_size", "wrong_sha256",
-                                     "old_format"])
+FORGERIES = {"not_json": ckpt.STATE_NAME, "no_file_list": ckpt.STATE_NAME, "lists_a_pickle": ckpt.STATE_NAME,
+             "wrong_size": "model.safetensors", "wrong_sha256": "raw/model.safetensors", "old_format": ckpt.STATE_NAME}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
 def test_a_forged_train_state_is_refused_naming_the_file(run, forgery):
     path = run / CHECKPOINT / ckpt.STATE_NAME
     state = json.loads(path.read_text())
@@ -79,7 +82,7 @@ def test_a_forged_train_state_is_refused_naming_the_file(run, forgery):
         path.write_text(json.dumps(state))
     with pytest.raises(CheckpointError) as caught:
         resume(run, run / CHECKPOINT)
-    assert str(run / CHECKPOINT) in str(caught.value)
+    assert str(run / CHECKPOINT / FORGERIES[forgery]) in str(caught.value), caught.value
 
 
 def test_a_full_disk_while_saving_keeps_the_published_checkpoints(run, monkeypatch):

@@ -66,16 +66,18 @@ def test_a_kill_mid_write_commits_nothing_partial_and_the_rerun_is_identical(bui
 
 
 @pytest.mark.slow
-def test_a_kill_mid_checkpoint_keeps_the_previous_one_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("stage", ["checkpoint", "step"])
+def test_a_kill_mid_checkpoint_or_step_keeps_the_previous_one_and_resumes_exactly(tmp_path, stage):
     from test_training_scale import MICRO, list_data, micro_config
 
     from m2m_pipeline import checkpointing as ckpt
     from m2m_pipeline.training import train
 
-    kill_during("checkpoint", tmp_path)
+    kill_during(stage, tmp_path)
     run = tmp_path / "run"
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["checkpoint-0000002"]
-    assert (run / ".checkpoint-0000004.tmp").is_dir() and not (run / "final").exists()  # really died mid-save
+    assert (run / ".checkpoint-0000004.tmp").is_dir() == (stage == "checkpoint")  # really died mid-save
+    assert not (run / "final").exists()
     resumed = train(MICRO, micro_config(steps=6, checkpoint_every=2), list_data(), run, progress=False, device="cpu",
                     resume_from="latest")
     straight = train(MICRO, micro_config(steps=6, checkpoint_every=2), list_data(), tmp_path / "straight",
