@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -230,25 +231,13 @@ class _Trainer:
         if stream is not None:
             stream.verify_consumed()  # no checkpoint includes updates from bytes not yet checked against a manifest
         if self.acc.is_main_process:
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)  # left by a writer killed mid-save
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a writer killed mid-save
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         try:
-            ckpt.save_rank_state(tmp, self.rank, self.generator)  # every rank: its own RNGs
-            if self.acc.is_main_process:
-                self.net.save_pretrained(tmp / ckpt.RAW_DIR)
-                ckpt.save_weights_into(self.net, tmp, self._inference_state())
-                ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler, self.ema, self.acc.scaler)
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                ckpt.write_state(tmp, {**state, "resumable": True})  # last: hashes the rest, marks it complete
+            self._write_checkpoint(tmp, state)
         except OSError as exn:  # e.g. a full disk: the temp folder is dropped, published checkpoints stay
             if self.acc.is_main_process:
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(exn.errno, f"{final}: writing the checkpoint failed ({exn.strerror or exn}); the "
                                      f"checkpoints already in {self.out} are unchanged") from exn
@@ -257,6 +246,16 @@ class _Trainer:
             ckpt.prune(self.out, self.tc.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, tmp: Path, state: dict[str, Any]) -> None:
+        ckpt.save_rank_state(tmp, self.rank, self.generator)  # every rank: its own RNGs
+        if self.acc.is_main_process:
+            self.net.save_pretrained(tmp / ckpt.RAW_DIR)
+            ckpt.save_weights_into(self.net, tmp, self._inference_state())
+            ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler, self.ema, self.acc.scaler)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.write_state(tmp, {**state, "resumable": True})  # last: hashes the rest, marks it complete
 
     def save_final(self, state: dict[str, Any]) -> Path:
         final = self.out / "final"
