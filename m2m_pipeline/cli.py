@@ -7,6 +7,14 @@ from pathlib import Path
 
 import click
 
+from m2m_pipeline.cli_types import (
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    FriendlyGroup,
+)
+
 
 def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> Path:
     """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world."""
@@ -30,9 +38,12 @@ def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> P
     return workdir / "features"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: M2M_DEBUG=1).")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """M2M: many-to-many image generation with auto-regressive diffusion models."""
+    ctx.meta["m2m.debug"] = debug
 
 
 @main.command()
@@ -44,22 +55,24 @@ def main() -> None:
               help="Feature shards (folder, glob or brace pattern) or 'procedural' to build the shapes world first.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: checkpoints land in OUT/checkpoint-<step>/ and OUT/final/.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the preset's).")
-@click.option("--batch-size", type=int, default=None, help="Image sets per step (default: the preset's).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's).")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help="Image sets per step (default: the preset's).")
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="AdamW learning rate (default: the preset's).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Local Stable Diffusion folder: initialise from its U-Net (Sec. 6.1).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, noise and drops.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seed of data order, noise and drops.")
 @click.option("--resume", "resume_from", default=None,
               help="Continue from a checkpoint folder, or 'latest' (the newest complete one in OUT; none: start).")
-@click.option("--max-seconds", type=float, default=None, help="Wall-clock budget; stops cleanly and saves.")
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (default: preset's).")
-@click.option("--global-batch-size", type=int, default=None,
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=None,
+              help="Wall-clock budget; stops cleanly and saves (0: none).")
+@click.option("--grad-accum", type=POSITIVE_INT, default=None, help="Micro-batches per optimizer step (default: preset's).")
+@click.option("--global-batch-size", type=POSITIVE_INT, default=None,
               help="Global batch; gradient accumulation is derived from it and the number of processes.")
 @click.option("--ema/--no-ema", default=None, help="Keep an EMA of the weights (default: on).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in backward (default: the preset's).")
-@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (default: preset's).")
+@click.option("--checkpoint-every", type=NON_NEGATIVE_INT, default=None,
+              help="Steps between checkpoints (0: only the final one; default: preset's).")
 @click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log step-wise metrics there (rank 0).")
 def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None, batch_size: int | None,
           lr: float | None, init_from: Path | None, seed: int, resume_from: str | None, max_seconds: float | None,
@@ -198,13 +211,15 @@ def _read_images(paths: list[Path], size: int):
               help="M2M checkpoint folder (config.json + model.safetensors).")
 @click.option("--context", "context", type=click.Path(path_type=Path), multiple=True,
               help="Preceding images: a folder or image files (repeatable), in order. None: generate from scratch.")
-@click.option("--num-images", "-k", type=int, default=4, show_default=True, help="Images to generate.")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Image guidance s (Eq. 6) / s_I (Eq. 7).")
-@click.option("--task-guidance", type=float, default=None, help="Task guidance s_C (Eq. 7), task models only.")
-@click.option("--window", type=int, default=None, help="Context window W (default: all preceding images).")
-@click.option("--anchors", type=int, default=0, show_default=True, help="First images always kept in the window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; image k depends on (seed, k) only.")
+@click.option("--num-images", "-k", type=POSITIVE_INT, default=4, show_default=True, help="Images to generate.")
+@click.option("--steps", type=POSITIVE_INT, default=50, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=7.5, show_default=True, help="Image guidance s (Eq. 6) / s_I (Eq. 7).")
+@click.option("--task-guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Task guidance s_C (Eq. 7), task models only.")
+@click.option("--window", type=NON_NEGATIVE_INT, default=None,
+              help="Context window W (0: no context; default: all preceding images).")
+@click.option("--anchors", type=NON_NEGATIVE_INT, default=0, show_default=True, help="First images always kept in the window.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True,
+              help="Seed; image k depends on (seed, k) only.")
 @click.option("--no-cache", is_flag=True, help="Recompute context keys/values at every step (slower, same images).")
 @click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="Local Stable Diffusion folder for the VAE (latent-space checkpoints).")
@@ -257,7 +272,7 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Output folder.")
 @click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True)
-@click.option("--steps", type=int, default=300, show_default=True, help="Training steps (brief demo).")
+@click.option("--steps", type=POSITIVE_INT, default=300, show_default=True, help="Training steps (brief demo).")
 @click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
 def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""

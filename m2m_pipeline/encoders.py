@@ -61,7 +61,7 @@ class VaeAutoencoder(nn.Module):
         from diffusers import AutoencoderKL
 
         local = resolve_local_path(path, subfolder=subfolder, what="Stable Diffusion VAE")
-        return cls(AutoencoderKL.from_pretrained(local, subfolder=subfolder))
+        return cls(AutoencoderKL.from_pretrained(local, subfolder=subfolder, use_safetensors=True))  # no pickle
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class DinoEncoder(nn.Module):
         from transformers import AutoImageProcessor, Dinov2Model
 
         local = resolve_local_path(path, subfolder=None, what="DINOv2 model")
-        model = Dinov2Model.from_pretrained(local)
+        model = Dinov2Model.from_pretrained(local, use_safetensors=True)  # never a pickled .bin
         try:
             proc = AutoImageProcessor.from_pretrained(local)
             crop = proc.crop_size["height"]

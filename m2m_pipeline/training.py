@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -211,27 +212,8 @@ class _Trainer:
         self.ema = None
         if tc.use_ema:
             self.ema = EMAModel(self.net.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power)
-            accelerator.register_for_checkpointing(self.ema)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
-        accelerator.register_save_state_pre_hook(self._save_model_hook)
-        accelerator.register_load_state_pre_hook(self._load_model_hook)
         self.objective = M2MObjective(self.net.config, tc.drops)
         self.generator = torch.Generator().manual_seed(tc.seed + RANK_SEED_STRIDE * self.rank)
-
-    # ------------------------------------------------------------------ accelerate hooks: raw weights as M2M folder
-    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
-        if self.acc.is_main_process:
-            self.net.save_pretrained(Path(output_dir) / ckpt.RAW_DIR)
-        weights.pop()  # written above as a from_pretrained-loadable folder instead of accelerate's model file
-
-    def _load_model_hook(self, models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        from m2m_pipeline.network.unet import WEIGHTS_NAME
-
-        models.pop()
-        path = Path(input_dir) / ckpt.RAW_DIR / WEIGHTS_NAME
-        self.net.load_state_dict(load_file(str(path), device=str(self.acc.device)), strict=True)
 
     def _inference_state(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -242,23 +224,38 @@ class _Trainer:
         return state
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    # Not accelerate's save_state/load_state: those pickle the optimizer, RNG states and custom objects, and
+    # unpickle them on resume; checkpointing.py writes the same state as safetensors + JSON (its docstring).
+    def save(self, step: int, state: dict[str, Any], stream: Any = None) -> Path:
         tmp, final = ckpt.temp_dir(self.out, step), self.out / ckpt.checkpoint_name(step)
-        if self.acc.is_main_process and tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)  # left by a writer killed mid-save
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))  # optimizer, RNG states of every rank, EMA, LR scheduler; raw/ via hook
-        ckpt.save_rank_state(tmp, self.rank, self.generator)
-        self.acc.wait_for_everyone()
+        if stream is not None:
+            stream.verify_consumed()  # no checkpoint includes updates from bytes not yet checked against a manifest
         if self.acc.is_main_process:
-            ckpt.save_weights_into(self.net, tmp, self._inference_state())
-            ckpt.write_state(tmp, {**state, "resumable": True})  # last: marks the folder complete
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a writer killed mid-save
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        try:
+            self._write_checkpoint(tmp, state)
+        except OSError as exn:  # e.g. a full disk: the temp folder is dropped, published checkpoints stay
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(exn.errno, f"{final}: writing the checkpoint failed ({exn.strerror or exn}); the "
+                                     f"checkpoints already in {self.out} are unchanged") from exn
+        if self.acc.is_main_process:
             ckpt.publish(tmp, final)
             ckpt.prune(self.out, self.tc.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, tmp: Path, state: dict[str, Any]) -> None:
+        ckpt.save_rank_state(tmp, self.rank, self.generator)  # every rank: its own RNGs
+        if self.acc.is_main_process:
+            self.net.save_pretrained(tmp / ckpt.RAW_DIR)
+            ckpt.save_weights_into(self.net, tmp, self._inference_state())
+            ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler, self.ema, self.acc.scaler)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.write_state(tmp, {**state, "resumable": True})  # last: hashes the rest, marks it complete
 
     def save_final(self, state: dict[str, Any]) -> Path:
         final = self.out / "final"
@@ -269,8 +266,9 @@ class _Trainer:
         self.acc.wait_for_everyone()
         return final
 
-    def restore(self, directory: Path) -> dict[str, Any]:
-        state = ckpt.read_state(directory)
+    def restore(self, reader: ckpt.CheckpointReader) -> dict[str, Any]:
+        """Weights, optimizer, scheduler, EMA, grad scaler and this rank's RNGs, each file verified before use."""
+        directory, state = reader.directory, reader.state
         if not state.get("resumable", False):
             raise ValueError(f"{directory} holds weights only (no optimizer/RNG state); resume from a checkpoint-*")
         if state.get("world_size") != self.acc.num_processes or state.get("accumulation") != \
@@ -278,11 +276,25 @@ class _Trainer:
             self.acc.print(f"warning: {directory} was written by {state.get('world_size')} process(es) with "
                            f"accumulation {state.get('accumulation')}; resuming with {self.acc.num_processes} and "
                            f"{self.tc.accumulation(self.acc.num_processes)} is not exact (data split and noise differ)")
-        self.acc.load_state(str(directory))
+        reader.load_weights(self.net, f"{ckpt.RAW_DIR}/model.safetensors", self.acc.device)
+        training = reader.state_pair(ckpt.TRAINING_STATE)
+        where = directory / f"{ckpt.TRAINING_STATE}.json"
+        try:
+            self.optimizer.load_state_dict(training["optimizer"])
+            self.lr_scheduler.load_state_dict(training["lr_scheduler"])
+            if self.acc.scaler is not None and training.get("grad_scaler") is not None:
+                self.acc.scaler.load_state_dict(training["grad_scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exn:
+            raise ckpt.CheckpointError(f"{where}: does not fit this optimizer or scheduler "
+                                       f"({type(exn).__name__}: {exn})") from None
         if self.ema is not None:
-            self.ema.to(self.acc.device)  # accelerate loads custom states onto the CPU
-        if not ckpt.load_rank_state(directory, self.rank, self.generator):
-            self.acc.print(f"warning: {directory} has no generator state for rank {self.rank}; noise differs")
+            ckpt.load_ema(self.ema, reader, training.get("ema"), self.net, self.acc.device)
+        name = ckpt.rank_state_name(self.rank)
+        if reader.has(f"{name}.json"):
+            ckpt.set_rng_state(reader.state_pair(name), self.generator, f"{directory / name}.json")
+        else:
+            self.acc.print(f"warning: {directory} has no RNG state for rank {self.rank}; noise differs")
+        reader.verify_rest()
         return state
 
     # ------------------------------------------------------------------ the loop
@@ -293,15 +305,16 @@ class _Trainer:
         acc, tc = self.acc, self.tc
         accum = tc.accumulation(acc.num_processes)
         resume_dir = ckpt.resolve_resume(resume_from, self.out)
-        if resume_dir is not None:
-            ckpt.check_config(resume_dir, self.net.config)
-        prior = ckpt.read_state(resume_dir) if resume_dir is not None else {}
+        reader = ckpt.CheckpointReader(resume_dir) if resume_dir is not None else None  # refuses unknown files
+        if reader is not None:
+            ckpt.check_config(reader, self.net.config)
+        prior = reader.state if reader is not None else {}
         position = prior.get("data_position", {"epoch": 0, "consumed": 0})
         # The stream (and its first iterator) is built before the RNG states are restored, as in the first run.
         stream = BatchStream(data, acc, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
                              seed=tc.seed, epoch=position["epoch"], consumed=position["consumed"])
-        if resume_dir is not None:
-            self.restore(resume_dir)
+        if reader is not None:
+            self.restore(reader)
         step = int(prior.get("step", 0))
         losses: list[float] = list(prior.get("losses", []))
         skipped, bad_in_a_row = int(prior.get("skipped_steps", 0)), int(prior.get("bad_in_a_row", 0))
@@ -349,12 +362,14 @@ class _Trainer:
                     bar.write(f"time budget of {tc.max_seconds:.0f} s spent after {step} steps; saving and stopping")
                 break
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.steps:
-                self.save(step, state())
+                self.save(step, state(), stream)
                 last_saved = step
         bar.close()
         seconds = time.perf_counter() - start
         if last_saved != step:
-            self.save(step, state())  # resumable end state (also after a time-budget stop)
+            self.save(step, state(), stream)  # resumable end state (also after a time-budget stop)
+        else:
+            stream.verify_consumed()  # final/ too holds only verified data's updates
         final = self.save_final(state())
         return TrainResult(final, losses, step, seconds, skipped, resume_dir, stopped_early)
 

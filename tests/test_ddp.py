@@ -1,5 +1,5 @@
 """DDP with 2 CPU processes: same learning as one process with the same global batch, and a NaN on one rank is
-skipped by both, then aborts naming that rank's data.
+skipped by both, then aborts naming that rank's data; a resume under DDP is exact.
 
 The launch is `accelerate launch --multi_gpu --num_processes 2` with training on the CPU (gloo): in accelerate
 1.15, `--cpu --num_processes 2` starts a single process unless an MPI hostfile is given (its simple launcher),
@@ -49,3 +49,6 @@ def test_ddp_two_cpu_processes_match_one_process_and_agree_on_nan(tmp_path):
     for rank in (0, 1):  # both ranks skipped rank 1's NaN batches together, then aborted with the same message
         message = (tmp_path / f"nan_rank{rank}.txt").read_text()
         assert "3 non-finite losses/gradients in a row, last at step 1, data ['mis-000001.tar#bad-a'" in message
+
+    losses = json.loads((tmp_path / "resume_losses.json").read_text())  # DDP resume is exact too
+    assert len(losses["straight"]) == 8 and losses["resumed"] == losses["straight"]

@@ -16,6 +16,7 @@ from training_stats import curves_agree
 
 from m2m_pipeline import checkpointing as ckpt
 from m2m_pipeline.data.loader import collate_examples
+from m2m_pipeline.data.shards import write_manifest
 from m2m_pipeline.network import M2MConfig, M2MUNet
 from m2m_pipeline.training import TrainConfig, train
 
@@ -57,7 +58,8 @@ def list_data(num: int = 6):
 
 
 def write_feature_shards(root: Path, shards: int = 2, sets: int = 5) -> list[str]:
-    """Feature shards in the loader's format (latents.npy (K, C, H, W), dino.npy (K, S, D)) without a manifest."""
+    """Feature shards in the loader's format (latents.npy (K, C, H, W), dino.npy (K, S, D)), each with the manifest
+    the loader verifies it against."""
     g = np.random.default_rng(0)
     urls = []
     for s in range(shards):
@@ -72,6 +74,7 @@ def write_feature_shards(root: Path, shards: int = 2, sets: int = 5) -> list[str
                     info.size = buf.tell()
                     buf.seek(0)
                     tar.addfile(info, buf)
+        write_manifest(url, s, [f"{s:02d}{i:04d}" for i in range(sets)], "test", {"kind": "features"})
         urls.append(str(url))
     return urls
 
@@ -119,8 +122,10 @@ def test_resume_is_not_vacuous(tmp_path):
     tc = micro_config(steps=10)
     full = train(MICRO, tc, list_data(), tmp_path / "full", progress=False, device="cpu")
     start = tmp_path / "full" / "checkpoint-0000005"
-    (start / "optimizer.bin").unlink()
-    torch.save(torch.optim.AdamW(M2MUNet(MICRO).parameters()).state_dict(), start / "optimizer.bin")
+    training = ckpt.CheckpointReader(start).state_pair(ckpt.TRAINING_STATE)
+    fresh = torch.optim.AdamW(M2MUNet(MICRO).parameters()).state_dict()
+    ckpt.write_state_pair(start, ckpt.TRAINING_STATE, {**training, "optimizer": fresh})
+    ckpt.write_state(start, ckpt.read_state(start))  # re-records the hashes of the replaced files
     resumed = train(MICRO, tc, list_data(), tmp_path / "other", progress=False, device="cpu", resume_from=start)
     assert resumed.losses[:5] == full.losses[:5] and resumed.losses[5:] != full.losses[5:]
 
@@ -129,17 +134,19 @@ def test_checkpoint_holds_ema_and_raw_weights(tmp_path):
     result = train(MICRO, micro_config(steps=6, checkpoint_every=3), list_data(), tmp_path, progress=False,
                    device="cpu")
     c = tmp_path / "checkpoint-0000003"
-    names = {p.name for p in c.iterdir()}
-    assert {"config.json", "model.safetensors", "raw", "optimizer.bin", "random_states_0.pkl", "rank_state_0.pt",
-            "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "train_state.json"} <= names
+    names = {p.relative_to(c).as_posix() for p in c.rglob("*")}
+    assert names == {"config.json", "model.safetensors", "raw", "raw/config.json", "raw/model.safetensors",
+                     "training_state.safetensors", "training_state.json", "rank_state_0.safetensors",
+                     "rank_state_0.json", "train_state.json"}  # no pickle: safetensors + JSON only
     state = json.loads((c / "train_state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == {"epoch": 0, "consumed": 3}
     assert state["inference_weights"] == "ema" and state["global_batch_size"] == 2
+    assert set(state["files"]) == names - {"raw", "train_state.json"}  # every other file's size and sha256
+    training = ckpt.CheckpointReader(tmp_path / "checkpoint-0000006").state_pair(ckpt.TRAINING_STATE)
+    assert training["ema"]["optimization_step"] == 6 and training["lr_scheduler"]["last_epoch"] == 6
+    assert len(training["optimizer"]["state"]) == len(list(M2MUNet(MICRO).parameters()))
     ema = M2MUNet.from_pretrained(result.checkpoint_dir)      # final/: EMA weights
     raw = M2MUNet.from_pretrained(result.checkpoint_dir / "raw")
-    shadow = torch.load(tmp_path / "checkpoint-0000006" / "custom_checkpoint_0.pkl", weights_only=True)
-    for (name, p_ema), s in zip(ema.named_parameters(), shadow["shadow_params"]):
-        assert torch.equal(p_ema, s), name
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
     no_ema = train(MICRO, micro_config(steps=3, use_ema=False), list_data(), tmp_path / "no_ema", progress=False,
                    device="cpu")

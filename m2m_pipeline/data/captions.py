@@ -1,7 +1,7 @@
 """Caption filtering (Sec. 4): CC12M-format TSV in, a filtered caption table with stable ids out.
 
 Input lines are `url<TAB>caption` (CC12M has exactly two columns and no header). A line with no tab,
-more than one tab, or bytes that are not UTF-8 is *malformed*: counted, sampled with `file:line` in the
+more than one tab, a NUL byte, or bytes that are not UTF-8 is *malformed*: counted, sampled with `file:line` in the
 stats, and skipped. A second tab is treated as malformed rather than joined into the caption because
 TSV has no escaping: the extra column may as well be a shifted record, and at 12 M captions dropping a
 handful costs less than rendering 25 images of a mis-parsed caption.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.errors import CaptionFileError, MISDataError
-from m2m_pipeline.data.io import atomic_write_bytes, atomic_write_text
+from m2m_pipeline.data.io import atomic_open, atomic_write_bytes, atomic_write_text
 from m2m_pipeline.data.tokens import clip_token_count, normalise_caption
 
 MAX_SAMPLES = 20  # malformed / too-long lines quoted in the stats; the counts are exact regardless
@@ -118,6 +118,9 @@ def read_tsv_lines(path: Path) -> Iterator[_Line]:
                 except UnicodeDecodeError as exn:
                     yield _Line(where, None, None, f"bad UTF-8 at byte {exn.start}")
                     continue
+                if "\x00" in line:  # text never holds NUL; a binary file does (and may hold a tab by chance)
+                    yield _Line(where, None, None, "NUL byte (binary data)")
+                    continue
                 columns = line.split("\t")
                 if len(columns) != 2:
                     reason = "no tab" if len(columns) == 1 else f"{len(columns)} columns, expected 2 (url, caption)"
@@ -159,14 +162,17 @@ def iter_filtered_captions(
     seen: dict[str, int] = {}  # id -> times seen; 12 M short strings is ~1.5 GB, acceptable for one job
     bar = tqdm(desc="filter captions", unit=" lines", disable=not progress)
     for path in files:
+        well_formed, first_problem = 0, None
         for line in read_tsv_lines(path):
             stats.lines_read += 1
             bar.update(1)
             if line.problem is not None:
                 stats.malformed += 1
+                first_problem = first_problem or f"{line.where.rsplit(':', 1)[1]} ({line.problem})"
                 if len(stats.malformed_samples) < MAX_SAMPLES:
                     stats.malformed_samples.append({"where": line.where, "reason": line.problem})
                 continue
+            well_formed += 1
             assert line.caption is not None and line.url is not None
             text = normalise_caption(line.caption)
             if not text:
@@ -191,6 +197,9 @@ def iter_filtered_captions(
             stats.kept += 1
             setattr(stats, split, getattr(stats, split) + 1)
             yield CaptionRecord(caption_id, text, line.url, tokens, split, line.where)
+        if not well_formed:  # an empty, binary or wrong file: an error, not a source of 0 captions
+            what = "the file is empty" if first_problem is None else f"first malformed line: {first_problem}"
+            raise CaptionFileError(f"{path}: no well-formed `url<TAB>caption` line ({what})")
     bar.close()
 
 
@@ -200,14 +209,17 @@ def filter_captions(
 ) -> CaptionStats:
     """Filter CC12M-format TSV into a JSON-lines caption table at `out`; stats go to `<out>.stats.json`.
 
-    Both files are written atomically, so a crashed run leaves the previous table (or none).
+    Both files are written atomically, so a crashed run leaves the previous table (or none). A caption file with
+    no well-formed line, or a run that keeps no caption, raises and leaves the previous table and stats as they were.
     """
     stats = CaptionStats()
-    rows = (
-        json.dumps(asdict(r), ensure_ascii=False, sort_keys=True) + "\n"
-        for r in iter_filtered_captions(paths, cfg, stats, progress=progress)
-    )
-    atomic_write_text(out, rows)
+    with atomic_open(out) as handle:  # committed only if every file read and a caption survived
+        for record in iter_filtered_captions(paths, cfg, stats, progress=progress):
+            handle.write((json.dumps(asdict(record), ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+        if stats.kept == 0:
+            raise MISDataError(f"{', '.join(stats.files)}: no caption kept of {stats.lines_read} lines "
+                               f"({stats.malformed} malformed, {stats.empty} empty, {stats.too_long} over "
+                               f"{cfg.max_tokens} tokens, {stats.duplicates} duplicates); {out} is left as it was")
     atomic_write_text(stats_path(out), [json.dumps(stats.to_dict(), indent=1, ensure_ascii=False) + "\n"])
     return stats
 
@@ -221,12 +233,14 @@ _FIELDS = ("id", "caption", "url", "tokens", "split", "source")
 
 def read_caption_table(path: str | os.PathLike, split: str | None = None) -> Iterator[CaptionRecord]:
     """Stream a caption table; a bad row raises naming `file:line` and the field."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exn:
-                raise MISDataError(f"{path}:{number}: caption table row is not JSON: {exn}") from exn
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+                raise MISDataError(f"{path}:{number}: caption table row is not JSON: {exn}") from None
+            if not isinstance(row, dict):
+                raise MISDataError(f"{path}:{number}: caption table row is a {type(row).__name__}, not an object")
             missing = [f for f in _FIELDS if f not in row]
             if missing:
                 raise MISDataError(f"{path}:{number}: caption table row lacks field(s) {missing}")

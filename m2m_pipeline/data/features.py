@@ -143,6 +143,8 @@ def build_feature_shard(
     source = read_manifest(mis_shard)
     if source is None:
         raise ShardError(os.fspath(mis_shard), None, f"no manifest {manifest_path(mis_shard)}; generate the shard first")
+    if source["num_samples"] == 0:
+        raise ShardError(os.fspath(mis_shard), None, "holds no sets (its manifest lists 0); nothing to encode")
     shard = Path(out_dir) / mis_shard.name
     request = hashlib.sha256(dump_json({"source": source["sha256"], "encoders": encoder_tag(cfg)})).hexdigest()
     done = shard_is_complete(shard, request)
@@ -178,7 +180,8 @@ def build_feature_shard(
                 keys.append(sample.key)
             chunk.clear()
 
-        for raw in read_samples([mis_shard]):
+        read: dict[str, dict[str, Any]] = {}  # what the reader hashed while streaming the MIS shard
+        for raw in read_samples([mis_shard], digests=read):  # raises at the end if bytes or keys differ
             chunk.append(decode_mis_sample(raw, source["images_per_set"]))
             if len(chunk) == samples_per_chunk:
                 flush()
@@ -189,7 +192,7 @@ def build_feature_shard(
                              f"holds {len(keys)} samples but its manifest lists {source['num_samples']} "
                              f"(truncated?); regenerate it")
     bar.close()
-    extra = {"kind": "features", "source": mis_shard.name, "source_sha256": source["sha256"],
+    extra = {"kind": "features", "source": mis_shard.name, "source_sha256": read[os.fspath(mis_shard)]["sha256"],
              "encoders": encoder_tag(cfg), "images_per_set": source["images_per_set"],
              "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
              "preset": cfg.name}
@@ -206,7 +209,9 @@ def build_feature_shards(
     rank: int = 0, world_size: int = 1, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Feature shards for every MIS shard in `mis_dir` (this worker's share, round-robin)."""
-    autoencoder, dino = load_feature_encoders(cfg, device)
     shards = sorted(Path(mis_dir).glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no MIS shards (*.tar) in {mis_dir}; generate them first")
+    autoencoder, dino = load_feature_encoders(cfg, device)
     return [build_feature_shard(s, out_dir, autoencoder, dino, cfg, progress=progress)
             for i, s in enumerate(shards) if i % world_size == rank]

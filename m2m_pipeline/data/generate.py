@@ -139,10 +139,13 @@ def generate_mis(
     """
     manifests = []
     chunks: Iterable[list[Caption]] = batched_captions(read_caption_table(caption_table, split), cfg.sets_per_shard)
+    index = -1
     for index, captions in enumerate(chunks):
         if max_shards is not None and index >= max_shards:
             break
         if index % world_size != rank:
             continue
         manifests.append(generate_shard(index, captions, generator, out_dir, cfg, progress=progress))
+    if index < 0:  # zero sets is a failed run, not an empty dataset (a worker may still own no shard)
+        raise MISDataError(f"{caption_table}: no captions in split {split!r}; nothing to generate")
     return manifests

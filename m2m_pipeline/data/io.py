@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -10,6 +11,9 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+# Errors of the writing side (full disk, quota, read-only or failing device, file too large).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 @contextmanager
@@ -29,6 +33,12 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets are shared read-only between users/jobs
         os.replace(tmp, path)
+    except OSError as exn:
+        Path(tmp).unlink(missing_ok=True)
+        if exn.errno in WRITE_ERRNOS:  # the OS names no file for a full disk; say which write failed
+            raise OSError(exn.errno, f"{path}: write failed ({exn.strerror or exn}); the previous file, if any, "
+                                     f"is unchanged") from exn
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -70,6 +80,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_hashed(path: str | os.PathLike, limit: int | None = None, chunk: int = 1 << 20) -> tuple[bytes, str]:
+    """(bytes, sha256) of a file read once: the bytes a caller parses are the bytes it hashed (no window in
+    which the file can change between the check and the use). Reads at most `limit` + 1 bytes, so a file that
+    grew (or a device file in its place) cannot exhaust memory; the caller compares the length."""
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    left = None if limit is None else limit + 1
+    with open(path, "rb") as handle:
+        while left is None or left > 0:
+            block = handle.read(chunk if left is None else min(chunk, left))
+            if not block:
+                break
+            digest.update(block)
+            parts.append(block)
+            if left is not None:
+                left -= len(block)
+    return b"".join(parts), digest.hexdigest()
 
 
 def remove_stale_temps(directory: str | os.PathLike, name: str, on_remove: Callable[[Path], None] | None = None) -> None:

@@ -8,7 +8,6 @@ buffer, then the subset draw. All randomness derives from (seed, epoch, rank, wo
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +20,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.data.shards import decode_npy, samples_from_shards
+from m2m_pipeline.data.io import sha256_file
+from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, read_manifest, samples_from_shards
 
 
 def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -44,6 +44,8 @@ def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> dict[str, Any]:
     """Decode one feature sample and draw its N images; errors name the shard and the sample key."""
     url, key = sample.get("__url__", "<unknown shard>"), sample["__key__"]
+    caption = decode_text(sample, "caption.txt", url, key) if "caption.txt" in sample else ""
+    attributes = decode_json(sample, "attributes.json", url, key) if "attributes.json" in sample else None
     latents = decode_npy(sample, "latents.npy", url, key)  # (25, C, H, W) fp16
     dino = decode_npy(sample, "dino.npy", url, key)        # (25, S, D) fp16
     if latents.ndim != 4 or dino.ndim != 3 or len(latents) != len(dino):
@@ -54,15 +56,20 @@ def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> 
     example: dict[str, Any] = {
         "key": key,
         "shard": url,                                                          # for error messages
-        "caption": sample["caption.txt"].decode("utf-8") if "caption.txt" in sample else "",
+        "shard_pass": sample.get("__pass__", 0),                               # which read of it (ShardLedger)
+        "caption": caption,
         "indices": torch.tensor(indices, dtype=torch.long),                    # (N,)
         "latents": torch.from_numpy(latents[indices].astype(np.float32)),      # (N, C, H, W)
         "dino": torch.from_numpy(dino[indices].astype(np.float32)),            # (N, S, D)
     }
-    if "attributes.json" in sample:
-        attributes = json.loads(sample["attributes.json"])
+    if attributes is not None:
+        if not isinstance(attributes, dict):
+            raise ShardError(url, key, f"'attributes.json' is a {type(attributes).__name__}, expected an object")
         per_image = attributes.get("images")
         if per_image is not None:
+            if not isinstance(per_image, list) or len(per_image) != len(latents):
+                raise ShardError(url, key, f"'attributes.json' field 'images' must list one entry per image of "
+                                           f"the set ({len(latents)})")
             attributes = {**attributes, "images": [per_image[i] for i in indices]}
         example["attributes"] = attributes
     return example
@@ -78,7 +85,7 @@ class MISExamples(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,    # samples in the shuffle buffer (0: no sample shuffle)
         repeat: bool = False,          # loop over epochs forever: equal-length streams for DDP
-        check_manifest: bool = True,   # compare each shard's sample count with its manifest
+        verify: bool = True,           # check each shard's keys and sha256 against its manifest (required)
     ):
         super().__init__()
         self.urls = expand_shards(shards)
@@ -86,7 +93,7 @@ class MISExamples(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.repeat = repeat
-        self.check_manifest = check_manifest
+        self.verify = verify
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -103,7 +110,7 @@ class MISExamples(IterableDataset):
             wds.SimpleShardList(self.urls, seed=self.seed + epoch),  # same permutation on all ranks
             wds.split_by_node,
             wds.split_by_worker,
-            lambda src: samples_from_shards(src, self.check_manifest),
+            lambda src: samples_from_shards(src, self.verify, tag=epoch),
         ]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2,
@@ -120,6 +127,55 @@ class MISExamples(IterableDataset):
             if not self.repeat:
                 return
             epoch += 1
+
+
+class ShardLedger:
+    """Which shards a training rank has consumed samples of without their bytes being verified yet.
+
+    The reader checks a shard's sha256 when it reaches the shard's end, before it releases the shard's last
+    sample; so once all `num_samples` samples of one read (a pass: shard and epoch) were consumed, that read
+    was verified. A pass still open when a checkpoint is due has contributed to updates the checkpoint would
+    include, so `verify_pending` hashes those shards' files against their manifests first.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[str, Any], list[str]] = {}  # (shard, pass) -> keys consumed so far
+        self.sizes: dict[str, int] = {}
+
+    def record(self, batch: Mapping[str, Any]) -> None:
+        shards, passes, keys = batch.get("shard"), batch.get("shard_pass"), batch.get("key")
+        if shards is None or passes is None:
+            return
+        if isinstance(shards, str):  # a single example (batch_size None)
+            shards, passes, keys = [shards], [passes], [keys]
+        for url, tag, key in zip(shards, passes, keys):
+            tag = int(tag) if isinstance(tag, torch.Tensor) else tag
+            seen = self.open.setdefault((url, tag), [])
+            seen.append(key)
+            if len(seen) >= self._size(url):
+                del self.open[(url, tag)]  # every sample of this read consumed: the read verified its bytes
+
+    def _size(self, url: str) -> int:
+        if url not in self.sizes:
+            manifest = read_manifest(url)
+            self.sizes[url] = manifest["num_samples"] if manifest is not None else 0
+        return self.sizes[url]
+
+    def pending(self) -> list[str]:
+        return sorted({url for url, _ in self.open})
+
+    def verify_pending(self) -> None:
+        """Hash every shard with an open read against its manifest; a mismatch raises naming the shard."""
+        for url in self.pending():
+            manifest = read_manifest(url)
+            if manifest is None:
+                raise ShardError(url, None, "its manifest disappeared during training")
+            digest = sha256_file(url)
+            if digest != manifest["sha256"]:
+                keys = [k for (u, _), ks in self.open.items() if u == url for k in ks]
+                raise ShardError(url, keys[0] if keys else None,
+                                 f"sha256 {digest[:12]}.. does not match its manifest ({manifest['sha256'][:12]}..), "
+                                 f"checked before a checkpoint; samples {keys[:5]} were trained on")
 
 
 def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:

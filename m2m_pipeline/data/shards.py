@@ -7,6 +7,7 @@ parameters and seeds), optionally `latents.npy` (fp16) and `attributes.json`. A 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -96,23 +97,99 @@ def _key_of(fname: str | None) -> str | None:
     return key
 
 
-def _tar_members(src: Iterable[Mapping[str, Any]], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
+class HashingStream:
+    """A read-only file wrapper that hashes every byte read through it: the sha256 a reader compares with the
+    manifest is that of the bytes it parsed, not of a separate read. It also keeps the last `keep` bytes, so
+    the end of the archive can be checked after tarfile has stopped (tarfile reads ahead in 10 KiB records)."""
+
+    def __init__(self, raw: Any, keep: int = 4 * tarfile.RECORDSIZE):
+        self.raw, self.keep = raw, keep
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.tail = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        self.position += len(data)
+        self.tail += data
+        if len(self.tail) > self.keep:
+            del self.tail[: len(self.tail) - self.keep]
+        return data
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def _archive_end_problem(stream: HashingStream, end: int, last_member: str | None) -> str | None:
+    """After tarfile's last member, only the end-of-archive marker (>= 2 zero blocks) and zero padding may
+    follow. tarfile ends a streamed archive *silently* at a header that fails its checksum or is cut short,
+    dropping every later sample; this check turns that into an error. None when the end is sound."""
+    after = stream.position - end
+    if after > len(stream.tail):
+        return f"cannot check the end of the archive at byte {end}"
+    nonzero = any(stream.tail[len(stream.tail) - after:])
+    trailing = after
+    for block in iter(lambda: stream.read(1 << 16), b""):  # the rest of the stream: zero padding only
+        trailing += len(block)
+        nonzero = nonzero or any(block)
+    if nonzero:
+        return (f"corrupt tar header at byte {end} (after member {last_member!r}): tar reading stops there, "
+                f"so the samples after it would be lost")
+    if trailing < 2 * tarfile.BLOCKSIZE:
+        return (f"no end-of-archive marker after member {last_member!r} (byte {end}): truncated at a member "
+                f"boundary?")
+    return None
+
+
+def _manifest_for(url: str, verify: bool) -> dict[str, Any] | None:
+    if not verify:
+        return None
+    manifest = read_manifest(url)
+    if manifest is None:
+        raise ShardError(url, None, f"no manifest {manifest_path(url)}: its bytes cannot be verified (write one "
+                                    f"with data.shards.write_manifest, or read it with verify=False)")
+    return manifest
+
+
+def _manifest_problem(keys: list[str], manifest: dict[str, Any],
+                      end_problem: str | None) -> tuple[str | None, str] | None:
+    """(sample key at fault, reason) when the keys read differ from the manifest's, else None."""
+    expected = manifest["keys"]
+    if keys == expected:
+        return None
+    if len(keys) < len(expected) and keys == expected[: len(keys)]:
+        return keys[-1] if keys else None, (
+            f"shard ends after {len(keys)} samples but its manifest lists {manifest['num_samples']} "
+            + (f"({end_problem})" if end_problem else "(truncated at a member boundary?)"))
+    i = next((i for i, (a, b) in enumerate(zip(keys, expected)) if a != b), min(len(keys), len(expected)))
+    read = keys[i] if i < len(keys) else None
+    listed = expected[i] if i < len(expected) else "<end>"
+    return read, (f"sample keys differ from the manifest at position {i}: read {read or '<end>'!r}, manifest "
+                  f"lists {listed!r} ({len(keys)} read, {len(expected)} listed)")
+
+
+def _tar_members(src: Iterable[Mapping[str, Any]], verify: bool = True,
+                 digests: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
     """Members of each shard as webdataset file samples, raising ShardError(shard, key) on bad data.
 
     Hand-written rather than webdataset's tar_file_iterator because that one reports the stream but not
     the member being read when a tar is truncated or corrupt, and the error must name the sample key.
-    A tar cut exactly at a member boundary reads as a valid, shorter tar; the sample count is then
-    checked against the shard's manifest when one sits beside it.
+    Every byte is hashed as it is read. At the end of each shard, before its end-of-shard marker (so before
+    group_by_keys releases the shard's last sample): the end of the archive is checked (a corrupt header
+    must not end it silently) and, with `verify`, the keys read and the sha256 of the bytes read are
+    compared with the shard's manifest, which must exist. `digests[url]` receives what was read.
     """
     for item in src:
         url = item["url"]
+        manifest = _manifest_for(url, verify)
         current: str | None = None
-        keys_seen = 0
-        last_key: str | None = None
+        keys: list[str] = []
         try:
-            stream = wds.gopen(url, "rb")
+            raw = wds.gopen(url, "rb")
         except OSError as exn:
             raise ShardError(url, None, f"cannot open shard: {exn}") from exn
+        stream = HashingStream(raw)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for info in tar:
@@ -123,32 +200,60 @@ def _tar_members(src: Iterable[Mapping[str, Any]], check_manifest: bool = True) 
                     assert handle is not None
                     data = handle.read()
                     key = _key_of(info.name)
-                    if key != last_key:
-                        keys_seen, last_key = keys_seen + 1, key
+                    if not keys or key != keys[-1]:
+                        keys.append(key)
                     yield {"fname": info.name, "data": data, "__url__": url}
+                end_problem = _archive_end_problem(stream, tar.offset, current)
         except (tarfile.TarError, OSError, EOFError) as exn:
             reason = f"truncated or corrupt tar data while reading member {current!r}: {exn}"
             raise ShardError(url, _key_of(current), reason) from exn
         finally:
-            stream.close()
-        manifest = read_manifest(url) if check_manifest and os.path.exists(url) else None
-        if manifest is not None and manifest["num_samples"] != keys_seen:
-            raise ShardError(url, last_key, f"shard ends after {keys_seen} samples but its manifest lists "
-                                            f"{manifest['num_samples']} (truncated at a member boundary?)")
+            raw.close()
+        last_key = keys[-1] if keys else None
+        if digests is not None:
+            digests[url] = {"sha256": stream.hexdigest(), "bytes": stream.position, "keys": keys}
+        problem = _manifest_problem(keys, manifest, end_problem) if manifest is not None else None
+        if problem is not None:
+            raise ShardError(url, *problem)
+        if end_problem is not None:
+            raise ShardError(url, last_key, end_problem)
+        if manifest is not None and (stream.hexdigest() != manifest["sha256"] or stream.position != manifest["bytes"]):
+            raise ShardError(url, None, f"sha256 of the {stream.position} bytes read ({stream.hexdigest()[:12]}..) "
+                                        f"does not match manifest {manifest_path(url)} ({manifest['sha256'][:12]}.., "
+                                        f"{manifest['bytes']} bytes): the shard is corrupt or was changed")
         yield {}  # group_by_keys' end-of-shard marker: samples never straddle shards
 
 
-def samples_from_shards(src: Iterable[Mapping[str, Any]], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
-    """webdataset pipeline stage: {"url": shard} dicts in, raw samples ({"__key__", "__url__", ext: bytes}) out."""
-    return group_by_keys(_tar_members(src, check_manifest))
+def samples_from_shards(src: Iterable[Mapping[str, Any]], verify: bool = True,
+                        digests: dict[str, dict[str, Any]] | None = None,
+                        tag: Any = None) -> Iterator[dict[str, Any]]:
+    """webdataset pipeline stage: {"url": shard} dicts in, raw samples ({"__key__", "__url__", ext: bytes}) out.
+
+    A shard's last sample is released only after the shard's bytes were checked (see _tar_members), so a
+    consumer that has seen all of a shard's samples has seen verified bytes. `tag`, when given, is stored as
+    `__pass__` in every sample: which read of the shard it came from (the training loader's epoch).
+    """
+    for item in src:
+        url = item["url"]
+        try:
+            for sample in group_by_keys(_tar_members([item], verify, digests)):
+                if tag is not None:
+                    sample["__pass__"] = tag
+                yield sample
+        except ShardError:
+            raise
+        except ValueError as exn:  # group_by_keys: a member name repeated within one sample
+            raise ShardError(url, None, f"malformed sample: {exn.args[0] if exn.args else exn}") from exn
 
 
-def read_samples(urls: Iterable[str | os.PathLike], check_manifest: bool = True) -> Iterator[dict[str, Any]]:
-    """Raw samples of the given shards, in order."""
-    return samples_from_shards(({"url": os.fspath(u)} for u in urls), check_manifest)
+def read_samples(urls: Iterable[str | os.PathLike], verify: bool = True,
+                 digests: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of the given shards, in order, each shard's bytes checked against its manifest (verify)."""
+    return samples_from_shards(({"url": os.fspath(u)} for u in urls), verify, digests)
 
 
 def read_manifest(shard: str | os.PathLike) -> dict[str, Any] | None:
+    """A shard's manifest, checked for consistency (fields, types, sample count = keys, unique keys)."""
     path = manifest_path(shard)
     if not path.exists():
         return None
@@ -156,10 +261,30 @@ def read_manifest(shard: str | os.PathLike) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
         raise ShardError(os.fspath(shard), None, f"manifest {path} is not valid JSON: {exn}") from exn
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ShardError(os.fspath(shard), None, f"manifest {path} has format {manifest.get('format')!r}, "
-                                                 f"expected {MANIFEST_FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(os.fspath(shard), None, f"manifest {path} has format {found!r}, expected {MANIFEST_FORMAT!r}")
+    problem = _manifest_fields_problem(manifest)
+    if problem is not None:
+        raise ShardError(os.fspath(shard), None, f"manifest {path}: {problem}")
     return manifest
+
+
+def _manifest_fields_problem(manifest: dict[str, Any]) -> str | None:
+    keys, count = manifest.get("keys"), manifest.get("num_samples")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return "field 'keys' must be a list of sample keys"
+    if not isinstance(count, int) or isinstance(count, bool) or count != len(keys):
+        return f"field 'num_samples' ({count!r}) does not equal the {len(keys)} keys listed"
+    if len(set(keys)) != len(keys):
+        return f"field 'keys' repeats {sorted({k for k in keys if keys.count(k) > 1})[:5]}"
+    digest = manifest.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return f"field 'sha256' ({digest!r}) is not a sha256 hex digest"
+    size = manifest.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"field 'bytes' ({size!r}) is not a byte count"
+    return None
 
 
 def write_manifest(shard: Path, index: int, keys: list[str], request: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +321,7 @@ class MISSample:
     attributes: dict[str, Any] | None
 
 
-def _decode_text(sample: Mapping[str, Any], ext: str, url: str, key: str) -> str:
+def decode_text(sample: Mapping[str, Any], ext: str, url: str, key: str) -> str:
     try:
         return sample[ext].decode("utf-8")
     except KeyError:
@@ -205,8 +330,8 @@ def _decode_text(sample: Mapping[str, Any], ext: str, url: str, key: str) -> str
         raise ShardError(url, key, f"{ext!r} is not UTF-8: {exn}") from exn
 
 
-def _decode_json(sample: Mapping[str, Any], ext: str, url: str, key: str) -> Any:
-    text = _decode_text(sample, ext, url, key)
+def decode_json(sample: Mapping[str, Any], ext: str, url: str, key: str) -> Any:
+    text = decode_text(sample, ext, url, key)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exn:
@@ -229,8 +354,8 @@ def image_extensions(sample: Mapping[str, Any]) -> list[str]:
 def decode_mis_sample(sample: Mapping[str, Any], images_per_set: int | None = None) -> MISSample:
     """Decode one raw MIS sample; any missing or undecodable member raises ShardError(shard, key)."""
     url, key = sample.get("__url__", "<unknown shard>"), sample["__key__"]
-    caption = _decode_text(sample, "caption.txt", url, key)
-    params = _decode_json(sample, "gen.json", url, key)
+    caption = decode_text(sample, "caption.txt", url, key)
+    params = decode_json(sample, "gen.json", url, key)
     names = image_extensions(sample)
     expected = images_per_set if images_per_set is not None else len(params.get("seeds", names))
     if len(names) != expected:
@@ -246,5 +371,5 @@ def decode_mis_sample(sample: Mapping[str, Any], images_per_set: int | None = No
     if len({p.shape for p in pixels}) > 1:
         raise ShardError(url, key, f"images differ in size: {sorted({p.shape for p in pixels})}")
     latents = decode_npy(sample, "latents.npy", url, key) if "latents.npy" in sample else None
-    attributes = _decode_json(sample, "attributes.json", url, key) if "attributes.json" in sample else None
+    attributes = decode_json(sample, "attributes.json", url, key) if "attributes.json" in sample else None
     return MISSample(key, caption, np.stack(pixels), params, latents, attributes)

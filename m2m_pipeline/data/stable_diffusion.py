@@ -83,7 +83,7 @@ class StableDiffusionSetGenerator:
         dtype = resolve_dtype(cfg.dtype if cfg else "auto", target)
         pipeline = StableDiffusionPipeline.from_pretrained(
             os.fspath(path), torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
+            requires_safety_checker=False, use_safetensors=True,  # never a pickled .bin
         ).to(target)
         # diffusers already uses torch's scaled_dot_product_attention (AttnProcessor2_0) by default on
         # torch >= 2, which is the memory-efficient/flash kernel on GPU; nothing to switch on here.

@@ -37,10 +37,14 @@ class BatchStream:
         self.accelerator = accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.epoch, self.consumed = epoch, consumed
+        self.ledger: Any = None  # feature shards only: which consumed shards are not verified yet
         if is_shard_source(data):
             from m2m_pipeline.data import make_loader
 
+            from m2m_pipeline.data.loader import ShardLedger
+
             self.kind = "shards"
+            self.ledger = ShardLedger()
             self.source = make_loader(data, n_images=n_images, batch_size=batch_size, num_workers=num_workers,
                                       seed=seed, repeat=True)
         elif isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
@@ -55,6 +59,26 @@ class BatchStream:
     @property
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def verify_consumed(self) -> None:
+        """Before a checkpoint: every feature shard this rank trained on is verified against its manifest
+        (data/loader.py ShardLedger). All ranks agree, so none waits for another that stopped."""
+        if self.ledger is None:
+            return
+        import torch
+
+        from m2m_pipeline.data.errors import MISDataError
+
+        problem: Exception | None = None
+        try:
+            self.ledger.verify_pending()
+        except MISDataError as exn:
+            problem = exn
+        flag = torch.tensor(float(problem is not None), device=self.accelerator.device)
+        if self.world > 1 and bool(self.accelerator.reduce(flag, "max").item()) and problem is None:
+            raise MISDataError("another rank found a feature shard that does not match its manifest; see its error")
+        if problem is not None:
+            raise problem
 
     def describe(self) -> str:
         return {"shards": "feature shards", "map": "map-style DataLoader",
@@ -95,10 +119,12 @@ class BatchStream:
         it = iter(self._epoch_iter())
         for i in range(skip):  # re-read and drop what the checkpointed run had consumed
             try:
-                next(it)
+                dropped = next(it)
             except StopIteration:
                 raise ValueError(f"cannot resume: epoch {self.epoch} of the {self.describe()} has {i} batches, "
                                  f"the checkpoint consumed {skip}; is this the same data?") from None
+            if self.ledger is not None:
+                self.ledger.record(dropped)  # re-read (and re-verified) like the rest of its shard
         return it
 
     def __iter__(self) -> BatchStream:
@@ -115,6 +141,8 @@ class BatchStream:
                 self._it = self._open(skip=0)
                 continue
             self.consumed += 1
+            if self.ledger is not None:
+                self.ledger.record(batch)
             return batch
         raise ValueError(f"training data is empty: epoch {self.epoch} of the {self.describe()} yielded no batch"
                          + (f" for rank {self.rank} of {self.world}" if self.world > 1 else ""))

@@ -1,6 +1,7 @@
 """Data checks as plain functions returning a ValidationResult (the orchestration layer wraps them as
 asset checks; nothing here imports it). Each check reads its data as a stream and reports what failed,
-naming the shard and sample key, instead of raising.
+naming the shard and sample key, instead of raising. Shards are hashed while they are read (the bytes checked
+are the bytes hashed) and compared with their manifests.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import numpy as np
 
 from m2m_pipeline.data.captions import SPLITS, read_caption_table
 from m2m_pipeline.data.errors import MISDataError, ShardError
-from m2m_pipeline.data.io import sha256_file
 from m2m_pipeline.data.shards import decode_mis_sample, decode_npy, read_manifest, read_samples
 from m2m_pipeline.data.tokens import clip_token_count
 
@@ -51,10 +51,18 @@ def _check_manifest(result: ValidationResult, shard: Path) -> dict[str, Any] | N
     if not shard.exists():
         result.fail(f"{shard}: shard file missing")
         return None
-    actual = sha256_file(shard)
-    if actual != manifest["sha256"]:
-        result.fail(f"{shard}: sha256 {actual[:12]}.. does not match manifest {manifest['sha256'][:12]}..")
     return manifest
+
+
+def _check_digest(result: ValidationResult, shard: Path, manifest: dict[str, Any] | None,
+                  digests: dict[str, dict[str, Any]]) -> None:
+    """The sha256 of the bytes the check itself read (hashed while streaming) against the manifest's."""
+    read = digests.get(os.fspath(shard))
+    if manifest is None or read is None:  # no manifest, or the read stopped early (reported already)
+        return
+    if read["sha256"] != manifest["sha256"]:
+        result.fail(f"{shard}: sha256 {read['sha256'][:12]}.. of the {read['bytes']} bytes read does not match "
+                    f"manifest {manifest['sha256'][:12]}..")
 
 
 def _check_keys(result: ValidationResult, shard: Path, keys: list[str], manifest: dict[str, Any] | None) -> None:
@@ -76,8 +84,9 @@ def validate_mis_shard(shard: str | os.PathLike, images_per_set: int = 25, max_t
     manifest = _check_manifest(result, shard)
     keys: list[str] = []
     sizes: set[tuple[int, ...]] = set()
+    digests: dict[str, dict[str, Any]] = {}
     try:
-        for raw in read_samples([shard], check_manifest=False):
+        for raw in read_samples([shard], verify=False, digests=digests):
             keys.append(raw["__key__"])
             try:
                 sample = decode_mis_sample(raw, images_per_set)
@@ -93,6 +102,7 @@ def validate_mis_shard(shard: str | os.PathLike, images_per_set: int = 25, max_t
     except ShardError as exn:
         result.fail(str(exn))
     _check_keys(result, shard, keys, manifest)
+    _check_digest(result, shard, manifest, digests)
     if len(sizes) > 1:
         result.fail(f"{shard}: image sizes differ across samples: {sorted(sizes)}")
     result.details["image_shape"] = list(next(iter(sizes))) if len(sizes) == 1 else None
@@ -112,8 +122,9 @@ def validate_feature_shard(
         expected = {"latents.npy": expected["latents.npy"] or tuple(manifest.get("latents_shape") or ()) or None,
                     "dino.npy": expected["dino.npy"] or tuple(manifest.get("dino_shape") or ()) or None}
     keys: list[str] = []
+    digests: dict[str, dict[str, Any]] = {}
     try:
-        for raw in read_samples([shard], check_manifest=False):
+        for raw in read_samples([shard], verify=False, digests=digests):
             url, key = os.fspath(shard), raw["__key__"]
             keys.append(key)
             for ext in ("latents.npy", "dino.npy"):
@@ -133,6 +144,7 @@ def validate_feature_shard(
     except ShardError as exn:
         result.fail(str(exn))
     _check_keys(result, shard, keys, manifest)
+    _check_digest(result, shard, manifest, digests)
     result.details.update(latents_shape=expected["latents.npy"], dino_shape=expected["dino.npy"])
     return result
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
+
 
 @click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
@@ -19,15 +21,15 @@ import click
               help="Local clean-fid Inception file inception-2015-12-05.pt (or its folder); never downloaded.")
 @click.option("--clip-model", default=None, help="open_clip model name, or local-dir:/path (no CLIP scores if unset).")
 @click.option("--clip-pretrained", default=None, help="Local open_clip checkpoint file for --clip-model.")
-@click.option("--sets", "num_sets", type=int, default=None, help="Test sets to evaluate (default: all).")
-@click.option("--context-images", type=int, default=None, help="Preceding images per set (protocol: 4).")
-@click.option("--generated-images", type=int, default=None, help="Images generated per set (protocol: 10).")
-@click.option("--window", type=int, default=None, help="Context window W (protocol: 4); -1: all preceding images.")
-@click.option("--anchors", type=int, default=None, help="First images always kept in the window (protocol: 0).")
-@click.option("--steps", type=int, default=None, help="DDIM steps (protocol: 50).")
-@click.option("--guidance", type=float, default=None, help="Guidance scale s of Eq. 6 (protocol: 7.5).")
-@click.option("--seed", type=int, default=None, help="Set i samples with seed + i (protocol: 0).")
-@click.option("--batch-size", type=int, default=None, help="Sets sampled together (memory only).")
+@click.option("--sets", "num_sets", type=POSITIVE_INT, default=None, help="Test sets to evaluate (default: all).")
+@click.option("--context-images", type=POSITIVE_INT, default=None, help="Preceding images per set (protocol: 4).")
+@click.option("--generated-images", type=POSITIVE_INT, default=None, help="Images generated per set (protocol: 10).")
+@click.option("--window", type=click.IntRange(min=-1), default=None, help="Context window W (protocol: 4); -1: all preceding images.")
+@click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window (protocol: 0).")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="DDIM steps (protocol: 50).")
+@click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Guidance scale s of Eq. 6 (protocol: 7.5).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=None, help="Set i samples with seed + i (protocol: 0).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help="Sets sampled together (memory only).")
 @click.option("--unconditional", is_flag=True, help="Drop the image condition (W = 0): a chance-level baseline.")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="Local SD folder (latent checkpoints).")
 @click.option("--dino", type=click.Path(path_type=Path), default=None, help="Local DINOv2 folder (M2M-DINO).")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +30,7 @@ from m2m_pipeline.data.shapes import (  # noqa: F401 - render_dataset is re-expo
     attributes_of,
     render_dataset,
 )
+from m2m_pipeline.weights import CheckpointError, load_weights
 
 CONFIG_FILE = "oracle_config.json"
 WEIGHTS_FILE = "oracle.safetensors"
@@ -168,14 +169,18 @@ class AttributeOracle(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"oracle folder {directory} has no {name}; train one with train_oracle()")
         try:
-            config = OracleConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{directory / CONFIG_FILE}: not a valid oracle config ({err})") from err
+            config = OracleConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+        except (KeyError, TypeError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CheckpointError(f"{directory / CONFIG_FILE}: not a valid oracle config ({err})") from None
         oracle = cls(config)
-        oracle.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(map_location)))
+        load_weights(oracle, (directory / WEIGHTS_FILE).read_bytes(), directory / WEIGHTS_FILE, map_location)
         if (directory / METRICS_FILE).is_file():
-            oracle.heldout_accuracy = json.loads((directory / METRICS_FILE).read_text()).get("heldout_accuracy")
-        return oracle.eval()
+            try:
+                metrics = json.loads((directory / METRICS_FILE).read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise CheckpointError(f"{directory / METRICS_FILE}: not valid JSON ({err})") from None
+            oracle.heldout_accuracy = metrics.get("heldout_accuracy") if isinstance(metrics, dict) else None
+        return oracle.to(map_location).eval()
 
 
 # ---- ground truth in the oracle's index space -------------------------------------------------------

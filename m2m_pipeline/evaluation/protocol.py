@@ -75,23 +75,29 @@ class TestSets:
 
 def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_sets: int | None,
                    context_images: int) -> TestSets:
-    """The first `context_images` latents (index order) of the first `num_sets` sets of the test shards."""
+    """The first `context_images` latents (index order) of the first `num_sets` sets of the test shards.
+
+    Every shard a set comes from is read to its end, so its bytes are checked against its manifest before
+    any of its sets is evaluated."""
     from m2m_pipeline.data.loader import expand_shards
-    from m2m_pipeline.data.shards import decode_npy, read_samples
+    from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, read_samples
 
     urls = expand_shards(shards)
     latents, captions, keys, attributes = [], [], [], []
-    for raw in read_samples(urls):
-        url, key = raw["__url__"], raw["__key__"]
-        z = decode_npy(raw, "latents.npy", url, key)
-        if z.ndim != 4 or len(z) < context_images:
-            raise ValueError(f"{url}: set {key} has latents {z.shape}; need (K >= {context_images}, C, H, W)")
-        latents.append(torch.from_numpy(z[:context_images].astype(np.float32)))
-        keys.append(key)
-        captions.append(raw["caption.txt"].decode("utf-8") if "caption.txt" in raw else "")
-        attributes.append(json.loads(raw["attributes.json"]) if "attributes.json" in raw else None)
-        if num_sets is not None and len(latents) == num_sets:
+    for url in urls:
+        if num_sets is not None and len(latents) >= num_sets:
             break
+        for raw in read_samples([url]):  # raises at the shard's end if its bytes or keys differ
+            if num_sets is not None and len(latents) >= num_sets:
+                continue  # read on: the shard is verified only at its end
+            key = raw["__key__"]
+            z = decode_npy(raw, "latents.npy", url, key)
+            if z.ndim != 4 or len(z) < context_images:
+                raise ValueError(f"{url}: set {key} has latents {z.shape}; need (K >= {context_images}, C, H, W)")
+            latents.append(torch.from_numpy(z[:context_images].astype(np.float32)))
+            keys.append(key)
+            captions.append(decode_text(raw, "caption.txt", url, key) if "caption.txt" in raw else "")
+            attributes.append(decode_json(raw, "attributes.json", url, key) if "attributes.json" in raw else None)
     if not latents:
         raise ValueError(f"no sets in test shards {urls}")
     known = None if any(a is None for a in attributes) else attributes

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from m2m_pipeline.cli_types import int_at_least
 from m2m_pipeline.data.shapes import VOCABULARIES, render_image, uint8_to_images
 
 WARM = (0, 3, 6)   # red, yellow, orange
@@ -59,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--oracle", required=True, help="oracle folder (trained there if empty)")
-    parser.add_argument("--size", type=int, default=32, help="oracle / image resolution")
-    parser.add_argument("--n", type=int, default=500, help="images per side")
+    parser.add_argument("--size", type=int_at_least(8), default=32, help="oracle / image resolution")
+    parser.add_argument("--n", type=int_at_least(2), default=500, help="images per side")
     args = parser.parse_args(argv)
     print(json.dumps(sanity_numbers(load_or_train_oracle(args.oracle, args.size), args.n), indent=1))
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from m2m_pipeline.data.io import atomic_directory
+from m2m_pipeline.data.io import atomic_directory, read_hashed, sha256_file
 from m2m_pipeline.network.conditions import build_task_embedder
 from m2m_pipeline.network.config import M2MConfig
 from m2m_pipeline.network.context import ContextKV, ImageSetCall
 from m2m_pipeline.network.image_set_attention import ImageSetAttnProcessor
-from m2m_pipeline.weights import WeightsNotFoundError, resolve_local_path
+from m2m_pipeline.weights import CheckpointError, WeightsNotFoundError, load_weights, resolve_local_path
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -250,7 +252,8 @@ class M2MUNet(nn.Module):
         """
         local = resolve_local_path(path, subfolder=subfolder, what="Stable Diffusion U-Net")
         subfolder, variant = sd_unet_weights(Path(local), subfolder, prefer_ema)
-        sd_unet = UNet2DConditionModel.from_pretrained(local, subfolder=subfolder, variant=variant)
+        sd_unet = UNet2DConditionModel.from_pretrained(local, subfolder=subfolder, variant=variant,
+                                                       use_safetensors=True)  # never a pickled .bin
         cfg = M2MConfig.from_unet_config(dict(sd_unet.config), base=config or M2MConfig())
         net = cls(cfg, unet=sd_unet)
         net.init_source = f"{local}/{subfolder}" + (f" (variant {variant})" if variant else "")
@@ -261,26 +264,25 @@ class M2MUNet(nn.Module):
         """config.json (the whole M2MConfig) + model.safetensors, written atomically (temp dir + rename).
 
         state_dict: weights to write instead of this module's own (e.g. its EMA weights during training).
+        config.json records the sha256 of model.safetensors, which from_pretrained checks before it trusts them.
 
         Hand-written rather than diffusers' ModelMixin because M2MConfig is a nested dataclass, not flat
         __init__ kwargs; the on-disk format is the same idea: JSON config + safetensors, no pickle.
         """
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
-            meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict()}
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
             state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict(),
+                    "weights_sha256": sha256_file(tmp / WEIGHTS_NAME)}
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return directory
 
     @staticmethod
     def read_config(directory: str | os.PathLike) -> M2MConfig:
-        """The M2MConfig saved in a checkpoint folder's config.json."""
+        """The M2MConfig saved in a checkpoint folder's config.json; errors name the file and the field."""
         path = Path(directory) / CONFIG_NAME
-        meta = json.loads(path.read_text())
-        if "m2m_config" not in meta:
-            raise ValueError(f"{path}: not an M2M checkpoint (no 'm2m_config' field)")
-        return M2MConfig.from_dict(meta["m2m_config"])
+        return config_from_json(path.read_bytes(), path)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "M2MUNet":
@@ -290,6 +292,66 @@ class M2MUNet(nn.Module):
                 f"M2M checkpoint {directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}; weights are never "
                 f"downloaded (offline)"
             )
-        net = cls(cls.read_config(directory))
-        net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True)
+        config_bytes = (directory / CONFIG_NAME).read_bytes()
+        net = cls(config_from_json(config_bytes, directory / CONFIG_NAME))
+        expected = json.loads(config_bytes).get("weights_sha256")  # absent in folders written before it was
+        data, digest = read_hashed(directory / WEIGHTS_NAME)
+        if expected is not None and digest != expected:
+            raise CheckpointError(f"{directory / WEIGHTS_NAME}: sha256 {digest[:12]}.. does not match the "
+                                  f"weights_sha256 {str(expected)[:12]}.. of {CONFIG_NAME}; the file is corrupt or "
+                                  f"was replaced")
+        load_weights(net, data, directory / WEIGHTS_NAME, map_location)
         return net.to(map_location)
+
+
+# Fields added to M2MConfig after checkpoints were first written, and the value that reproduces the network of
+# before: a config.json without them still loads. Any other missing field is an error naming it.
+ADDED_FIELDS: dict[str, Any] = {"prediction_type": "epsilon", "spatial_bias": False}
+
+
+def config_from_json(data: bytes, path: Path) -> M2MConfig:
+    """Parse a config.json's bytes into an M2MConfig; a bad file, a missing or unknown field, or a value of the
+    wrong type raises CheckpointError naming the file and the field (no traceback deep in the network)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exn:
+        raise CheckpointError(f"{path}: not a JSON text file (byte {exn.start} is not UTF-8)") from None
+    except json.JSONDecodeError as exn:
+        raise CheckpointError(f"{path}: not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("m2m_config"), dict):
+        raise CheckpointError(f"{path}: not an M2M checkpoint (no 'm2m_config' field)")
+    fields = {f.name: f for f in dataclasses.fields(M2MConfig)}
+    given = meta["m2m_config"]
+    unknown = sorted(set(given) - set(fields))
+    missing = sorted(set(fields) - set(given) - set(ADDED_FIELDS))
+    if unknown or missing:
+        what = "; ".join(part for part in (f"unknown field(s) {unknown}" if unknown else "",
+                                           f"missing field(s) {missing}" if missing else "") if part)
+        raise CheckpointError(f"{path}: m2m_config has {what}")
+    defaults = M2MConfig()
+    for name, value in given.items():
+        if not _same_kind(value, getattr(defaults, name)):
+            raise CheckpointError(f"{path}: field m2m_config.{name} = {value!r} has the wrong type "
+                                  f"(expected {type(getattr(defaults, name)).__name__})")
+    try:
+        return M2MConfig.from_dict({**{k: v for k, v in ADDED_FIELDS.items() if k not in given}, **given})
+    except (TypeError, ValueError) as exn:
+        raise CheckpointError(f"{path}: {exn}") from None
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """JSON value vs the field's default: ints for ints (bools are not), numbers for floats, lists for tuples;
+    attention_head_dim takes an int or a list."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, list) or (isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from m2m_pipeline.cli_types import int_at_least
 from m2m_pipeline.tasks.polyhedra import RenderSettings, write_polyhedra
 from m2m_pipeline.tasks.procedures import write_procedures
 
@@ -14,10 +15,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m m2m_pipeline.tasks", description=__doc__)
     parser.add_argument("kind", choices=["polyhedra", "procedures"])
     parser.add_argument("root", help="output folder (Zero-1-to-3 layout for polyhedra, VGSI folders for procedures)")
-    parser.add_argument("-n", "--count", type=int, default=300, help="objects / procedures to write")
-    parser.add_argument("--start", type=int, default=0, help="first index (write a range in parallel jobs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=32, help="image side, px")
+    parser.add_argument("-n", "--count", type=int_at_least(1), default=300, help="objects / procedures to write")
+    parser.add_argument("--start", type=int_at_least(0), default=0, help="first index (write a range in parallel jobs)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--size", type=int_at_least(8), default=32, help="image side, px")
     parser.add_argument("--overwrite", action="store_true", help="rewrite items that already exist")
     args = parser.parse_args(argv)
     began = time.perf_counter()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
+
 TASKS = {"camera": "camera", "nvs": "camera", "position": "position", "procedures": "position"}
 
 
@@ -28,15 +30,15 @@ def _eval_overrides(cfg, steps, s_i, s_c, items, sweep, sweep_s_i=(), sweep_s_c=
 
 
 _eval_options = [
-    click.option("--eval-steps", "eval_steps", type=int, default=None, help="DDIM steps (default: the preset's)."),
-    click.option("--s-i", "s_i", type=float, default=None, help="Image guidance s_I (Eq. 7); with --no-sweep."),
-    click.option("--s-c", "s_c", type=float, default=None, help="Task guidance s_C (Eq. 7); with --no-sweep."),
-    click.option("--items", type=int, default=None, help="Held-out items evaluated (default: all)."),
+    click.option("--eval-steps", "eval_steps", type=POSITIVE_INT, default=None, help="DDIM steps (default: the preset's)."),
+    click.option("--s-i", "s_i", type=NON_NEGATIVE_FLOAT, default=None, help="Image guidance s_I (Eq. 7); with --no-sweep."),
+    click.option("--s-c", "s_c", type=NON_NEGATIVE_FLOAT, default=None, help="Task guidance s_C (Eq. 7); with --no-sweep."),
+    click.option("--items", type=POSITIVE_INT, default=None, help="Held-out items evaluated (default: all)."),
     click.option("--sweep/--no-sweep", default=True, show_default=True,
                  help="Choose (s_I, s_C) on the validation split from the preset's grid."),
-    click.option("--sweep-s-i", "sweep_s_i", type=float, multiple=True,
+    click.option("--sweep-s-i", "sweep_s_i", type=NON_NEGATIVE_FLOAT, multiple=True,
                  help="Grid of s_I for the sweep (repeat the option; default: the preset's)."),
-    click.option("--sweep-s-c", "sweep_s_c", type=float, multiple=True,
+    click.option("--sweep-s-c", "sweep_s_c", type=NON_NEGATIVE_FLOAT, multiple=True,
                  help="Grid of s_C for the sweep (repeat the option; default: the preset's)."),
 ]
 
@@ -61,18 +63,18 @@ def eval_options(fn):
 @click.option("--autoencoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of a latent base's AutoencoderKL (holding vae/, e.g. models/demo/autoencoder).")
 @click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
-@click.option("--steps", type=int, default=None, help="Fine-tuning steps (default: the preset's).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--max-seconds", type=float, default=None,
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Fine-tuning steps (default: the preset's).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None)
+@click.option("--lr", type=POSITIVE_FLOAT, default=None)
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=None,
               help="Wall-clock budget; stops cleanly and saves (default: the preset's; 0: none).")
-@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every K steps (0: only final/).")
+@click.option("--checkpoint-every", type=NON_NEGATIVE_INT, default=None, help="Checkpoint every K steps (0: only final/).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (exact resume).")
 @click.option("--spatial-bias/--no-spatial-bias", "spatial_bias", default=None,
               help="Relative spatial-position bias in Image-Set Attention (default: the preset's, on; "
                    "--no-spatial-bias to resume runs made before the option).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (1 on shared cores).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
 def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
@@ -117,7 +119,7 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
               help="Items evaluated: the test split, or the validation split (to follow a run's progress "
                    "without looking at test items).")
-@click.option("--threads", type=int, default=None, help="torch threads (1 on shared cores).")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (1 on shared cores).")
 @eval_options
 def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c, items, sweep, sweep_s_i,
                       sweep_s_c) -> None:

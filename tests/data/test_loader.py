@@ -14,7 +14,7 @@ def all_keys(features) -> set[str]:
 
 def test_examples_have_the_documented_keys(tiny_mis):
     example = next(iter(MISExamples(tiny_mis["features"], n_images=5, shuffle_buffer=4)))
-    assert set(example) == {"key", "shard", "caption", "indices", "latents", "dino", "attributes"}
+    assert set(example) == {"key", "shard", "shard_pass", "caption", "indices", "latents", "dino", "attributes"}
     assert example["latents"].shape == (5, 3, 16, 16) and example["latents"].dtype == torch.float32
     assert example["dino"].ndim == 3 and example["dino"].shape[0] == 5 and example["dino"].dtype == torch.float32
     indices = example["indices"].tolist()

@@ -2,7 +2,9 @@
 
 1. trains the micro M2M on colour sets, 2 sets per process per step (global batch 4); rank 0 writes losses;
 2. trains on data whose sets are NaN on rank 1 only: both ranks must skip together, then abort naming rank 1's
-   data; each rank writes the message it raised.
+   data; each rank writes the message it raised;
+3. trains 8 steps straight, and 4 steps then a resume to 8 from the checkpoint (each rank restores its own RNG
+   state from safetensors + JSON); rank 0 writes both loss lists.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def main(out: Path, steps: int) -> None:
     except FloatingPointError as e:
         message = str(e)
     (out / f"nan_rank{rank}.txt").write_text(message)
+    tc = micro_config(steps=8, checkpoint_every=4)
+    straight = train(MICRO, tc, data, out / "straight", progress=False, device="cpu")
+    train(MICRO, micro_config(steps=4, checkpoint_every=4), data, out / "resumed", progress=False, device="cpu")
+    resumed = train(MICRO, tc, data, out / "resumed", progress=False, device="cpu", resume_from="latest")
+    if rank == 0:
+        (out / "resume_losses.json").write_text(json.dumps({"straight": straight.losses, "resumed": resumed.losses}))
 
 
 if __name__ == "__main__":
