@@ -46,7 +46,7 @@ class AutoencoderConfig:
     norm_num_groups: int = 16
     mid_block_attention: bool = True                   # self-attention in the mid block (SD's VAE has one)
     # --- training ---
-    steps: int = 2800                                  # optimizer steps (warm-up, then cosine decay to 0)
+    steps: int = 2800                                  # optimizer steps
     # The convolutions are translation-equivariant: all but the last `full_image_steps` steps train on random
     # `crop_size` crops, 4x cheaper per image at 16 of 32 px; the last steps on whole images fit the mid-block
     # attention and the normalisation statistics to what encoding sees (docs/model.md: measured gain).
@@ -55,12 +55,12 @@ class AutoencoderConfig:
     max_seconds: float = 0.0                           # wall-clock cap (0: none); reported if it cut the run
     batch_size: int = 32
     lr: float = 2e-3                                   # AdamW peak learning rate
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05                      # of the run's compute (see _progress), then cosine
     kl_weight: float = 1e-6                            # weight of the KL term (SD's VAE: 1e-6)
     # Initial log-variance of the posterior (encoder output bias): nearly deterministic from the start. With
     # SD's KL weight the variance shrinks that far anyway; starting at std 1 spends the first steps on noise.
     initial_logvar: float = -6.0
-    train_images: int = 10_000                         # rendered once; batches are drawn from them
+    train_images: int = 20_000                         # rendered once; batches are drawn from them
     heldout_images: int = 1000                         # disjoint seeds: the reported metrics
     seed: int = 0
 
@@ -124,12 +124,24 @@ def build_autoencoder(config: AutoencoderConfig):
     )
 
 
-def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
-    """Linear warm-up, then cosine decay to 0 over the remaining steps (diffusers' cosine schedule)."""
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def _lr_factor(progress: float, warmup_fraction: float, floor: float = 0.02) -> float:
+    """Linear warm-up, then cosine decay to `floor` x the peak, as functions of training progress in [0, 1]."""
+    if progress < warmup_fraction:
+        return (progress + 1e-3) / warmup_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
+
+
+def _progress(config: AutoencoderConfig) -> list[float]:
+    """Progress at the start of every step, counted in compute rather than steps: a crop step costs
+    (crop / image size)^2 of a whole-image step. The schedule then decays over the time the run takes, and the
+    whole-image steps at the end still learn (at ~10% of the peak rate, not at ~0)."""
+    crop_cost = (config.crop_size / config.image_size) ** 2 if config.crop_size else 1.0
+    costs = [crop_cost if step < config.steps - config.full_image_steps else 1.0 for step in range(config.steps)]
+    total, done, out = sum(costs), 0.0, []
+    for cost in costs:
+        out.append(done / total)
+        done += cost
+    return out
 
 
 def reconstruct(vae, images: torch.Tensor, batch_size: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +183,7 @@ def train_autoencoder(config: AutoencoderConfig, out_dir: str | os.PathLike, *, 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
+    progress_at = _progress(config)
     bar = tqdm(total=config.steps, desc="train autoencoder", disable=not progress)
     step, cut_short = 0, False
     while step < config.steps:
@@ -178,7 +191,7 @@ def train_autoencoder(config: AutoencoderConfig, out_dir: str | os.PathLike, *, 
             cut_short = True
             break
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup_fraction)
+            group["lr"] = config.lr * _lr_factor(progress_at[step], config.warmup_fraction)
         x = x_train[torch.randint(0, len(x_train), (config.batch_size,), generator=generator)]
         if config.crop_size and step < config.steps - config.full_image_steps:
             top, left = torch.randint(0, config.image_size - config.crop_size + 1, (2,), generator=generator).tolist()
@@ -195,7 +208,7 @@ def train_autoencoder(config: AutoencoderConfig, out_dir: str | os.PathLike, *, 
         step += 1
         bar.update(1)
         if step % log_every == 0 or step == config.steps:
-            metrics = {"loss": float(loss), "reconstruction_loss": float(rec_loss), "kl": float(kl)}
+            metrics = {"loss": loss.item(), "reconstruction_loss": rec_loss.item(), "kl": kl.item()}
             history.append({"step": step, **metrics})
             bar.set_postfix(rec=f"{metrics['reconstruction_loss']:.4f}")
             if on_metrics is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,12 +13,25 @@ from m2m_pipeline.cli_types import (
     NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    FiniteFloat,
     FriendlyGroup,
 )
 
 
-def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> Path:
-    """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world."""
+def _base_preset(net_preset: str) -> str:
+    """The MIS / training / autoencoder preset of a network preset: "demo-pixel" and "demo" share "demo"."""
+    return net_preset.split("-")[0]
+
+
+def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) -> tuple[Path, Path | None]:
+    """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world, with the
+    autoencoder a latent preset diffuses (trained into WORKDIR/autoencoder first). Returns (features, the
+    autoencoder folder or None for pixel presets)."""
+    from m2m_pipeline.autoencoder import (
+        REPORT_NAME,
+        AutoencoderConfig,
+        train_autoencoder,
+    )
     from m2m_pipeline.data import (
         build_feature_shards,
         filter_captions,
@@ -26,16 +40,26 @@ def _procedural_features(preset: str, workdir: Path, progress: bool = True) -> P
         make_generator,
         write_shapes_caption_tsv,
     )
+    from m2m_pipeline.data.captions import SPLITS
+    from m2m_pipeline.network import M2MConfig
 
-    cfg = get_preset(preset)
+    cfg = get_preset(_base_preset(net_preset))
     if cfg.generator != "shapes":
-        raise click.UsageError(f"--data procedural needs a procedural MIS preset; '{preset}' uses {cfg.generator}")
+        raise click.UsageError(f"--data procedural needs a procedural MIS preset; '{net_preset}' uses {cfg.generator}")
+    autoencoder = None
+    if M2MConfig.preset(net_preset).autoencoder == "vae":
+        autoencoder = workdir / "autoencoder"
+        if not (autoencoder / REPORT_NAME).is_file():
+            train_autoencoder(AutoencoderConfig.preset(_base_preset(net_preset)), autoencoder, progress=progress)
+        cfg = cfg.replace(autoencoder="vae", autoencoder_path=str(autoencoder))
     workdir.mkdir(parents=True, exist_ok=True)
     tsv = write_shapes_caption_tsv(workdir / "captions.tsv", cfg.num_captions, seed=cfg.seed)
     filter_captions([tsv], workdir / "filtered_captions.jsonl", cfg)
-    generate_mis(workdir / "filtered_captions.jsonl", workdir / "mis", make_generator(cfg), cfg, progress=progress)
-    build_feature_shards(workdir / "mis", workdir / "features", cfg, progress=progress)
-    return workdir / "features"
+    for split in SPLITS:
+        generate_mis(workdir / "filtered_captions.jsonl", workdir / "mis" / split, make_generator(cfg), cfg,
+                     split=split, progress=progress)
+        build_feature_shards(workdir / "mis" / split, workdir / "features" / split, cfg, progress=progress)
+    return workdir / "features" / "train", autoencoder
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,8 +71,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True,
-              help="Network and training preset (M2MConfig / TrainConfig).")
+@click.option("--preset", type=click.Choice(["tiny", "tiny-latent", "demo", "demo-pixel", "paper"]), default="demo",
+              show_default=True, help="Network preset (M2MConfig); training and MIS presets: the name before '-'.")
 @click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True,
               help="M2M-Self (clean latents through the U-Net) or M2M-DINO (DINOv2 tokens).")
 @click.option("--data", "data", default="procedural", show_default=True,
@@ -91,8 +115,8 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
     overrides = {k: v for k, v in options.items() if v is not None}
     if grad_accum is not None and global_batch_size is None:
         overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
-    train_cfg = TrainConfig.preset(preset, seed=seed, **overrides)
-    shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
+    train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
+    shards = _procedural_features(preset, out_dir / "data")[0] if data == "procedural" else data
     net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
     on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "variant": variant, **train_cfg.to_dict()}) \
         if mlflow_uri else None
@@ -108,24 +132,48 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
               help="AutoencoderConfig preset (m2m_pipeline/autoencoder.py).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: OUT/vae/ (load it with VaeAutoencoder.from_pretrained(OUT)), OUT/autoencoder.json.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the preset's).")
-@click.option("--max-seconds", type=click.FloatRange(min=0), default=None,
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=None,
               help="Wall-clock cap (default: the preset's; 0: none).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@click.option("--latent-channels", type=POSITIVE_INT, default=None, help="C of the latents (preset's).")
+@click.option("--block-out-channels", default=None,
+              help="Comma-separated channels per level, e.g. 32,64,64 (f = 2^(levels - 1); preset's).")
+@click.option("--crop-size", type=NON_NEGATIVE_INT, default=None,
+              help="Train on random crops of this size except the last --full-image-steps (0: whole images).")
+@click.option("--full-image-steps", type=NON_NEGATIVE_INT, default=None, help="Last steps on whole images.")
+@click.option("--initial-logvar", type=FiniteFloat(min=-20.0, max=5.0), default=None,
+              help="Initial posterior log-variance (preset's).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's).")
 @click.option("--oracle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="An attribute-oracle folder: also report its accuracy on held-out reconstructions.")
 @click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log the run there.")
-def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_seconds: float | None, seed: int,
+def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_seconds: float | None,
+                          latent_channels: int | None, block_out_channels: str | None, crop_size: int | None,
+                          full_image_steps: int | None, initial_logvar: float | None, seed: int,
                           threads: int | None, oracle: Path | None, mlflow_uri: str | None) -> None:
     """Train the CPU presets' AutoencoderKL on the procedural shapes world (SD's VAE role; docs/model.md)."""
     import torch
 
-    from m2m_pipeline.autoencoder import AutoencoderConfig, oracle_reconstruction_accuracy, train_autoencoder
+    from m2m_pipeline.autoencoder import (
+        AutoencoderConfig,
+        oracle_reconstruction_accuracy,
+        train_autoencoder,
+    )
 
     if threads:
         torch.set_num_threads(threads)
-    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds}.items() if v is not None}
+    channels = None
+    if block_out_channels is not None:
+        try:
+            channels = tuple(int(c) for c in block_out_channels.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{block_out_channels!r} is not a comma-separated list of integers",
+                                     param_hint="--block-out-channels") from None
+    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds, "latent_channels": latent_channels,
+                                   "block_out_channels": channels, "crop_size": crop_size,
+                                   "full_image_steps": full_image_steps, "initial_logvar": initial_logvar}.items()
+                 if v is not None}
     cfg = AutoencoderConfig.preset(preset, seed=seed, **overrides)
     on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "kind": "autoencoder", **cfg.to_dict()},
                                 prefix="autoencoder", run_name=f"autoencoder-{preset}") if mlflow_uri else None
@@ -273,11 +321,13 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
               show_default=True, help="Output folder.")
 @click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True)
 @click.option("--steps", type=POSITIVE_INT, default=300, show_default=True, help="Training steps (brief demo).")
-@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "tiny-latent", "demo", "demo-pixel"]), default="demo",
+              show_default=True)
 def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""
 
     from m2m_pipeline.data import make_loader
+    from m2m_pipeline.encoders import load_autoencoder
     from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.sampling import generate
     from m2m_pipeline.training import TrainConfig
@@ -285,22 +335,62 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     from m2m_pipeline.visualize import save_set_grid
 
     start = time.perf_counter()
-    features = _procedural_features(preset, out_dir / "data")
+    features, autoencoder_dir = _procedural_features(preset, out_dir / "data")
     net_cfg = M2MConfig.preset(preset, variant)
-    result = run_training(net_cfg, TrainConfig.preset(preset, steps=steps), features, out_dir / variant)
+    result = run_training(net_cfg, TrainConfig.preset(_base_preset(preset), steps=steps), features,
+                          out_dir / variant)
 
     net = M2MUNet.from_pretrained(result.checkpoint_dir).eval()
+    ae = load_autoencoder(net_cfg.autoencoder, autoencoder_dir)
     batch = next(iter(make_loader(features, n_images=4, batch_size=4, seed=123)))
     encoder = None
     if variant == "dino":
         from m2m_pipeline.data.features import dino_encoder_for
 
-        encoder = dino_encoder_for(net_cfg.image_size, net_cfg.dino_dim).encode
+        dino = dino_encoder_for(net_cfg.image_size, net_cfg.dino_dim)
+        encoder = lambda z: dino.encode(ae.decode(z))  # noqa: E731
     context = batch["latents"]
     out = generate(net, context, 4, context_encoder=encoder, steps=25, guidance_scale=3.0, seed=0)
-    grid = save_set_grid(context, out, out_dir / f"grid_{variant}.png", scale=4)
+    decode = lambda z: ae.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])  # noqa: E731
+    grid = save_set_grid(decode(context), decode(out), out_dir / f"grid_{variant}.png", scale=4)
     click.echo(f"demo done in {time.perf_counter() - start:.0f} s: loss {result.losses[0]:.3f} -> "
                f"{result.final_loss:.3f}; grid {grid}")
+
+
+@main.command("ablation")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/ablation"),
+              show_default=True, help="Rows land in OUT/<row>/, the table in OUT/ablation.md.")
+@click.option("--rows", "rows", multiple=True, help="Rows to run (repeat; default: all of m2m_pipeline/ablation.py).")
+@click.option("--row", "single", default=None, hidden=True, help="Run one row in this process (used by the runner).")
+@click.option("--seconds", type=POSITIVE_FLOAT, default=900.0, show_default=True,
+              help="Wall-clock training budget of every row.")
+@click.option("--parallel", type=POSITIVE_INT, default=2, show_default=True, help="Rows trained at once.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (the runner gives each row 1).")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Repository root holding make demo's assets/demo and models/demo.")
+@click.option("--table-only", is_flag=True, help="Only rebuild OUT/ablation.md from the rows already run.")
+def ablation_cmd(out_dir: Path, rows: tuple[str, ...], single: str | None, seconds: float, parallel: int,
+                 threads: int | None, root: Path, table_only: bool) -> None:
+    """The learnability ablation (docs/model.md): pixel vs latent and more, same budget and protocol."""
+    from m2m_pipeline import ablation
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    inputs = ablation.AblationInputs.from_demo(root.resolve(), out_dir.resolve())
+    names = list(rows) or [r.name for r in ablation.ROWS]
+    unknown = [n for n in names + ([single] if single else []) if n not in ablation.ROWS_BY_NAME]
+    if unknown:
+        raise click.BadParameter(f"unknown rows {unknown}; choose from {sorted(ablation.ROWS_BY_NAME)}",
+                                 param_hint="--rows")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if single:
+        record = ablation.run_row(single, inputs, seconds)
+        click.echo(json.dumps({"row": single, "train": record["train"], "test": record["eval"]["test"]}))
+        return
+    click.echo(ablation.write_table(names, inputs.out) if table_only else
+               ablation.run_all(names, inputs, seconds, parallel))
 
 
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)

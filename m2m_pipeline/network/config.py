@@ -168,11 +168,11 @@ PRESETS: dict[str, M2MConfig] = {
         attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32, dino_dim=32, dino_tokens=5,
         task_embed_dim=32, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction",
     ),
-    # CPU demo: the paper's latent path at CPU size. 32 px images -> 8x8x4 latents of the demo autoencoder
+    # CPU demo: the paper's latent path at CPU size. 32 px images -> 8x8x8 latents of the demo autoencoder
     # (m2m_pipeline/autoencoder.py, in SD's VAE role); Image-Set Attention at 8 and 4 latent pixels.
     # docs/model.md: why this size (measured throughput and learnability against the pixel preset).
     "demo": M2MConfig(
-        autoencoder="vae", image_size=32, sample_size=8, in_channels=4, out_channels=4,
+        autoencoder="vae", image_size=32, sample_size=8, in_channels=8, out_channels=8,
         block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
         attention_head_dim=(4, 8), norm_num_groups=16, cross_attention_dim=256, dino_dim=96, dino_tokens=17,

@@ -109,7 +109,13 @@ def test_split_is_deterministic_and_sized(tiny_cfg, tmp_path):
     a = filter_captions(tmp_path / "many.tsv", tmp_path / "a.jsonl", cfg, progress=False)
     filter_captions(tmp_path / "many.tsv", tmp_path / "b.jsonl", cfg, progress=False)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert 150 < a.test < 250 and a.train + a.test == 2000
+    assert 150 < a.test < 250 and 330 < a.validation < 470 and a.train + a.validation + a.test == 2000
+    # the validation split comes out of train: the test split is the same with or without it
+    filter_captions(tmp_path / "many.tsv", tmp_path / "c.jsonl", cfg.replace(validation_fraction=0.0), progress=False)
+    split_of = lambda path: {json.loads(line)["id"]: json.loads(line)["split"] for line in path.open()}
+    with_val, without = split_of(tmp_path / "a.jsonl"), split_of(tmp_path / "c.jsonl")
+    assert {k for k, s in with_val.items() if s == "test"} == {k for k, s in without.items() if s == "test"}
+    assert {s for k, s in without.items() if with_val[k] == "validation"} == {"train"}
     assert {r.split for r in read_caption_table(tmp_path / "a.jsonl", split="test")} == {"test"}
 
 

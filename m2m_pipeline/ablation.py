@@ -1,0 +1,180 @@
+"""The learnability ablation (issue 11; docs/model.md "Ablation"): every row trains one model for the same
+wall-clock budget on one core and is judged by the same protocol as the demo's learnability table —
+guidance and DDIM steps chosen on the validation split, then position-1 oracle consistency on the first 64
+test sets with 4 preceding images and W = 4, plus the unconditional branch.
+
+    m2m ablation --out runs/ablation                 # all rows, two at a time (one core each), ~15 min a row
+
+It reads what `make demo` produced (MIS shards, latent feature caches, the autoencoder and the oracle under
+assets/demo and models/demo) and builds pixel feature caches for the pixel rows itself. Not part of
+`make demo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m2m_pipeline.data.io import atomic_write_text
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    name: str                                              # unique, a folder name
+    variant: str                                           # "self" or "dino"
+    net_preset: str = "demo"                               # "demo" (latent) or "demo-pixel"
+    train: dict[str, Any] = field(default_factory=dict)    # TrainConfig overrides of the demo preset
+    net: dict[str, Any] = field(default_factory=dict)      # M2MConfig overrides
+    note: str = ""                                         # what the row varies
+
+    @property
+    def space(self) -> str:
+        from m2m_pipeline.network import M2MConfig
+
+        return "pixel" if M2MConfig.preset(self.net_preset).autoencoder == "pixel" else "latent"
+
+
+ROWS: tuple[AblationRow, ...] = (
+    AblationRow("latent-dino", "dino", note="the demo (make demo's training, retrained here)"),
+    AblationRow("latent-self", "self", note="the demo"),
+    AblationRow("pixel-dino", "dino", "demo-pixel", note="32 px pixel space, the demo before the autoencoder"),
+    AblationRow("pixel-self", "self", "demo-pixel", note="32 px pixel space"),
+    AblationRow("latent-dino-batch24", "dino", train={"batch_size": 24}, note="twice the batch, half the steps"),
+    AblationRow("latent-dino-batch6", "dino", train={"batch_size": 6}, note="half the batch, ~twice the steps"),
+    AblationRow("latent-dino-lr3e-4", "dino", train={"lr": 3e-4}, note="lower learning rate"),
+    AblationRow("latent-dino-eps", "dino", net={"prediction_type": "epsilon"}, note="eps instead of v prediction"),
+    AblationRow("latent-self-n3", "self", train={"n_images": 3}, note="N = 3 images per example (paper: 5)"),
+)
+
+
+@dataclass(frozen=True)
+class AblationInputs:
+    mis_dir: Path            # <split>/mis-*.tar (assets/demo/mis)
+    latent_features: Path    # <split>/mis-*.tar built with the autoencoder (assets/demo/features)
+    autoencoder: Path        # folder with vae/ (models/demo/autoencoder)
+    oracle: Path             # models/demo/oracle
+    out: Path                # rows land in out/<name>/, pixel features in out/pixel_features/
+
+    @classmethod
+    def from_demo(cls, root: Path, out: Path) -> AblationInputs:
+        return cls(root / "assets/demo/mis", root / "assets/demo/features", root / "models/demo/autoencoder",
+                   root / "models/demo/oracle", out)
+
+    def features(self, space: str) -> Path:
+        return self.latent_features if space == "latent" else self.out / "pixel_features"
+
+
+def build_pixel_features(inputs: AblationInputs, progress: bool = True) -> Path:
+    """Feature shards of the demo's MIS with the identity autoencoder (pixels) and the same DINO encoder."""
+    from m2m_pipeline.data import build_feature_shards, get_preset
+    from m2m_pipeline.data.captions import SPLITS
+
+    cfg = get_preset("demo").replace(autoencoder="pixel", autoencoder_path=None)
+    for split in SPLITS:
+        build_feature_shards(inputs.mis_dir / split, inputs.features("pixel") / split, cfg, progress=progress)
+    return inputs.features("pixel")
+
+
+def train_row(row: AblationRow, inputs: AblationInputs, seconds: float) -> dict[str, Any]:
+    """Train one row for `seconds` of wall-clock time (the caller sets the thread count)."""
+    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.training import TrainConfig, train
+
+    net_cfg = M2MConfig.preset(row.net_preset, row.variant, **row.net)
+    tc = TrainConfig.preset("demo", **{"checkpoint_every": 0, **row.train, "max_seconds": seconds})
+    shards = sorted(str(s) for s in (inputs.features(row.space) / "train").glob("mis-*.tar"))
+    result = train(net_cfg, tc, shards, inputs.out / row.name, progress=False)
+    return {"steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
+
+
+def evaluate_row(row: AblationRow, inputs: AblationInputs, sweep: Any = None, test_sets: int = 64,
+                 seed: int = 0) -> dict[str, Any]:
+    """The demo's learnability protocol on one trained row (see the module docstring)."""
+    from m2m_pipeline.encoders import load_autoencoder
+    from m2m_pipeline.evaluation.learnability import SamplingSweep, choose_sampling, position1_consistency
+    from m2m_pipeline.evaluation.oracle import AttributeOracle
+    from m2m_pipeline.evaluation.protocol import load_test_sets
+    from m2m_pipeline.network import M2MUNet
+
+    net = M2MUNet.from_pretrained(inputs.out / row.name / "final").eval()
+    ae = load_autoencoder(net.config.autoencoder, inputs.autoencoder if row.space == "latent" else None)
+    encoder = None
+    if row.variant == "dino":
+        from m2m_pipeline.data.features import dino_encoder_for
+
+        dino = dino_encoder_for(net.config.image_size, net.config.dino_dim)
+        encoder = lambda z: dino.encode(ae.decode(z))  # noqa: E731
+    oracle = AttributeOracle.load(inputs.oracle)
+    feats = inputs.features(row.space)
+    load = lambda split, n: load_test_sets(sorted(str(s) for s in (feats / split).glob("mis-*.tar")), n, 4)
+    sweep = sweep or SamplingSweep()
+    best, rows = choose_sampling(net, ae, load("validation", sweep.num_sets), oracle, sweep, context_images=4,
+                                 window=4, seed=seed, context_encoder=encoder)
+    test = load("test", test_sets)
+    common = dict(context_images=4, steps=best["steps"], window=4, seed=seed, context_encoder=encoder)
+    guided = position1_consistency(net, ae, test, oracle, guidance_scale=best["guidance_scale"], **common)
+    uncond = position1_consistency(net, ae, test, oracle, guidance_scale=1.0, unconditional=True, **common)
+    return {"chosen": {"guidance_scale": best["guidance_scale"], "steps": best["steps"]}, "validation": rows,
+            "test": guided, "unconditional": uncond, "test_sets": len(test.keys)}
+
+
+def run_row(name: str, inputs: AblationInputs, seconds: float) -> dict[str, Any]:
+    """Train and evaluate one row; its record goes to out/<name>/ablation.json."""
+    row = {r.name: r for r in ROWS}[name]
+    start = time.perf_counter()
+    record = {"row": dataclasses.asdict(row), "space": row.space, "train": train_row(row, inputs, seconds)}
+    record["eval"] = evaluate_row(row, inputs)
+    record["wall_seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_text(inputs.out / name / "ablation.json", [json.dumps(record, indent=1, default=str)])
+    return record
+
+
+def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: int = 2) -> str:
+    """Each row in its own process with one torch thread, `parallel` at a time (make demo's layout: one core
+    per training); then the table."""
+    if any(ROWS_BY_NAME[n].space == "pixel" for n in names):
+        build_pixel_features(inputs)
+    pending, running = list(names), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name = pending.pop(0)
+            cmd = [sys.executable, "-m", "m2m_pipeline.cli", "ablation", "--row", name, "--out", str(inputs.out),
+                   "--seconds", str(seconds), "--threads", "1", "--root", str(inputs.mis_dir.parents[2])]
+            log = open(inputs.out / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
+            running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"ablation row {name} failed (exit {proc.returncode}); see "
+                                       f"{inputs.out / (name + '.log')}")
+        time.sleep(5)
+    return write_table(names, inputs.out)
+
+
+ROWS_BY_NAME = {r.name: r for r in ROWS}
+
+
+def write_table(names: list[str], out: Path) -> str:
+    """Markdown table of the rows' records (out/<name>/ablation.json) -> out/ablation.md."""
+    lines = ["| row | what varies | steps in budget | colour | background | shape | unconditional c / b / s | "
+             "chosen (s, DDIM steps) |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        rec = json.loads((out / name / "ablation.json").read_text())
+        t, u, c = rec["eval"]["test"], rec["eval"]["unconditional"], rec["eval"]["chosen"]
+        lines.append(f"| {name} | {rec['row']['note']} | {rec['train']['steps']} | {t['colour']:.2f} | "
+                     f"{t['background']:.2f} | {t['shape']:.2f} | {u['colour']:.2f} / {u['background']:.2f} / "
+                     f"{u['shape']:.2f} | {c['guidance_scale']:g}, {c['steps']} |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "ablation.md", [table])
+    return table
