@@ -581,7 +581,10 @@ def make_autoencoder_assets(profile: RunProfile, key: Any, paths: dict[str, Path
         res = oracle_reconstruction_accuracy(r.path(paths["autoencoder"]), oracle)
         bar = r.eval.autoencoder_min_accuracy
         worst = min(res["reconstruction"].values())
-        with mlflow.asset_run(context, p, {"images": res["images"], "bar": bar}) as run:
+        # An asset check's context carries the run through its op context; the nested run is named after the check.
+        with mlflow.asset_run(context.op_execution_context, p, {"images": res["images"], "bar": bar},
+                              extra_tags={"dagster.asset_key": f"{p}/autoencoder:reconstructions_keep_attributes"}
+                              ) as run:
             run.log_metrics({f"autoencoder/oracle_reconstruction_{k}": v for k, v in res["reconstruction"].items()})
             run.log_metrics({f"autoencoder/oracle_original_{k}": v for k, v in res["original"].items()})
         return AssetCheckResult(

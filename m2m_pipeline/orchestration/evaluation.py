@@ -101,7 +101,7 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
     if net.config.variant != variant:
         raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
     oracle = AttributeOracle.load(oracle_dir)
-    sweep: dict[str, Any] | None = None
+    sampling_sweep: dict[str, Any] | None = None
     val_shards = sorted(str(s) for s in validation_dir.glob("mis-*.tar")) if validation_dir is not None else []
     if ev.sweep is not None and val_shards:
         from m2m_pipeline.evaluation.learnability import choose_sampling, sweep_table
@@ -110,7 +110,8 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
         best, rows = choose_sampling(net, autoencoder, val, oracle, ev.sweep, context_images=ev.context_images,
                                      window=ev.window, seed=seed, context_encoder=encoder)
         ev = dataclasses.replace(ev, guidance_scale=best["guidance_scale"], steps=best["steps"])
-        sweep = {"best": best, "rows": rows, "validation_sets": len(val.keys), "table": sweep_table(rows, best)}
+        sampling_sweep = {"best": best, "rows": rows, "validation_sets": len(val.keys),
+                          "table": sweep_table(rows, best)}
     shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
     if not shards:
         raise FileNotFoundError(f"no test feature shards in {test_dir}")
@@ -193,8 +194,8 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
         "context_count": {str(n): {name: float(v[0]) for name, v in c.items()} for n, c in by_count.items()},
         "zero_shot_photos": names, "files": {k: str(v) for k, v in files.items()},
         "sampling": {"guidance_scale": ev.guidance_scale, "steps": ev.steps,
-                     "chosen_on": "validation split" if sweep is not None else "the profile's EvalSpec"},
-        "sweep": sweep,
+                     "chosen_on": "validation split" if sampling_sweep is not None else "the profile's EvalSpec"},
+        "sweep": sampling_sweep,
     }
     atomic_write_bytes(out / "report.json", (json.dumps(record, indent=1, default=str) + "\n").encode())
     atomic_write_bytes(out / "table.txt", (report.table() + "\n").encode())

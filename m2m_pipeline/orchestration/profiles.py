@@ -66,8 +66,9 @@ class RunProfile:
     @cached_property
     def mis_config(self) -> MISConfig:
         cfg = get_preset(self.mis_preset).replace(**self.mis_overrides)
-        if self.autoencoder_preset is not None and "autoencoder_path" not in self.mis_overrides:
-            cfg = cfg.replace(autoencoder="vae", autoencoder_path=str(self.autoencoder_dir))
+        if self.autoencoder_preset is not None:  # the profile's own autoencoder (run config may move it)
+            cfg = cfg.replace(autoencoder="vae",
+                              autoencoder_path=self.mis_overrides.get("autoencoder_path", str(self.autoencoder_dir)))
         return cfg
 
     # ------------------------------------------------------------------ paths (relative to the repo root)

@@ -364,7 +364,7 @@ class MLflowResource(ConfigurableResource):
                 "mlflow.source.git.commit": commit, "git.commit": commit}
         parent = self.parent_run(client, exp, run_id, base)
         keys = sorted(context.selected_asset_keys) if hasattr(context, "selected_asset_keys") else []
-        asset_key = ",".join(k.to_user_string() for k in keys)
+        asset_key = (extra_tags or {}).get("dagster.asset_key") or ",".join(k.to_user_string() for k in keys)
         partition = _partition_label(context)
         tags = {**base, "mlflow.parentRunId": parent, "dagster.asset_key": asset_key,
                 "dagster.partition_key": partition, **(extra_tags or {})}
