@@ -47,6 +47,10 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
                                      f"M2M-Self and M2M-DINO -> evaluation."),
         define_asset_job(f"m2m_{p}_captions_job", selection=key("raw_captions", "filtered_captions"),
                          executor_def=executor, tags=tags, description="Caption source and CLIP-length filter."),
+        define_asset_job(f"m2m_{p}_autoencoder_job", selection=key("attribute_oracle", "autoencoder"),
+                         executor_def=executor, tags=tags,
+                         description="The attribute oracle and the autoencoder (with its reconstruction check): "
+                                     "unpartitioned inputs every MIS partition's feature caches share."),
         define_asset_job(f"m2m_{p}_mis_job", selection=key("mis_shards", "latent_cache", "dino_features"),
                          executor_def=executor, tags=tags,
                          description="Partitioned MIS generation and feature caches: one partition per run "

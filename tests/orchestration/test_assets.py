@@ -32,7 +32,10 @@ def range_tags() -> dict[str, str]:
 @pytest.mark.slow
 def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     instance = DagsterInstance.ephemeral()
-    result = materialize(chain(smoke_assets), resources=resources_for(project, train_steps=4, eval_steps=2),
+    from m2m_pipeline.orchestration.assets import build_profile_assets
+
+    every = build_profile_assets(PROFILES["smoke"])  # assets and the separately defined checks
+    result = materialize(every, resources=resources_for(project, train_steps=4, eval_steps=2),
                          instance=instance, tags=range_tags())
     assert result.success
     mats = {m.asset_key.path[-1]: m.metadata
@@ -51,7 +54,7 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
         assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
         assert meta["dvc_hash"].value and meta["dvc_hash"].value != "-"
     checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    assert len(checks) == 4 and all(c.passed for c in checks)
+    assert len(checks) == 5 and all(c.passed for c in checks)
     assert (project / "models/smoke/m2m_self/final/model.safetensors").exists()
     assert (project / "assets/smoke/evaluation/m2m_dino/grid.png").exists()
 
@@ -65,11 +68,14 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     assert len(parents) == 1
     nested = {r.data.tags["dagster.asset_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
               parents[0].info.run_id}
-    assert len(nested) == 11  # one per core-chain asset (the task assets are tested on their own)
+    # one per core-chain asset (the task assets are tested on their own) and one for the reconstruction check
+    assert len(nested) == 13 and "smoke/autoencoder:reconstructions_keep_attributes" in nested, sorted(nested)
     self_run, dino_run = nested["smoke/m2m_self_checkpoint"], nested["smoke/m2m_dino_checkpoint"]
     assert set(self_run.data.metrics) == set(dino_run.data.metrics) >= {"train/loss", "train/final_loss"}
     assert self_run.data.tags["dvc.outs"] and self_run.data.tags["git.commit"]
-    assert nested["smoke/mis_shards"].data.tags["dagster.partition_key"] == "0...2"
+    tags = range_tags()
+    partitions = f'{tags["dagster/asset_partition_range_start"]}...{tags["dagster/asset_partition_range_end"]}'
+    assert nested["smoke/mis_shards"].data.tags["dagster.partition_key"] == partitions
     assert len(client.get_metric_history(self_run.info.run_id, "train/loss")) >= 1
     assert any(a.path == "grid.png" for a in client.list_artifacts(nested["smoke/m2m_self_evaluation_report"]
                                                                     .info.run_id))
@@ -109,7 +115,8 @@ def test_training_through_dagster_pipes(project: Path, smoke_assets) -> None:
 
     res = resources_for(project, dvc_on=False, train_steps=2)
     tags = range_tags()
-    first = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "mis_shards", "latent_cache")]
+    first = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder", "mis_shards",
+                                         "latent_cache")]
     assert materialize(first, resources=res, tags=tags).success
     res["compute"] = ComputeResource(device="cpu", launcher="subprocess")
     result = materialize([smoke_assets["m2m_self_checkpoint"]], resources=res)

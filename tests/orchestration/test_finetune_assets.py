@@ -15,12 +15,15 @@ from .conftest import resources_for
 
 @pytest.mark.slow
 def test_finetune_assets_materialize_on_smoke(project: Path) -> None:
+    from m2m_pipeline.autoencoder import AutoencoderConfig, train_autoencoder
     from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.orchestration.finetune_assets import BASE_VARIANT, build_finetune_assets
 
-    # the upstream base checkpoint asset's output (the chain itself is tested in test_assets.py)
+    # the upstream autoencoder and base checkpoint assets' outputs (the chain itself is tested in test_assets.py)
     M2MUNet(M2MConfig.preset(PROFILES["smoke"].net_preset, BASE_VARIANT)).save_pretrained(
         project / f"models/smoke/m2m_{BASE_VARIANT}/final")
+    train_autoencoder(AutoencoderConfig.preset(PROFILES["smoke"].autoencoder_preset, steps=2),
+                      project / "models/smoke/autoencoder", progress=False)
     result = materialize(build_finetune_assets(PROFILES["smoke"]), resources=resources_for(project, dvc_on=False),
                          instance=DagsterInstance.ephemeral())
     assert result.success

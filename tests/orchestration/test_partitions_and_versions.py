@@ -33,7 +33,9 @@ def range_tags() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_partitions_concurrently_then_noop(project: Path, smoke_assets) -> None:
     res = resources_for(project)
-    assert materialize([smoke_assets["raw_captions"], smoke_assets["filtered_captions"]], resources=res).success
+    # the unpartitioned inputs the partitions share (the captions and autoencoder jobs)
+    assert materialize([smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder")],
+                       resources=res).success
     env = {**os.environ, "M2M_REPO_DIR": str(project), "DAGSTER_HOME": str(project / ".state" / "dagster"),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     Path(env["DAGSTER_HOME"]).mkdir(parents=True)
@@ -78,8 +80,8 @@ def test_two_partitions_concurrently_then_noop(project: Path, smoke_assets) -> N
 
 @pytest.mark.slow
 def test_dvc_checkout_restores_previous_revision(project: Path, smoke_assets) -> None:
-    chain = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "mis_shards", "latent_cache",
-                                       "m2m_self_checkpoint")]
+    chain = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder", "mis_shards",
+                                       "latent_cache", "m2m_self_checkpoint")]
     shard = project / "assets/smoke/mis/train/mis-000000.tar"
     model = project / "models/smoke/m2m_self/final/model.safetensors"
 

@@ -2,7 +2,7 @@
 ROOT and SIGKILL this very process in the middle of its writing (tests/reliability/test_sigkill.py):
 
 - captions:   after 5 rows of the caption table
-- mis:        at the 6th image set, i.e. inside the second MIS shard (4 sets per shard)
+- mis:        at the 5th (last) image set of the train split, i.e. inside the second MIS shard (4 sets per shard)
 - features:   while encoding the second feature shard
 - checkpoint: while saving checkpoint-0000004, after its tensors and before its train_state.json
 - step:       in training step 3, between checkpoint-0000002 and checkpoint-0000004
@@ -46,7 +46,7 @@ def main(stage: str, root: Path) -> None:
         def dying(captions, indices=None):
             for image_set in real(captions, indices):
                 made.append(image_set)
-                if len(made) == 6:
+                if len(made) == 5:
                     die()
                 yield image_set
 
