@@ -46,12 +46,12 @@ class AutoencoderConfig:
     norm_num_groups: int = 16
     mid_block_attention: bool = True                   # self-attention in the mid block (SD's VAE has one)
     # --- training ---
-    steps: int = 2800                                  # optimizer steps
+    steps: int = 3000                                  # optimizer steps
     # The convolutions are translation-equivariant: all but the last `full_image_steps` steps train on random
     # `crop_size` crops, 4x cheaper per image at 16 of 32 px; the last steps on whole images fit the mid-block
     # attention and the normalisation statistics to what encoding sees (docs/model.md: measured gain).
     crop_size: int = 16                                # 0: whole images throughout
-    full_image_steps: int = 200
+    full_image_steps: int = 600
     max_seconds: float = 0.0                           # wall-clock cap (0: none); reported if it cut the run
     batch_size: int = 32
     lr: float = 2e-3                                   # AdamW peak learning rate

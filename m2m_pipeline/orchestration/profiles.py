@@ -126,7 +126,7 @@ PROFILES: dict[str, RunProfile] = {
                                         "min_accuracy": None}, autoencoder_min_accuracy=None,
                       sweep=SamplingSweep(guidance_scales=(2.0, 3.0), steps=(4,), num_sets=2)),
     ),
-    # CPU demo: procedural MIS at 32 px, its own autoencoder (32 px -> 8x8x4 latents), latent demo nets.
+    # CPU demo: procedural MIS at 32 px, its own autoencoder (32 px -> 8x8x8 latents), latent demo nets.
     "demo": RunProfile(
         name="demo", mis_preset="demo", net_preset="demo", train_preset="demo", autoencoder_preset="demo",
         eval=EvalSpec(num_sets=64, context_images=4, generated_images=10, steps=25, drift_images=25,
