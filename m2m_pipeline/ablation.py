@@ -56,6 +56,7 @@ ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino-eps", "dino", net={"prediction_type": "epsilon"}, note="eps instead of v prediction"),
     AblationRow("latent-self-n3", "self", train={"n_images": 3}, note="N = 3 images per example (paper: 5)"),
 )
+ROWS_BY_NAME = {r.name: r for r in ROWS}
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,32 @@ def train_row(row: AblationRow, inputs: AblationInputs, seconds: float) -> dict[
     return {"steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
 
 
+def reuse_trained(row: AblationRow, checkpoint: Path, seconds: float) -> dict[str, Any]:
+    """The training record of a checkpoint trained elsewhere with exactly this row's configuration (make demo's
+    M2M-DINO / M2M-Self are the latent-dino / latent-self rows): refused unless its network config and its
+    training config, budget included, are the row's."""
+    from m2m_pipeline.network import M2MConfig, M2MUNet
+    from m2m_pipeline.training import TrainConfig
+
+    state_path = checkpoint / "train_state.json"
+    if not state_path.is_file():
+        raise ValueError(f"{checkpoint}: no train_state.json, not a training checkpoint")
+    state = json.loads(state_path.read_text())
+    want_net = M2MConfig.preset(row.net_preset, row.variant, **row.net)
+    want_train = TrainConfig.preset("demo", **{**row.train, "max_seconds": seconds})
+    got_train = TrainConfig(**state["train_config"])
+    ignored = ("checkpoint_every", "keep_checkpoints", "log_every", "num_workers")  # no effect on the weights
+    same = lambda tc: dataclasses.replace(tc, **{k: getattr(want_train, k) for k in ignored})  # noqa: E731
+    if M2MUNet.read_config(checkpoint) != want_net or same(got_train) != want_train:
+        raise ValueError(f"{checkpoint} was not trained with row {row.name}'s configuration "
+                         f"(network {row.net_preset} {row.variant} {row.net}, training demo {row.train}, "
+                         f"max_seconds {seconds:g})")
+    return {"steps": state["step"], "seconds": state["seconds"], "final_loss": state["losses"][-1],
+            "checkpoint": str(checkpoint)}
+
+
 def evaluate_row(row: AblationRow, inputs: AblationInputs, sweep: Any = None, test_sets: int = 64,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, checkpoint: Path | None = None) -> dict[str, Any]:
     """The demo's learnability protocol on one trained row (see the module docstring)."""
     from m2m_pipeline.encoders import load_autoencoder
     from m2m_pipeline.evaluation.learnability import SamplingSweep, choose_sampling, position1_consistency
@@ -107,7 +132,7 @@ def evaluate_row(row: AblationRow, inputs: AblationInputs, sweep: Any = None, te
     from m2m_pipeline.evaluation.protocol import load_test_sets
     from m2m_pipeline.network import M2MUNet
 
-    net = M2MUNet.from_pretrained(inputs.out / row.name / "final").eval()
+    net = M2MUNet.from_pretrained(checkpoint or inputs.out / row.name / "final").eval()
     ae = load_autoencoder(net.config.autoencoder, inputs.autoencoder if row.space == "latent" else None)
     encoder = None
     if row.variant == "dino":
@@ -129,20 +154,24 @@ def evaluate_row(row: AblationRow, inputs: AblationInputs, sweep: Any = None, te
             "test": guided, "unconditional": uncond, "test_sets": len(test.keys)}
 
 
-def run_row(name: str, inputs: AblationInputs, seconds: float) -> dict[str, Any]:
-    """Train and evaluate one row; its record goes to out/<name>/ablation.json."""
-    row = {r.name: r for r in ROWS}[name]
+def run_row(name: str, inputs: AblationInputs, seconds: float, trained: Path | None = None) -> dict[str, Any]:
+    """Train (or take `trained`, see reuse_trained) and evaluate one row; its record goes to
+    out/<name>/ablation.json."""
+    row = ROWS_BY_NAME[name]
     start = time.perf_counter()
-    record = {"row": dataclasses.asdict(row), "space": row.space, "train": train_row(row, inputs, seconds)}
-    record["eval"] = evaluate_row(row, inputs)
+    train_record = reuse_trained(row, trained, seconds) if trained else train_row(row, inputs, seconds)
+    record = {"row": dataclasses.asdict(row), "space": row.space, "train": train_record}
+    record["eval"] = evaluate_row(row, inputs, checkpoint=trained)
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_text(inputs.out / name / "ablation.json", [json.dumps(record, indent=1, default=str)])
     return record
 
 
-def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: int = 2) -> str:
+def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: int = 2,
+            trained: dict[str, Path] | None = None) -> str:
     """Each row in its own process with one torch thread, `parallel` at a time (make demo's layout: one core
-    per training); then the table."""
+    per training); rows in `trained` are evaluated from that checkpoint instead; then the table."""
+    trained = trained or {}
     if any(ROWS_BY_NAME[n].space == "pixel" for n in names):
         build_pixel_features(inputs)
     pending, running = list(names), []
@@ -152,6 +181,8 @@ def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: 
             name = pending.pop(0)
             cmd = [sys.executable, "-m", "m2m_pipeline.cli", "ablation", "--row", name, "--out", str(inputs.out),
                    "--seconds", str(seconds), "--threads", "1", "--root", str(inputs.mis_dir.parents[2])]
+            if name in trained:
+                cmd += ["--trained", f"{name}={trained[name]}"]
             log = open(inputs.out / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
             running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         for item in list(running):
@@ -165,8 +196,6 @@ def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: 
         time.sleep(5)
     return write_table(names, inputs.out)
 
-
-ROWS_BY_NAME = {r.name: r for r in ROWS}
 
 
 def write_table(names: list[str], out: Path) -> str:

@@ -368,11 +368,22 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (the runner gives each row 1).")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Repository root holding make demo's assets/demo and models/demo.")
+@click.option("--trained", "trained_args", multiple=True, metavar="ROW=CHECKPOINT",
+              help="Evaluate ROW from a checkpoint trained with exactly its configuration instead of training it "
+                   "(e.g. latent-dino=models/demo/m2m_dino/final); refused if the configuration differs.")
 @click.option("--table-only", is_flag=True, help="Only rebuild OUT/ablation.md from the rows already run.")
 def ablation_cmd(out_dir: Path, rows: tuple[str, ...], single: str | None, seconds: float, parallel: int,
-                 threads: int | None, root: Path, table_only: bool) -> None:
+                 threads: int | None, root: Path, trained_args: tuple[str, ...], table_only: bool) -> None:
     """The learnability ablation (docs/model.md): pixel vs latent and more, same budget and protocol."""
     from m2m_pipeline import ablation
+
+    trained = {}
+    for arg in trained_args:
+        name, sep, path = arg.partition("=")
+        if not sep or not Path(path).is_dir():
+            raise click.BadParameter(f"{arg!r}: expected ROW=CHECKPOINT with an existing checkpoint folder",
+                                     param_hint="--trained")
+        trained[name] = Path(path).resolve()
 
     if threads:
         import torch
@@ -380,17 +391,17 @@ def ablation_cmd(out_dir: Path, rows: tuple[str, ...], single: str | None, secon
         torch.set_num_threads(threads)
     inputs = ablation.AblationInputs.from_demo(root.resolve(), out_dir.resolve())
     names = list(rows) or [r.name for r in ablation.ROWS]
-    unknown = [n for n in names + ([single] if single else []) if n not in ablation.ROWS_BY_NAME]
+    unknown = [n for n in names + ([single] if single else []) + list(trained) if n not in ablation.ROWS_BY_NAME]
     if unknown:
         raise click.BadParameter(f"unknown rows {unknown}; choose from {sorted(ablation.ROWS_BY_NAME)}",
                                  param_hint="--rows")
     out_dir.mkdir(parents=True, exist_ok=True)
     if single:
-        record = ablation.run_row(single, inputs, seconds)
+        record = ablation.run_row(single, inputs, seconds, trained.get(single))
         click.echo(json.dumps({"row": single, "train": record["train"], "test": record["eval"]["test"]}))
         return
     click.echo(ablation.write_table(names, inputs.out) if table_only else
-               ablation.run_all(names, inputs, seconds, parallel))
+               ablation.run_all(names, inputs, seconds, parallel, trained))
 
 
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)

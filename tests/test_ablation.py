@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from m2m_pipeline import ablation
@@ -41,3 +42,20 @@ def test_cli_refuses_an_unknown_row(tmp_path):
     result = CliRunner().invoke(main, ["ablation", "--rows", "no-such-row", "--out", str(tmp_path / "a"),
                                        "--root", str(tmp_path)])
     assert result.exit_code != 0 and "no-such-row" in result.output
+
+
+def test_a_checkpoint_is_reused_only_if_trained_with_the_rows_configuration(tmp_path):
+    from m2m_pipeline.network import M2MUNet
+
+    row = ablation.ROWS_BY_NAME["latent-dino"]
+    checkpoint = tmp_path / "final"
+    M2MUNet(M2MConfig.preset(row.net_preset, row.variant)).save_pretrained(checkpoint)
+    train_config = TrainConfig.preset("demo", max_seconds=900.0, checkpoint_every=250).to_dict()
+    state = {"step": 3456, "seconds": 899.5, "losses": [0.9, 0.2], "train_config": train_config}
+    (checkpoint / "train_state.json").write_text(json.dumps(state))
+    record = ablation.reuse_trained(row, checkpoint, seconds=900.0)
+    assert record["steps"] == 3456 and record["final_loss"] == 0.2
+    with pytest.raises(ValueError, match="not trained with row latent-dino"):
+        ablation.reuse_trained(row, checkpoint, seconds=600.0)  # another budget
+    with pytest.raises(ValueError, match="not trained with row latent-dino-64x128"):
+        ablation.reuse_trained(ablation.ROWS_BY_NAME["latent-dino-64x128"], checkpoint, seconds=900.0)
