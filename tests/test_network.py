@@ -71,6 +71,23 @@ def test_no_leak_across_images(variant, n, spatial_bias):
 
 
 @pytest.mark.parametrize("variant", ["self", "dino"])
+@pytest.mark.parametrize("spatial_bias", [False, True])
+def test_one_masked_attention_call_equals_one_call_per_image(variant, spatial_bias, monkeypatch):
+    """Image-Set Attention's batched block-causal path (small token counts) and its per-image path (paper
+    size) give the same predictions, with some sets' context dropped (the rows-without-context path)."""
+    from m2m_pipeline.network import image_set_attention
+
+    net = make_net(variant, spatial_bias=spatial_bias)
+    z_t, t, context = inputs(net, 3, 4)
+    drop = torch.tensor([False, True, False])
+    with torch.no_grad():
+        batched = net(z_t, t, context, drop_image=drop)
+        monkeypatch.setattr(image_set_attention, "BATCHED_MASK_ELEMENTS", 0)
+        per_image = net(z_t, t, context, drop_image=drop)
+    torch.testing.assert_close(batched, per_image, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
 def test_first_image_and_dropped_condition_are_defined(variant):
     net = make_net(variant)
     z_t, t, context = inputs(net, 3, 1)

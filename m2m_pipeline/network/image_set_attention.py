@@ -15,6 +15,10 @@ from torch import nn
 from m2m_pipeline.network.context import ImageSetCall
 from m2m_pipeline.network.spatial_bias import SpatialBias
 
+# Largest block-causal mask (queries x keys of one head) built to run all noisy images in one attention call;
+# above it (paper-size latents: 5 x 4096 queries) each image attends to its own context slice, mask-free.
+BATCHED_MASK_ELEMENTS = 2**22
+
 
 class ImageSetAttnProcessor(nn.Module):
     """Processor for one Image-Set Attention layer; the `Attention` module it serves owns Q/K/V/out weights.
@@ -99,11 +103,24 @@ class ImageSetAttnProcessor(nn.Module):
                 mask_all = torch.cat([bias.new_zeros(h, s_q, 1), bias.repeat(1, 1, max(p_max, 1))],
                                      dim=2)  # (h, S_q, 1 + p_max*S_k); the null key has no position: bias 0
 
+        if has_context and n * s_q * (1 + k_all.shape[1] * k_all.shape[2]) <= BATCHED_MASK_ELEMENTS:
+            out = self._attend_batched(q, k_all, v_all, null_kh, null_vh, null_out, mask_all, call, keep)
+        else:
+            out = self._attend_per_image(q, k_all if has_context else None, v_all if has_context else None,
+                                         null_kh if has_context else None, null_vh if has_context else None,
+                                         null_out, mask_all if has_context else None, call, keep)
+        out = rearrange(out, "b n h s d -> (b n) s (h d)")
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def _attend_per_image(self, q, k_all, v_all, null_kh, null_vh, null_out, mask_all, call, keep) -> torch.Tensor:
+        """One SDPA per noisy image over exactly its visible context: no mask, for large token counts."""
+        n, h = call.n, self.heads
         outs = []
         for i in range(n):
             p = call.first_position + i  # context images visible to image i
             out_i = null_out
-            if has_context and p > 0:
+            if k_all is not None and p > 0:
                 k_i = rearrange(k_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)  # (B', h, p*S, d)
                 v_i = rearrange(v_all[:, :p], "b m s (h d) -> b h (m s) d", h=h)
                 q_i = q[:, i] if keep is None else q[:, i].index_select(0, keep)
@@ -111,8 +128,32 @@ class ImageSetAttnProcessor(nn.Module):
                 a = F.scaled_dot_product_attention(
                     q_i, torch.cat([null_kh, k_i], dim=2), torch.cat([null_vh, v_i], dim=2), attn_mask=mask
                 )  # (B', h, S_q, d)
-                out_i = a if keep is None or keep.numel() == b else out_i.index_put((keep,), a)
+                out_i = a if keep is None or keep.numel() == q.shape[0] else out_i.index_put((keep,), a)
             outs.append(out_i)
-        out = rearrange(torch.stack(outs, dim=1), "b n h s d -> (b n) s (h d)")
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return torch.stack(outs, dim=1)  # (B, n, h, S_q, d)
+
+    def _attend_batched(self, q, k_all, v_all, null_kh, null_vh, null_out, mask_all, call, keep) -> torch.Tensor:
+        """All noisy images in one SDPA with a block-causal additive mask (image i sees the null key and the
+        first first_position + i context images). Same result as `_attend_per_image`; one fused call instead of
+        n small ones and their key copies (the CPU demo's profile: docs/model.md "Training throughput")."""
+        n, h = call.n, self.heads
+        b, _, _, s_q, d = q.shape
+        n_c, s_k = k_all.shape[1], k_all.shape[2]
+        visible = (call.first_position + torch.arange(n, device=q.device)).clamp(max=n_c)  # (n,)
+        key_image = torch.arange(n_c, device=q.device).repeat_interleave(s_k)  # (n_c*S_k,)
+        allowed = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=q.device),
+                             key_image[None, :] < visible[:, None]], dim=1)  # (n, 1 + n_c*S_k)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        mask = mask.repeat_interleave(s_q, dim=0)  # (n*S_q, 1 + n_c*S_k)
+        if mask_all is not None:  # spatial bias: (h, S_q, 1 + p_max*S_k), the same for every context image
+            bias = torch.cat([mask_all[:, :, :1], mask_all[:, :, 1 : 1 + s_k].repeat(1, 1, n_c)], dim=2)
+            mask = mask[None] + bias.repeat(1, n, 1)  # (h, n*S_q, 1 + n_c*S_k)
+        k = torch.cat([null_kh, rearrange(k_all, "b m s (h d) -> b h (m s) d", h=h)], dim=2)
+        v = torch.cat([null_vh, rearrange(v_all, "b m s (h d) -> b h (m s) d", h=h)], dim=2)
+        q_rows = q if keep is None else q.index_select(0, keep)
+        a = F.scaled_dot_product_attention(rearrange(q_rows, "b n h s d -> b h (n s) d"), k, v, attn_mask=mask)
+        a = rearrange(a, "b h (n s) d -> b n h s d", n=n)  # (B', n, h, S_q, d)
+        if keep is None or keep.numel() == b:
+            return a
+        return null_out[:, None].expand(b, n, h, s_q, d).index_put((keep,), a)
+
