@@ -404,6 +404,40 @@ def ablation_cmd(out_dir: Path, rows: tuple[str, ...], single: str | None, secon
                ablation.run_all(names, inputs, seconds, parallel, trained))
 
 
+@main.command("probe-features")
+@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
+              help="MIS preset: image size and the random DINOv2 stand-in its feature caches use.")
+@click.option("--autoencoder", "autoencoder_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Also probe this autoencoder's latents (a folder holding vae/).")
+@click.option("--dino", "dino_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A local DINOv2 folder instead of the preset's random stand-in.")
+@click.option("--train-images", type=POSITIVE_INT, default=5000, show_default=True)
+@click.option("--heldout-images", type=POSITIVE_INT, default=1000, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads.")
+def probe_features(preset: str, autoencoder_dir: Path | None, dino_path: Path | None, train_images: int,
+                   heldout_images: int, threads: int | None) -> None:
+    """Linear-probe accuracy per attribute of pixels, DINO tokens and autoencoder latents (docs/model.md)."""
+    import torch
+
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.data.features import dino_encoder_for
+    from m2m_pipeline.encoders import DinoEncoder, VaeAutoencoder
+    from m2m_pipeline.evaluation.probe import format_probe_table, probe_representations
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = get_preset(preset)
+    if dino_path is None:
+        dino, dino_name = dino_encoder_for(cfg.resolution, cfg.dino_hidden_size), "DINO tokens (random stand-in)"
+    else:
+        dino, dino_name = DinoEncoder.from_pretrained(dino_path), f"DINOv2 tokens ({dino_path.name})"
+    encoders = {"pixels": lambda x: x, dino_name: dino.encode}
+    if autoencoder_dir is not None:
+        encoders["autoencoder latents"] = VaeAutoencoder.from_pretrained(autoencoder_dir).encode
+    results = probe_representations(encoders, cfg.resolution, train_images, heldout_images)
+    click.echo(format_probe_table(results))
+
+
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
 from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
     evaluate_task_cmd,
