@@ -551,7 +551,7 @@ def make_autoencoder_assets(profile: RunProfile, key: Any, paths: dict[str, Path
         r = settings.resolve(profile)
         out = r.path(paths["autoencoder"])
         cfg = AutoencoderConfig.preset(profile.autoencoder_preset, image_size=r.mis.resolution)
-        with mlflow.asset_run(context, p, cfg.to_dict()) as run:
+        with mlflow.asset_run(context, p, cfg.to_dict()) as run, compute.threads(compute.autoencoder_threads):
             report = train_autoencoder(cfg, out, progress=False, on_metrics=lambda m, step: run.log_metrics(
                 {f"autoencoder/{k}": v for k, v in m.items()}, step=step))
             summary = {k: report[k] for k in ("heldout_psnr_db", "heldout_mse", "train_seconds", "steps",

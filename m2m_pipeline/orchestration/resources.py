@@ -198,14 +198,17 @@ class ComputeResource(ConfigurableResource):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     workers: int = 0                                         # data-loader worker processes
     torch_threads: int = 0                                   # intra-op CPU threads (0: torch's default)
+    # The autoencoder's training may use more: it runs before the two side-by-side trainings and overlaps
+    # only the short single-threaded oracle / MIS steps (0: torch_threads)
+    autoencoder_threads: int = 0
     launcher: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"  # training: in this process, or
     # through Dagster Pipes in a child `python -m` / `accelerate launch` (multi-GPU) process
     num_processes: int = 1                                   # accelerate launch --num_processes (GPUs per step)
 
     @model_validator(mode="after")
     def _check_fields(self) -> ComputeResource:
-        if self.workers < 0 or self.torch_threads < 0:
-            raise ValueError("resources.compute.config.workers and torch_threads must be >= 0")
+        if self.workers < 0 or self.torch_threads < 0 or self.autoencoder_threads < 0:
+            raise ValueError("resources.compute.config.workers, torch_threads and autoencoder_threads must be >= 0")
         if self.num_processes < 1:
             raise ValueError(f"resources.compute.config.num_processes must be >= 1, got {self.num_processes}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -227,6 +230,19 @@ class ComputeResource(ConfigurableResource):
             import torch
 
             torch.set_num_threads(self._threads_before)
+
+    @contextmanager
+    def threads(self, count: int) -> Iterator[None]:
+        """torch intra-op threads = `count` inside the block (0: unchanged), restored after it."""
+        import torch
+
+        before = torch.get_num_threads()
+        if count:
+            torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -36,10 +36,23 @@ def test_other_resources_validate() -> None:
         ComputeResource(device="tpu")
     with pytest.raises(Exception, match="compute.config.num_processes"):
         ComputeResource(num_processes=0)
+    with pytest.raises(Exception, match="autoencoder_threads must be >= 0"):
+        ComputeResource(autoencoder_threads=-1)
     with pytest.raises(Exception, match="mlflow.config.tracking_uri"):
         MLflowResource(mode="production")
     with pytest.raises(Exception, match="dvc.config.remote"):
         DVCResource(mode="production", remote="local")
+
+
+def test_compute_threads_scope_restores_the_thread_count() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    with ComputeResource(autoencoder_threads=1).threads(1):
+        assert torch.get_num_threads() == 1
+    with ComputeResource().threads(0):  # 0: unchanged
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
 
 
 def test_missing_weights_name_the_field(tmp_path: Path) -> None:
