@@ -5,6 +5,8 @@ test sets with 4 preceding images and W = 4, plus the unconditional branch.
 
     m2m ablation --out runs/ablation                 # all rows, two at a time (one core each), ~15 min a row
 
+Rows whose `train` sets `steps` and `max_seconds: 0` train a fixed number of steps instead (the 2x rows).
+
 It reads what `make demo` produced (MIS shards, latent feature caches, the autoencoder and the oracle under
 assets/demo and models/demo) and builds pixel feature caches for the pixel rows itself. Not part of
 `make demo`.
@@ -50,6 +52,12 @@ ROWS: tuple[AblationRow, ...] = (
                 note="U-Net widths 64/128 (4.2 M parameters) instead of 32/64 (1.1 M)"),
     AblationRow("latent-self-64x128", "self", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
                 note="U-Net widths 64/128"),
+    # A fixed step count instead of the wall-clock budget (max_seconds 0): twice the steps make demo's
+    # 15 minutes gave each variant, so the row answers "does more training reach shape?" whatever the load.
+    AblationRow("latent-dino-2x-steps", "dino", train={"steps": 5328, "max_seconds": 0.0},
+                note="2x make demo's steps (5328 instead of 2664), no time limit"),
+    AblationRow("latent-self-2x-steps", "self", train={"steps": 3304, "max_seconds": 0.0},
+                note="2x make demo's steps (3304 instead of 1652), no time limit"),
     AblationRow("latent-dino-batch24", "dino", train={"batch_size": 24}, note="twice the batch, half the steps"),
     AblationRow("latent-dino-batch6", "dino", train={"batch_size": 6}, note="half the batch, ~twice the steps"),
     AblationRow("latent-dino-lr3e-4", "dino", train={"lr": 3e-4}, note="lower learning rate"),
@@ -93,7 +101,7 @@ def train_row(row: AblationRow, inputs: AblationInputs, seconds: float) -> dict[
     from m2m_pipeline.training import TrainConfig, train
 
     net_cfg = M2MConfig.preset(row.net_preset, row.variant, **row.net)
-    tc = TrainConfig.preset("demo", **{"checkpoint_every": 0, **row.train, "max_seconds": seconds})
+    tc = TrainConfig.preset("demo", **{"checkpoint_every": 0, "max_seconds": seconds, **row.train})
     shards = sorted(str(s) for s in (inputs.features(row.space) / "train").glob("mis-*.tar"))
     result = train(net_cfg, tc, shards, inputs.out / row.name, progress=False)
     return {"steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
@@ -111,7 +119,7 @@ def reuse_trained(row: AblationRow, checkpoint: Path, seconds: float) -> dict[st
         raise ValueError(f"{checkpoint}: no train_state.json, not a training checkpoint")
     state = json.loads(state_path.read_text())
     want_net = M2MConfig.preset(row.net_preset, row.variant, **row.net)
-    want_train = TrainConfig.preset("demo", **{**row.train, "max_seconds": seconds})
+    want_train = TrainConfig.preset("demo", **{"max_seconds": seconds, **row.train})
     got_train = TrainConfig(**state["train_config"])
     ignored = ("checkpoint_every", "keep_checkpoints", "log_every", "num_workers")  # no effect on the weights
     same = lambda tc: dataclasses.replace(tc, **{k: getattr(want_train, k) for k in ignored})  # noqa: E731
@@ -200,12 +208,13 @@ def run_all(names: list[str], inputs: AblationInputs, seconds: float, parallel: 
 
 def write_table(names: list[str], out: Path) -> str:
     """Markdown table of the rows' records (out/<name>/ablation.json) -> out/ablation.md."""
-    lines = ["| row | what varies | steps in budget | colour | background | shape | unconditional c / b / s | "
+    lines = ["| row | what varies | steps (minutes) | colour | background | shape | unconditional c / b / s | "
              "chosen (s, DDIM steps) |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         rec = json.loads((out / name / "ablation.json").read_text())
         t, u, c = rec["eval"]["test"], rec["eval"]["unconditional"], rec["eval"]["chosen"]
-        lines.append(f"| {name} | {rec['row']['note']} | {rec['train']['steps']} | {t['colour']:.2f} | "
+        lines.append(f"| {name} | {rec['row']['note']} | {rec['train']['steps']} "
+                     f"({rec['train']['seconds'] / 60:.1f}) | {t['colour']:.2f} | "
                      f"{t['background']:.2f} | {t['shape']:.2f} | {u['colour']:.2f} / {u['background']:.2f} / "
                      f"{u['shape']:.2f} | {c['guidance_scale']:g}, {c['steps']} |")
     table = "\n".join(lines) + "\n"

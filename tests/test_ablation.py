@@ -28,13 +28,13 @@ def test_every_row_builds_its_configs_and_names_are_unique():
 def test_table_reads_each_rows_record(tmp_path):
     row = ablation.ROWS_BY_NAME["pixel-self"]
     scores = {"colour": 0.91, "background": 0.5, "shape": 0.25}
-    record = {"row": {"note": row.note}, "train": {"steps": 123},
+    record = {"row": {"note": row.note}, "train": {"steps": 123, "seconds": 900.0},
               "eval": {"test": scores, "unconditional": {"colour": 0.1, "background": 0.2, "shape": 0.3},
                        "chosen": {"guidance_scale": 3.0, "steps": 25}}}
     (tmp_path / row.name).mkdir()
     (tmp_path / row.name / "ablation.json").write_text(json.dumps(record))
     table = ablation.write_table([row.name], tmp_path)
-    assert "| pixel-self | 32 px pixel space | 123 | 0.91 | 0.50 | 0.25 | 0.10 / 0.20 / 0.30 | 3, 25 |" in table
+    assert "| pixel-self | 32 px pixel space | 123 (15.0) | 0.91 | 0.50 | 0.25 | 0.10 / 0.20 / 0.30 | 3, 25 |" in table
     assert (tmp_path / "ablation.md").read_text() == table
 
 
