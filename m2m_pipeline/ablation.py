@@ -44,7 +44,7 @@ class AblationRow:
 
 
 ROWS: tuple[AblationRow, ...] = (
-    AblationRow("latent-dino", "dino", note="the demo (make demo's training, retrained here)"),
+    AblationRow("latent-dino", "dino", note="the demo (retrained, or make demo's checkpoint via --trained)"),
     AblationRow("latent-self", "self", note="the demo"),
     AblationRow("pixel-dino", "dino", "demo-pixel", note="32 px pixel space, the demo before the autoencoder"),
     AblationRow("pixel-self", "self", "demo-pixel", note="32 px pixel space"),
