@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2m_pipeline.data.io import atomic_write_text
+from m2m_pipeline.io import atomic_write_text
 
 
 @dataclass(frozen=True)

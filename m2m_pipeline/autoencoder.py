@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from m2m_pipeline.data.io import atomic_directory
+from m2m_pipeline.io import atomic_directory
 
 VAE_SUBFOLDER = "vae"                 # as in a Stable Diffusion pipeline folder
 REPORT_NAME = "autoencoder.json"      # training config, steps, seconds, held-out reconstruction metrics

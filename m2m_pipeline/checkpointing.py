@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m_pipeline.data.io import read_hashed, sha256_file
+from m2m_pipeline.io import read_hashed, sha256_file
 from m2m_pipeline.weights import CheckpointError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2m_pipeline.data.io import atomic_write_bytes
+from m2m_pipeline.io import atomic_write_bytes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

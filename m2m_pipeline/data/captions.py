@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.errors import CaptionFileError, MISDataError
-from m2m_pipeline.data.io import atomic_open, atomic_write_bytes, atomic_write_text
+from m2m_pipeline.io import atomic_open, atomic_write_bytes, atomic_write_text
 from m2m_pipeline.data.tokens import clip_token_count, normalise_caption
 
 MAX_SAMPLES = 20  # malformed / too-long lines quoted in the stats; the counts are exact regardless

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.data.io import atomic_open, remove_stale_temps, sha256_file
+from m2m_pipeline.io import atomic_open, remove_stale_temps, sha256_file
 from m2m_pipeline.data.shapes import uint8_to_images
 from m2m_pipeline.data.shards import (
     DeterministicTarWriter,

@@ -22,7 +22,7 @@ from m2m_pipeline.data.captions import Caption, batched_captions, read_caption_t
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.errors import MISDataError
 from m2m_pipeline.data.generators import ImageSet, SetGenerator
-from m2m_pipeline.data.io import atomic_open, remove_stale_temps
+from m2m_pipeline.io import atomic_open, remove_stale_temps
 from m2m_pipeline.data.shards import (
     DeterministicTarWriter,
     dump_fp16,

@@ -20,7 +20,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.data.io import sha256_file
+from m2m_pipeline.io import sha256_file
 from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, read_manifest, samples_from_shards
 
 

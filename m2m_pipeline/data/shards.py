@@ -24,7 +24,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.data.io import atomic_write_bytes, sha256_file
+from m2m_pipeline.io import atomic_write_bytes, sha256_file
 
 MANIFEST_FORMAT = "mis-manifest-v1"
 TAR_MTIME = 0            # fixed member mtimes/owners: identical inputs give byte-identical tars

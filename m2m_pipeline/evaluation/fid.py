@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from m2m_pipeline.data.io import sha256_file
+from m2m_pipeline.io import sha256_file
 from m2m_pipeline.weights import WeightsNotFoundError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's name for the StyleGAN2-ADA torchscript Inception

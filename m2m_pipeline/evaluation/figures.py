@@ -10,7 +10,7 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from m2m_pipeline.data.io import atomic_write_bytes
+from m2m_pipeline.io import atomic_write_bytes
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x values, y values)
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from m2m_pipeline.data.io import atomic_directory
+from m2m_pipeline.io import atomic_directory
 from m2m_pipeline.data.shapes import (  # noqa: F401 - render_dataset is re-exported for callers
     VOCABULARIES,
     attributes_of,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m2m_pipeline.data.io import atomic_write_text, sha256_file
+from m2m_pipeline.io import atomic_write_text, sha256_file
 from m2m_pipeline.evaluation.consistency import (
     attribute_consistency,
     caption_agreement,

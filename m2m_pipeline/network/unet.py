@@ -16,7 +16,7 @@ from einops import rearrange, repeat
 from safetensors.torch import save_file
 from torch import nn
 
-from m2m_pipeline.data.io import atomic_directory, read_hashed, sha256_file
+from m2m_pipeline.io import atomic_directory, read_hashed, sha256_file
 from m2m_pipeline.network.conditions import build_task_embedder
 from m2m_pipeline.network.config import M2MConfig
 from m2m_pipeline.network.context import ContextKV, ImageSetCall

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2m_pipeline.data.io import atomic_write_bytes
+from m2m_pipeline.io import atomic_write_bytes
 from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
 
 

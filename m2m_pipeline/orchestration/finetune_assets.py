@@ -147,7 +147,7 @@ def build_finetune_assets(profile: RunProfile) -> list[Any]:
                            f"from the profile's {BASE_ASSET} (task embedder zero-initialised).")
         def checkpoint(context: AssetExecutionContext, config: FinetuneAssetConfig, settings: M2MSettings,
                        mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
-            from m2m_pipeline.data.io import atomic_write_text
+            from m2m_pipeline.io import atomic_write_text
             from m2m_pipeline.tasks.finetune import finetune
 
             r = settings.resolve(profile)

@@ -80,7 +80,7 @@ def eval_options(fn):
 def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
                  spatial_bias, seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
-    from m2m_pipeline.data.io import atomic_write_text
+    from m2m_pipeline.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
     from m2m_pipeline.tasks.tracking import TaskRun, flatten
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m2m_pipeline.data.io import atomic_write_bytes, atomic_write_text
+from m2m_pipeline.io import atomic_write_bytes, atomic_write_text
 from m2m_pipeline.network import M2MUNet
 from m2m_pipeline.sampling import generate
 from m2m_pipeline.tasks.batching import make_task_loader

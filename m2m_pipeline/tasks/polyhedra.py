@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from m2m_pipeline.data.io import atomic_directory
+from m2m_pipeline.io import atomic_directory
 from m2m_pipeline.tasks.cameras import orbit_w2c, random_rigid
 from m2m_pipeline.tasks.images import to_uint8
 

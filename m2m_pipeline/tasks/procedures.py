@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2m_pipeline.data.io import atomic_directory
+from m2m_pipeline.io import atomic_directory
 from m2m_pipeline.tasks.images import to_uint8
 
 KINDS: tuple[str, ...] = ("grow", "pie", "move")

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from m2m_pipeline.data import MISDataError, ShapesSetGenerator, generate_shard, read_manifest, read_samples
-from m2m_pipeline.data.io import sha256_file
+from m2m_pipeline.io import sha256_file
 
 
 class FailingGenerator:

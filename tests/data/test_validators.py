@@ -18,7 +18,7 @@ from m2m_pipeline.data import (
     validate_mis_shard,
 )
 from m2m_pipeline.data.shards import DeterministicTarWriter, dump_fp16
-from m2m_pipeline.data.io import atomic_open
+from m2m_pipeline.io import atomic_open
 from m2m_pipeline.encoders import PixelAutoencoder
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from m2m_pipeline.data import filter_captions, generate_mis, get_preset, make_generator
-from m2m_pipeline.data import io as data_io
+from m2m_pipeline import io as data_io
 from m2m_pipeline.data.features import build_feature_shards
 
 from .faults import tree_digest
@@ -43,7 +43,7 @@ class FullDisk:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """Atomic writes (data.io.atomic_open) get `room` bytes; other files are not touched."""
+    """Atomic writes (m2m_pipeline.io.atomic_open) get `room` bytes; other files are not touched."""
     real = os.fdopen
 
     def patch(room: int) -> None:
