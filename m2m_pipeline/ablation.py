@@ -111,13 +111,14 @@ def reuse_trained(row: AblationRow, checkpoint: Path, seconds: float) -> dict[st
     """The training record of a checkpoint trained elsewhere with exactly this row's configuration (make demo's
     M2M-DINO / M2M-Self are the latent-dino / latent-self rows): refused unless its network config and its
     training config, budget included, are the row's."""
+    from m2m_pipeline.checkpointing import read_state
     from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.training import TrainConfig
 
     state_path = checkpoint / "train_state.json"
     if not state_path.is_file():
         raise ValueError(f"{checkpoint}: no train_state.json, not a training checkpoint")
-    state = json.loads(state_path.read_text())
+    state = read_state(checkpoint)  # the checkpoint's own size-capped, validated reader
     want_net = M2MConfig.preset(row.net_preset, row.variant, **row.net)
     want_train = TrainConfig.preset("demo", **{"max_seconds": seconds, **row.train})
     got_train = TrainConfig(**state["train_config"])

@@ -89,6 +89,7 @@ class ImageSetAttnProcessor(nn.Module):
         ctx = call.context
         keep = None if call.ctx_index is None else torch.nonzero(call.ctx_index >= 0).squeeze(1)
         has_context = ctx is not None and ctx.num_images > 0 and (keep is None or keep.numel() > 0)
+        k_all = v_all = null_kh = null_vh = mask_all = None  # no context: every image attends to the null token
         if has_context:
             k_all, v_all = ctx.k[self.layer_index], ctx.v[self.layer_index]  # (B_ctx, n_c, S, inner)
             if keep is not None:
@@ -96,7 +97,6 @@ class ImageSetAttnProcessor(nn.Module):
             rows = k_all.shape[0]
             null_kh = null_k[None, :, None, :].expand(rows, h, 1, d)
             null_vh = null_v[None, :, None, :].expand(rows, h, 1, d)
-            mask_all = None
             if self.spatial_bias is not None:  # built once for the most context images; image i slices it
                 p_max = min(call.first_position + n - 1, k_all.shape[1])  # most context images any i sees
                 bias = self.spatial_bias(s_q, k_all.shape[2], q.dtype)  # (h, S_q, S_k)
@@ -106,9 +106,7 @@ class ImageSetAttnProcessor(nn.Module):
         if has_context and n * s_q * (1 + k_all.shape[1] * k_all.shape[2]) <= BATCHED_MASK_ELEMENTS:
             out = self._attend_batched(q, k_all, v_all, null_kh, null_vh, null_out, mask_all, call, keep)
         else:
-            out = self._attend_per_image(q, k_all if has_context else None, v_all if has_context else None,
-                                         null_kh if has_context else None, null_vh if has_context else None,
-                                         null_out, mask_all if has_context else None, call, keep)
+            out = self._attend_per_image(q, k_all, v_all, null_kh, null_vh, null_out, mask_all, call, keep)
         out = rearrange(out, "b n h s d -> (b n) s (h d)")
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
