@@ -135,20 +135,14 @@ def reuse_trained(row: AblationRow, checkpoint: Path, seconds: float) -> dict[st
 def evaluate_row(row: AblationRow, inputs: AblationInputs, sweep: Any = None, test_sets: int = 64,
                  seed: int = 0, checkpoint: Path | None = None) -> dict[str, Any]:
     """The demo's learnability protocol on one trained row (see the module docstring)."""
-    from m2m_pipeline.encoders import load_autoencoder
+    from m2m_pipeline.bundle import load_bundle
     from m2m_pipeline.evaluation.learnability import SamplingSweep, choose_sampling, position1_consistency
     from m2m_pipeline.evaluation.oracle import AttributeOracle
     from m2m_pipeline.evaluation.protocol import load_test_sets
-    from m2m_pipeline.network import M2MUNet
 
-    net = M2MUNet.from_pretrained(checkpoint or inputs.out / row.name / "final").eval()
-    ae = load_autoencoder(net.config.autoencoder, inputs.autoencoder if row.space == "latent" else None)
-    encoder = None
-    if row.variant == "dino":
-        from m2m_pipeline.data.features import dino_encoder_for
-
-        dino = dino_encoder_for(net.config.image_size, net.config.dino_dim)
-        encoder = lambda z: dino.encode(ae.decode(z))  # noqa: E731
+    bundle = load_bundle(checkpoint or inputs.out / row.name / "final",  # the encoders it was trained with
+                         vae=inputs.autoencoder if row.space == "latent" else None)
+    net, ae, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
     oracle = AttributeOracle.load(inputs.oracle)
     feats = inputs.features(row.space)
     load = lambda split, n: load_test_sets(sorted(str(s) for s in (feats / split).glob("mis-*.tar")), n, 4)

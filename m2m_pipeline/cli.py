@@ -281,22 +281,15 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
     """Continue a set of images with a trained M2M checkpoint."""
     import torch
 
-    from m2m_pipeline.encoders import load_autoencoder
-    from m2m_pipeline.network import M2MUNet
+    from m2m_pipeline.bundle import load_bundle
     from m2m_pipeline.sampling import generate_images
     from m2m_pipeline.visualize import save_set_grid
 
-    net = M2MUNet.from_pretrained(checkpoint).eval()
-    cfg = net.config
-    autoencoder = load_autoencoder(cfg.autoencoder, vae)
-    dino_encoder = None
-    if cfg.variant == "dino":
-        from m2m_pipeline.data.features import dino_encoder_for
-
-        try:
-            dino_encoder = dino_encoder_for(cfg.image_size, cfg.dino_dim, dino)
-        except ValueError as error:
-            raise click.UsageError(f"{error} (--dino)") from error
+    try:
+        bundle = load_bundle(checkpoint, vae=vae, dino=dino)
+    except ValueError as error:
+        raise click.UsageError(f"{error} (--vae / --dino)") from error
+    net, cfg, autoencoder, dino_encoder = bundle.net, bundle.net.config, bundle.autoencoder, bundle.dino
     if context:
         images, _ = _read_images(list(context), cfg.image_size)
     else:
@@ -326,31 +319,25 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
 def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""
 
+    from m2m_pipeline.bundle import load_bundle
     from m2m_pipeline.data import make_loader
-    from m2m_pipeline.encoders import load_autoencoder
-    from m2m_pipeline.network import M2MConfig, M2MUNet
+    from m2m_pipeline.network import M2MConfig
     from m2m_pipeline.sampling import generate
     from m2m_pipeline.training import TrainConfig
     from m2m_pipeline.training import train as run_training
     from m2m_pipeline.visualize import save_set_grid
 
     start = time.perf_counter()
-    features, autoencoder_dir = _procedural_features(preset, out_dir / "data")
+    features, _ = _procedural_features(preset, out_dir / "data")
     net_cfg = M2MConfig.preset(preset, variant)
     result = run_training(net_cfg, TrainConfig.preset(_base_preset(preset), steps=steps), features,
                           out_dir / variant)
 
-    net = M2MUNet.from_pretrained(result.checkpoint_dir).eval()
-    ae = load_autoencoder(net_cfg.autoencoder, autoencoder_dir)
+    bundle = load_bundle(result.checkpoint_dir)  # the encoders its features were built with
+    net, ae = bundle.net, bundle.autoencoder
     batch = next(iter(make_loader(features, n_images=4, batch_size=4, seed=123)))
-    encoder = None
-    if variant == "dino":
-        from m2m_pipeline.data.features import dino_encoder_for
-
-        dino = dino_encoder_for(net_cfg.image_size, net_cfg.dino_dim)
-        encoder = lambda z: dino.encode(ae.decode(z))  # noqa: E731
     context = batch["latents"]
-    out = generate(net, context, 4, context_encoder=encoder, steps=25, guidance_scale=3.0, seed=0)
+    out = generate(net, context, 4, context_encoder=bundle.context_encoder, steps=25, guidance_scale=3.0, seed=0)
     decode = lambda z: ae.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])  # noqa: E731
     grid = save_set_grid(decode(context), decode(out), out_dir / f"grid_{variant}.png", scale=4)
     click.echo(f"demo done in {time.perf_counter() - start:.0f} s: loss {result.losses[0]:.3f} -> "
@@ -420,7 +407,7 @@ def probe_features(preset: str, autoencoder_dir: Path | None, dino_path: Path | 
     import torch
 
     from m2m_pipeline.data import get_preset
-    from m2m_pipeline.data.features import dino_encoder_for
+    from m2m_pipeline.data.features import encoder_spec
     from m2m_pipeline.encoders import DinoEncoder, VaeAutoencoder
     from m2m_pipeline.evaluation.probe import format_probe_table, probe_representations
 
@@ -428,7 +415,7 @@ def probe_features(preset: str, autoencoder_dir: Path | None, dino_path: Path | 
         torch.set_num_threads(threads)
     cfg = get_preset(preset)
     if dino_path is None:
-        dino, dino_name = dino_encoder_for(cfg.resolution, cfg.dino_hidden_size), "DINO tokens (random stand-in)"
+        dino, dino_name = encoder_spec(cfg).build_dino(), "DINO tokens (random stand-in)"
     else:
         dino, dino_name = DinoEncoder.from_pretrained(dino_path), f"DINOv2 tokens ({dino_path.name})"
     encoders = {"pixels": lambda x: x, dino_name: dino.encode}

@@ -6,13 +6,18 @@ Convention for the whole library: images are float tensors in [-1, 1], shape (B,
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2m_pipeline.io import sha256_file
 from m2m_pipeline.weights import resolve_local_path
 
 
@@ -155,3 +160,108 @@ class DinoEncoder(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         pixel_values = self.preprocess(images).to(self.model.dtype)
         return self.model(pixel_values=pixel_values).last_hidden_state.float()  # (B, S, D)
+
+
+# ----------------------------------------------------------------------------------------------- specification
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which frozen encoders produced a feature cache, so a checkpoint trained on it can rebuild exactly them.
+
+    Written into every feature shard's manifest and, through training, into every checkpoint's config.json
+    (M2MUNet.encoder_spec); `m2m_pipeline.bundle.load_bundle` rebuilds the encoders from it. The DINO encoder is
+    a local folder (`dino_path`) or, on CPU presets, the seeded random stand-in (`dino_random`: its
+    DinoEncoder.random arguments); the autoencoder is the identity ("pixel") or an AutoencoderKL folder,
+    named by the sha256 of its weights (content, not path: a moved checkout keeps its caches).
+    """
+
+    autoencoder: str                               # "pixel" or "vae"
+    autoencoder_path: str | None = None            # folder holding vae/ when the cache was built
+    autoencoder_sha256: str | None = None          # vae_weights_digest of that folder
+    dino_path: str | None = None                   # local DINOv2 folder
+    dino_random: dict[str, int] | None = None      # image_size, patch_size, hidden_size, num_layers, seed
+
+    def __post_init__(self) -> None:
+        if self.autoencoder not in ("pixel", "vae"):
+            raise ValueError(f"EncoderSpec.autoencoder must be 'pixel' or 'vae', got {self.autoencoder!r}")
+        if (self.dino_path is None) == (self.dino_random is None):
+            raise ValueError("EncoderSpec: give exactly one of dino_path and dino_random")
+        if self.dino_random is not None and set(self.dino_random) != set(RANDOM_DINO_FIELDS):
+            raise ValueError(f"EncoderSpec.dino_random must have the fields {list(RANDOM_DINO_FIELDS)}, "
+                             f"got {sorted(self.dino_random)}")
+
+    # ------------------------------------------------------------------ identity
+    def tag(self) -> str:
+        """One string naming the encoders; a cache built with another tag is stale."""
+        if self.dino_random is not None:
+            r = self.dino_random
+            dino = f"random-dino-{r['hidden_size']}x{r['num_layers']}-p{r['patch_size']}-s{r['seed']}"
+        else:
+            dino = str(self.dino_path)
+        auto = self.autoencoder if self.autoencoder == "pixel" else f"vae@{self.autoencoder_sha256}"
+        return f"{auto}|{dino}"
+
+    def describe(self) -> str:
+        dino = f"DINOv2 {self.dino_path}" if self.dino_path else f"random DINOv2 stand-in {self.dino_random}"
+        auto = "pixels" if self.autoencoder == "pixel" else f"autoencoder {self.autoencoder_path} " \
+                                                            f"(weights {self.autoencoder_sha256})"
+        return f"{auto}; {dino}"
+
+    def mismatch(self, other: "EncoderSpec", variant: str) -> str | None:
+        """What differs between two specs in what a `variant` network uses (M2M-Self ignores DINO); None if
+        nothing does."""
+        problems = []
+        if (self.autoencoder, self.autoencoder_sha256) != (other.autoencoder, other.autoencoder_sha256):
+            problems.append(f"autoencoder {self.autoencoder}@{self.autoencoder_sha256} vs "
+                            f"{other.autoencoder}@{other.autoencoder_sha256}")
+        if variant == "dino" and (self.dino_path, self.dino_random) != (other.dino_path, other.dino_random):
+            problems.append(f"DINO {self.dino_path or self.dino_random} vs {other.dino_path or other.dino_random}")
+        return "; ".join(problems) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "encoder spec") -> "EncoderSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or not set(d) <= names or "autoencoder" not in d:
+            raise ValueError(f"{where}: expected an object with fields {sorted(names)}, got {d!r:.200}")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ building
+    def build_autoencoder(self, path: str | os.PathLike | None = None) -> Autoencoder:
+        """The autoencoder; `path` overrides where the weights are (e.g. on another machine), but its weights
+        must be the recorded ones."""
+        if self.autoencoder == "pixel":
+            return PixelAutoencoder()
+        where = path if path is not None else self.autoencoder_path
+        if where is None:
+            raise ValueError("the checkpoint's features were built with an autoencoder; pass its folder (--vae)")
+        digest = vae_weights_digest(where)
+        if digest != self.autoencoder_sha256:
+            raise ValueError(f"autoencoder {where}: weights sha256 {digest} differ from the {self.autoencoder_sha256} "
+                             f"the checkpoint's features were built with; pass the autoencoder it was trained on")
+        return VaeAutoencoder.from_pretrained(where)
+
+    def build_dino(self, path: str | os.PathLike | None = None) -> DinoEncoder:
+        """The DINO encoder; `path` overrides a recorded DINOv2 folder (a random stand-in has no path)."""
+        if self.dino_random is not None:
+            if path is not None:
+                raise ValueError(f"the checkpoint's DINO features came from the random stand-in {self.dino_random}, "
+                                 f"not a DINOv2 folder; do not pass --dino {path}")
+            return DinoEncoder.random(**self.dino_random)
+        return DinoEncoder.from_pretrained(path if path is not None else str(self.dino_path))
+
+
+RANDOM_DINO_FIELDS = ("image_size", "patch_size", "hidden_size", "num_layers", "seed")
+
+
+def vae_weights_digest(path: str | os.PathLike | None) -> str:
+    """sha256 (first 16 hex digits) of the `vae/` weight files under `path`; "missing" when there are none."""
+    files = sorted(Path(path, "vae").glob("*.safetensors")) if path is not None else []
+    if not files:
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()[:16]

@@ -298,6 +298,24 @@ class _Trainer:
         reader.verify_rest()
         return state
 
+    def _record_encoders(self, shards: Any) -> None:
+        """Every checkpoint names the encoders of the features it was trained on (feature manifests); a network
+        that already names others (fine-tuning a checkpoint on a cache built with other encoders) is refused."""
+        from m2m_pipeline.data.features import cache_encoder_spec
+        from m2m_pipeline.data.loader import expand_shards
+
+        spec = cache_encoder_spec(expand_shards(shards))
+        if spec is None:
+            return
+        if self.net.encoder_spec is not None:
+            from m2m_pipeline.encoders import EncoderSpec
+
+            problem = EncoderSpec.from_dict(self.net.encoder_spec).mismatch(spec, self.net.config.variant)
+            if problem:
+                raise ValueError(f"the network was trained on features of other encoders than these feature "
+                                 f"shards ({problem}); rebuild the cache with the network's encoders")
+        self.net.encoder_spec = spec.to_dict()
+
     # ------------------------------------------------------------------ the loop
     def run(self, data: Any, *, on_metrics: MetricsFn | None, progress: bool,
             resume_from: str | os.PathLike | None) -> TrainResult:
@@ -314,6 +332,8 @@ class _Trainer:
         # The stream (and its first iterator) is built before the RNG states are restored, as in the first run.
         stream = BatchStream(data, acc, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
                              seed=tc.seed, epoch=position["epoch"], consumed=position["consumed"])
+        if stream.kind == "shards":
+            self._record_encoders(data)
         if reader is not None:
             self.restore(reader)
         step = int(prior.get("step", 0))

@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
+from m2m_pipeline.encoders import EncoderSpec, vae_weights_digest
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.io import atomic_open, remove_stale_temps, sha256_file
+from m2m_pipeline.io import atomic_open, remove_stale_temps
 from m2m_pipeline.data.shapes import uint8_to_images
 from m2m_pipeline.data.shards import (
     DeterministicTarWriter,
@@ -39,61 +40,54 @@ class ImageEncoder(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
-def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[Any, Any]:
-    """The (autoencoder, DINO encoder) pair a preset names, from m2m_pipeline.encoders."""
-    from m2m_pipeline.encoders import DinoEncoder, load_autoencoder
-
-    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    autoencoder = load_autoencoder(cfg.autoencoder, cfg.vae_path)
+def encoder_spec(cfg: MISConfig) -> EncoderSpec:
+    """The encoders a preset names; recorded in every feature manifest and, via training, every checkpoint."""
     if cfg.dino_path is not None:
-        dino = DinoEncoder.from_pretrained(cfg.dino_path)
+        dino: dict[str, Any] = {"dino_path": cfg.dino_path}
     else:
-        dino = DinoEncoder.random(image_size=cfg.resolution, patch_size=cfg.dino_patch_size,
-                                  hidden_size=cfg.dino_hidden_size, num_layers=cfg.dino_layers, seed=cfg.seed)
+        dino = {"dino_random": {"image_size": cfg.resolution, "patch_size": cfg.dino_patch_size,
+                                "hidden_size": cfg.dino_hidden_size, "num_layers": cfg.dino_layers, "seed": cfg.seed}}
+    if cfg.autoencoder == "pixel":
+        return EncoderSpec("pixel", **dino)
+    return EncoderSpec("vae", cfg.vae_path, vae_weights_digest(cfg.vae_path), **dino)
+
+
+def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[Any, Any]:
+    """The (autoencoder, DINO encoder) pair a preset names (its `encoder_spec`)."""
+    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = encoder_spec(cfg)
+    autoencoder, dino = spec.build_autoencoder(), spec.build_dino()
     for module in (autoencoder, dino):
         if isinstance(module, torch.nn.Module):
             module.to(target)
     return autoencoder, dino
 
 
-def dino_encoder_for(image_size: int, dino_dim: int, path: str | os.PathLike | None = None,
-                     device: str | None = None) -> Any:
-    """The DINO encoder an M2M-DINO checkpoint attends through: a local DINOv2 folder, or (CPU presets) the
-    seeded random DINOv2 the tiny / demo feature caches were built with. A width mismatch is refused here,
-    not as a shape error deep inside attention."""
-    from m2m_pipeline.data.config import get_preset
-    from m2m_pipeline.encoders import DinoEncoder
-
-    if path is not None:
-        dino = DinoEncoder.from_pretrained(path)
-    else:
-        _, dino = load_feature_encoders(get_preset("tiny" if image_size <= 16 else "demo"), device or "cpu")
-    if dino.hidden_size != dino_dim:
-        raise ValueError(f"the checkpoint expects DINO width {dino_dim}, the DINO encoder "
-                         f"({path or 'random CPU-preset encoder'}) gives {dino.hidden_size}; pass a matching DINOv2")
-    return dino.to(device) if device else dino
-
-
 def encoder_tag(cfg: MISConfig) -> str:
-    """Names the encoders a cache was built with; a cache built with other encoders is stale.
-
-    A VAE is named by the sha256 of its weights (content, not path: a moved checkout keeps its caches); a
-    retrained autoencoder (the demo's `autoencoder` asset) makes every feature shard built with the old one
-    stale."""
-    dino = cfg.dino_path or f"random-dino-{cfg.dino_hidden_size}x{cfg.dino_layers}-p{cfg.dino_patch_size}-s{cfg.seed}"
-    auto = cfg.autoencoder if cfg.autoencoder == "pixel" else f"vae@{vae_weights_digest(cfg.vae_path)}"
-    return f"{auto}|{dino}|reuse={cfg.reuse_generation_latents}"
+    """Names the encoders a cache was built with; a cache built with other encoders is stale (a retrained
+    autoencoder, the demo's `autoencoder` asset, makes every feature shard built with the old one stale)."""
+    return f"{encoder_spec(cfg).tag()}|reuse={cfg.reuse_generation_latents}"
 
 
-def vae_weights_digest(path: str | os.PathLike | None) -> str:
-    """sha256 (first 16 hex digits) of the `vae/` weight files under `path`; "missing" when there are none."""
-    files = sorted(Path(path, "vae").glob("*.safetensors")) if path is not None else []
-    if not files:
-        return "missing"
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()[:16]
+def cache_encoder_spec(shards: list[str | os.PathLike]) -> EncoderSpec | None:
+    """The one EncoderSpec the feature shards' manifests record; shards built with different encoders are
+    refused; None when no manifest records one (caches built before manifests carried it)."""
+    specs: dict[str, list[str]] = {}
+    found: dict[str, EncoderSpec] = {}
+    for shard in shards:
+        manifest = read_manifest(shard)
+        raw = None if manifest is None else manifest.get("encoder_spec")
+        if raw is None:
+            continue
+        spec = EncoderSpec.from_dict(raw, f"{manifest_path(shard)}: field 'encoder_spec'")
+        found[spec.tag()] = spec
+        specs.setdefault(spec.tag(), []).append(os.fspath(shard))
+    if len(found) > 1:
+        detail = "; ".join(f"{tag}: {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+                           for tag, paths in specs.items())
+        raise ShardError(os.fspath(shards[0]), None, f"feature shards were built with different encoders ({detail}); "
+                                                     f"rebuild them with one")
+    return next(iter(found.values()), None)
 
 
 def _device_of(encoder: Any) -> torch.device:
@@ -193,7 +187,7 @@ def build_feature_shard(
                              f"(truncated?); regenerate it")
     bar.close()
     extra = {"kind": "features", "source": mis_shard.name, "source_sha256": read[os.fspath(mis_shard)]["sha256"],
-             "encoders": encoder_tag(cfg), "images_per_set": source["images_per_set"],
+             "encoders": encoder_tag(cfg), "encoder_spec": encoder_spec(cfg).to_dict(), "images_per_set": source["images_per_set"],
              "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
              "preset": cfg.name}
     return {**write_manifest(shard, source["index"], keys, request, extra), "skipped": False}

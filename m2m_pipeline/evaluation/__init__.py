@@ -11,7 +11,7 @@ _EXPORTS = {
     "compute_fid": "fid", "extract_features": "fid", "fid_from_features": "fid", "inception_score": "fid",
     "oracle_feature_network": "fid", "inception_feature_network": "fid",
     "ClipScorer": "clip_score",
-    "ProtocolConfig": "protocol", "EvaluationReport": "protocol", "Scorers": "protocol", "load_model": "protocol",
+    "ProtocolConfig": "protocol", "EvaluationReport": "protocol", "Scorers": "protocol",
     "load_test_sets": "protocol", "run_protocol": "protocol",
 }
 __all__ = list(_EXPORTS)

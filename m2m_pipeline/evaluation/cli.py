@@ -46,7 +46,6 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     from m2m_pipeline.evaluation.protocol import (
         ProtocolConfig,
         Scorers,
-        load_model,
         load_test_sets,
         run_protocol,
     )
@@ -62,7 +61,13 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 
-    net, autoencoder, encoder = load_model(checkpoint, vae=vae, dino=dino)
+    from m2m_pipeline.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(checkpoint, vae=vae, dino=dino)
+    except ValueError as err:
+        raise click.UsageError(f"{err} (--vae / --dino)") from err
+    net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
     scorers = Scorers()
     if oracle_dir is not None:
         from m2m_pipeline.evaluation.oracle import load_or_train_oracle
@@ -89,6 +94,10 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
         raise click.ClickException(f"{err}\n(offline evaluation: pass --oracle DIR and --fid-features oracle)") from err
 
     sets = load_test_sets(test_shards, config.num_sets, config.context_images)
+    try:
+        bundle.check_cache(sets.shards)  # test latents / tokens of other encoders would be judged wrongly
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     report = run_protocol(net, autoencoder, sets, config, scorers, encoder, checkpoint=checkpoint, progress=not quiet)
     click.echo(report.table())
     if out is not None:

@@ -104,24 +104,6 @@ def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_
     return TestSets(torch.stack(latents), captions, keys, known, urls)
 
 
-def load_model(checkpoint: str | os.PathLike, vae: str | os.PathLike | None = None,
-               dino: str | os.PathLike | None = None, device: str = "cpu"):
-    """(net, autoencoder, context_encoder) of a checkpoint; pixel presets need no external weights."""
-    from m2m_pipeline.encoders import load_autoencoder
-    from m2m_pipeline.network import M2MUNet
-
-    net = M2MUNet.from_pretrained(checkpoint, map_location=device).eval()
-    cfg = net.config
-    autoencoder = load_autoencoder(cfg.autoencoder, vae)
-    encoder = None
-    if cfg.variant == "dino":
-        from m2m_pipeline.data.features import dino_encoder_for
-
-        dino_encoder = dino_encoder_for(cfg.image_size, cfg.dino_dim, dino, device)
-        encoder = lambda z: dino_encoder.encode(autoencoder.decode(z))
-    return net, autoencoder, encoder
-
-
 @dataclass
 class Scorers:
     """Which metrics run; None skips one (the report says which ran)."""

@@ -51,6 +51,9 @@ class M2MUNet(nn.Module):
         super().__init__()
         self.config = config
         self.init_source = "random"  # or the SD folder from_stable_diffusion read (logged by training)
+        # The frozen encoders its training features came from (EncoderSpec.to_dict(), m2m_pipeline/encoders.py);
+        # set by training from the feature manifests, saved in config.json, used by m2m_pipeline.bundle.
+        self.encoder_spec: dict[str, Any] | None = None
         self.unet = unet if unet is not None else UNet2DConditionModel(**config.unet_kwargs())
         self.task_embedder = build_task_embedder(config.task, config.task_embed_dim, config.camera_dim)
         task_dim = config.task_embed_dim if self.task_embedder is not None else None
@@ -261,7 +264,7 @@ class M2MUNet(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike,
                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """config.json (the whole M2MConfig) + model.safetensors, written atomically (temp dir + rename).
+        """config.json (the whole M2MConfig, the encoder spec) + model.safetensors, written atomically.
 
         state_dict: weights to write instead of this module's own (e.g. its EMA weights during training).
         config.json records the sha256 of model.safetensors, which from_pretrained checks before it trusts them.
@@ -274,7 +277,7 @@ class M2MUNet(nn.Module):
             state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             meta = {"_class_name": type(self).__name__, "m2m_config": self.config.to_dict(),
-                    "weights_sha256": sha256_file(tmp / WEIGHTS_NAME)}
+                    "weights_sha256": sha256_file(tmp / WEIGHTS_NAME), "encoder_spec": self.encoder_spec}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return directory
 
@@ -301,6 +304,7 @@ class M2MUNet(nn.Module):
                                   f"weights_sha256 {str(expected)[:12]}.. of {CONFIG_NAME}; the file is corrupt or "
                                   f"was replaced")
         load_weights(net, data, directory / WEIGHTS_NAME, map_location)
+        net.encoder_spec = json.loads(config_bytes).get("encoder_spec")  # None: written before it was recorded
         return net.to(map_location)
 
 

@@ -46,19 +46,12 @@ def load_test_sets(test_dir: Path, num_sets: int, num_images: int) -> tuple[torc
     return torch.stack(latents), keys, captions
 
 
-def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> tuple[Any, Any, Any]:
-    from m2m_pipeline.data import load_feature_encoders
-    from m2m_pipeline.network import M2MUNet
+def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> Any:
+    from m2m_pipeline.bundle import load_bundle
 
-    device = compute.resolved_device()
     if not (checkpoint / "model.safetensors").exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
-    net = M2MUNet.from_pretrained(checkpoint, map_location=device).eval()
-    autoencoder, dino = load_feature_encoders(r.mis, device)
-    encoder = None
-    if net.config.variant == "dino":
-        encoder = lambda z: dino.encode(autoencoder.decode(z))
-    return net, autoencoder, encoder
+    return load_bundle(checkpoint, dino=r.mis.dino_path, device=compute.resolved_device())
 
 
 def _decode(autoencoder: Any, z: torch.Tensor) -> torch.Tensor:
@@ -97,7 +90,8 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
     from m2m_pipeline.visualize import save_set_grid
 
     ev = r.eval
-    net, autoencoder, encoder = _model(checkpoint, r, compute)
+    bundle = _model(checkpoint, r, compute)
+    net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
     if net.config.variant != variant:
         raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
     oracle = AttributeOracle.load(oracle_dir)
@@ -116,6 +110,7 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
     if not shards:
         raise FileNotFoundError(f"no test feature shards in {test_dir}")
     n_ctx = max(ev.context_images, max(ev.context_counts))
+    bundle.check_cache(shards)
     test = protocol.load_test_sets(shards, ev.num_sets, n_ctx)
     targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
     scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))

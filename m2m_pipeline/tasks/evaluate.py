@@ -71,9 +71,9 @@ def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None, auto
     M2M-DINO, the DINO encoder applied to the decoded image (the latent itself for pixel models)."""
     if net.config.variant != "dino":
         return None
-    from m2m_pipeline.data.features import dino_encoder_for
+    from m2m_pipeline.bundle import checkpoint_encoder_spec, context_dino
 
-    encoder = dino_encoder_for(net.config.image_size, net.config.dino_dim, dino)
+    encoder = context_dino(net, checkpoint_encoder_spec(net, dino=dino), dino)  # the encoder it was trained with
     if autoencoder is None:
         return encoder.encode
     return lambda z: encoder.encode(autoencoder.decode(z))

@@ -134,6 +134,7 @@ def init_task_model(task: Task, base: str | os.PathLike | None = None, net_prese
         raise ValueError(f"{Path(base) / 'config.json'}: base checkpoint already has task "
                          f"'{base_net.config.task}'; fine-tuning starts from a model trained without one")
     net = M2MUNet(dataclasses.replace(base_net.config, task=task, spatial_bias=spatial_bias))
+    net.encoder_spec = base_net.encoder_spec  # same encoders as the base: its features, its DINO stand-in
     missing, unexpected = net.load_state_dict(base_net.state_dict(), strict=False)
     untouched = [k for k in missing if not is_task_parameter(k)]
     if untouched or unexpected:
@@ -233,9 +234,9 @@ def with_context_features(net: M2MUNet, dataset: Dataset, dino: str | os.PathLik
     DINO tokens of the images."""
     encoder = None
     if net.config.variant == "dino":
-        from m2m_pipeline.data.features import dino_encoder_for
+        from m2m_pipeline.bundle import checkpoint_encoder_spec, context_dino
 
-        encoder = dino_encoder_for(net.config.image_size, net.config.dino_dim, dino)
+        encoder = context_dino(net, checkpoint_encoder_spec(net, dino=dino), dino)  # the base's own encoder
     return TaskFeatures(dataset, task_autoencoder(net, autoencoder), encoder)
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from m2m_pipeline.bundle import load_bundle
 from m2m_pipeline.evaluation.clip_score import ClipScorer
 from m2m_pipeline.evaluation.consistency import chance_levels
 from m2m_pipeline.evaluation.fid import oracle_feature_network
@@ -14,7 +15,6 @@ from m2m_pipeline.evaluation.protocol import (
     EvaluationReport,
     ProtocolConfig,
     Scorers,
-    load_model,
     load_test_sets,
     run_protocol,
 )
@@ -28,7 +28,8 @@ def test_protocol_defaults_follow_the_paper():
 
 
 def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, quick_oracle_dir, tiny_clip_dir, tmp_path):
-    net, autoencoder, encoder = load_model(tiny_checkpoint)
+    b = load_bundle(tiny_checkpoint)
+    net, autoencoder, encoder = b.net, b.autoencoder, b.context_encoder
     sets = load_test_sets(tiny_test_split, num_sets=None, context_images=4)
     assert sets.latents.shape[1:] == (4, 3, 16, 16) and sets.attributes is not None
     cfg = ProtocolConfig(**FAST)
@@ -59,7 +60,8 @@ def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, qui
 
 
 def test_protocol_results_do_not_depend_on_batching(tiny_checkpoint, tiny_test_split, quick_oracle):
-    net, autoencoder, encoder = load_model(tiny_checkpoint)
+    b = load_bundle(tiny_checkpoint)
+    net, autoencoder, encoder = b.net, b.autoencoder, b.context_encoder
     sets = load_test_sets(tiny_test_split, num_sets=3, context_images=4)
     reports = [run_protocol(net, autoencoder, sets, ProtocolConfig(**{**FAST, "batch_size": bs}),
                             Scorers(oracle=quick_oracle), encoder, progress=False) for bs in (1, 3)]
@@ -67,7 +69,8 @@ def test_protocol_results_do_not_depend_on_batching(tiny_checkpoint, tiny_test_s
 
 
 def test_unconditional_option_drops_the_context(tiny_checkpoint, tiny_test_split, quick_oracle):
-    net, autoencoder, encoder = load_model(tiny_checkpoint)
+    b = load_bundle(tiny_checkpoint)
+    net, autoencoder, encoder = b.net, b.autoencoder, b.context_encoder
     sets = load_test_sets(tiny_test_split, num_sets=2, context_images=4)
     report = run_protocol(net, autoencoder, sets, ProtocolConfig(**FAST, unconditional=True),
                           Scorers(oracle=quick_oracle), encoder, progress=False)
@@ -76,7 +79,8 @@ def test_unconditional_option_drops_the_context(tiny_checkpoint, tiny_test_split
 
 
 def test_protocol_needs_a_metric(tiny_checkpoint, tiny_test_split):
-    net, autoencoder, _ = load_model(tiny_checkpoint)
+    b = load_bundle(tiny_checkpoint)
+    net, autoencoder = b.net, b.autoencoder
     sets = load_test_sets(tiny_test_split, num_sets=1, context_images=4)
     with pytest.raises(ValueError, match="no metric configured"):
         run_protocol(net, autoencoder, sets, ProtocolConfig(**FAST), Scorers(), progress=False)

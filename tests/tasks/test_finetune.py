@@ -236,13 +236,14 @@ def test_dino_base_init_keeps_base_function_at_step_0(dino_base_checkpoint):
 
 
 def test_dino_task_batches_carry_the_encoders_tokens(polyhedra_root, dino_base_checkpoint):
-    from m2m_pipeline.data.features import dino_encoder_for
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.data.features import encoder_spec
     from m2m_pipeline.tasks.finetune import task_dataset, with_context_features
 
     net = init_task_model("camera", dino_base_checkpoint[0])
     plain = task_dataset("camera", polyhedra_root, ["poly_000000"], 3, 16)
     item = with_context_features(net, plain)[0]
-    encoder = dino_encoder_for(16, net.config.dino_dim)
+    encoder = encoder_spec(get_preset("tiny")).build_dino()  # the base's features: the tiny preset's stand-in
     assert torch.equal(item["dino"], encoder.encode(plain[0]["latents"]))  # (N, S, D) of the same views
     assert item["dino"].shape[:2] == (3, encoder.num_tokens)
     self_net = init_task_model("camera", None, "tiny")
