@@ -1,40 +1,31 @@
 """MIS (Sec. 4 of the paper): caption filtering, image-set generation, shards, feature caches, loader.
 
 Plain functions and classes, callable from the CLI or from orchestration assets; see docs/data.md.
+Names load lazily (as in `m2m_pipeline.evaluation`): importing one module of the package does not pull
+open_clip (caption tokens) or webdataset (shards) in with it.
 """
 
-from m2m_pipeline.data.captions import (
-    Caption,
-    CaptionRecord,
-    CaptionStats,
-    batched_captions,
-    filter_captions,
-    read_caption_table,
-    write_caption_tsv,
-)
-from m2m_pipeline.data.config import MIS_PRESETS, MISConfig, get_preset
-from m2m_pipeline.data.errors import CaptionFileError, MISDataError, ShardError
-from m2m_pipeline.data.features import build_feature_shard, build_feature_shards, load_feature_encoders
-from m2m_pipeline.data.generate import generate_mis, generate_shard, make_generator
-from m2m_pipeline.data.generators import ImageSet, SetGenerator, image_seed
-from m2m_pipeline.data.loader import MISExamples, collate_examples, make_loader
-from m2m_pipeline.data.shapes import VOCABULARIES, ShapesSetGenerator, attributes_of, write_shapes_caption_tsv
-from m2m_pipeline.data.shards import MISSample, decode_mis_sample, read_manifest, read_samples
-from m2m_pipeline.data.tokens import clip_token_count, normalise_caption
-from m2m_pipeline.data.validators import (
-    ValidationResult,
-    validate_caption_table,
-    validate_feature_shard,
-    validate_mis_shard,
-)
+_EXPORTS = {
+    "Caption": "captions", "CaptionRecord": "captions", "CaptionStats": "captions",
+    "batched_captions": "captions", "filter_captions": "captions", "read_caption_table": "captions",
+    "write_caption_tsv": "captions", "MIS_PRESETS": "config", "MISConfig": "config", "get_preset": "config",
+    "CaptionFileError": "errors", "MISDataError": "errors", "ShardError": "errors",
+    "build_feature_shard": "features", "build_feature_shards": "features", "load_feature_encoders": "features",
+    "generate_mis": "generate", "generate_shard": "generate", "make_generator": "generate",
+    "ImageSet": "generators", "SetGenerator": "generators", "image_seed": "generators", "MISExamples": "loader",
+    "collate_examples": "loader", "make_loader": "loader", "VOCABULARIES": "shapes",
+    "ShapesSetGenerator": "shapes", "attributes_of": "shapes", "write_shapes_caption_tsv": "shapes",
+    "MISSample": "shards", "decode_mis_sample": "shards", "read_manifest": "shards", "read_samples": "shards",
+    "clip_token_count": "tokens", "normalise_caption": "tokens", "ValidationResult": "validators",
+    "validate_caption_table": "validators", "validate_feature_shard": "validators",
+    "validate_mis_shard": "validators",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "Caption", "CaptionRecord", "CaptionStats", "batched_captions", "filter_captions", "read_caption_table",
-    "write_caption_tsv", "MIS_PRESETS", "MISConfig", "get_preset", "CaptionFileError", "MISDataError",
-    "ShardError", "build_feature_shard", "build_feature_shards", "load_feature_encoders", "generate_mis",
-    "generate_shard", "make_generator", "ImageSet", "SetGenerator", "image_seed", "MISExamples",
-    "collate_examples", "make_loader", "VOCABULARIES", "ShapesSetGenerator", "attributes_of",
-    "write_shapes_caption_tsv", "MISSample", "decode_mis_sample", "read_manifest", "read_samples",
-    "clip_token_count", "normalise_caption", "ValidationResult", "validate_caption_table",
-    "validate_feature_shard", "validate_mis_shard",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"m2m_pipeline.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'm2m_pipeline.data' has no attribute {name!r}")
