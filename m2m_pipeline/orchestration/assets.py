@@ -11,7 +11,6 @@ re-materialized alone, from the UI, the CLI or `dvc repro`, without an IO manage
 import base64
 import io
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -643,5 +642,3 @@ def _mis_preview(shards: list[Path], r: Resolved, root: Path, sets: int = 4, ima
     return path
 
 
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -12,38 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from m2m_pipeline.io import atomic_write_bytes
 from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
-
-
-def load_test_sets(test_dir: Path, num_sets: int, num_images: int) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The first `num_images` latents (in index order) of the first `num_sets` test sets: (B, n, C, H, W)."""
-    from m2m_pipeline.data import read_samples
-    from m2m_pipeline.data.shards import decode_npy, decode_text
-
-    shards = sorted(test_dir.glob("mis-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no test feature shards in {test_dir}")
-    latents, keys, captions = [], [], []
-    for shard in shards:
-        if len(latents) >= num_sets:
-            break
-        for raw in read_samples([shard]):  # read to the shard's end: its bytes are verified there
-            if len(latents) >= num_sets:
-                continue
-            url, key = raw["__url__"], raw["__key__"]
-            z = decode_npy(raw, "latents.npy", url, key)
-            if len(z) < num_images:
-                raise ValueError(f"{url}: set {key} has {len(z)} images, need {num_images}")
-            latents.append(torch.from_numpy(z[:num_images].astype(np.float32)))
-            keys.append(key)
-            captions.append(decode_text(raw, "caption.txt", url, key))
-    if not latents:
-        raise ValueError(f"no sets in the test feature shards of {test_dir}")
-    return torch.stack(latents), keys, captions
 
 
 def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> Any:

@@ -142,12 +142,5 @@ PROFILES: dict[str, RunProfile] = {
 }
 
 
-def get_profile(name: str) -> RunProfile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown run profile {name!r}; choose one of {sorted(PROFILES)}") from None
-
-
 def caption_files(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))

@@ -8,7 +8,6 @@ through these; nothing in the PyTorch library imports dagster.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -111,10 +110,12 @@ class M2MSettings(ConfigurableResource):
         if self.mis_preset is not None and self.mis_preset not in MIS_PRESETS:
             raise ValueError(f"resources.settings.config.mis_preset: unknown MIS preset {self.mis_preset!r}; "
                              f"choose one of {sorted(MIS_PRESETS)}")
-        for name in ("net_preset", "train_preset"):
+        from m2m_pipeline.network.config import PRESETS as NET_PRESETS
+        from m2m_pipeline.training import TRAIN_PRESETS
+
+        for name, known in (("net_preset", NET_PRESETS), ("train_preset", TRAIN_PRESETS)):
             value = getattr(self, name)
-            known = _known_presets(name)
-            if value is not None and known is not None and value not in known:
+            if value is not None and value not in known:
                 raise ValueError(f"resources.settings.config.{name}: unknown preset {value!r}; "
                                  f"choose one of {sorted(known)}")
         _positive(self, "settings", ("train_steps", "train_batch_size", "train_lr", "train_seconds", "eval_sets",
@@ -173,21 +174,6 @@ class M2MSettings(ConfigurableResource):
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source)
-
-
-def _known_presets(name: str) -> set[str] | None:
-    """Preset names of the network / training configs (None while a module is not there yet)."""
-    try:
-        if name == "net_preset":
-            from m2m_pipeline.network.config import PRESETS
-
-            return set(PRESETS)
-        from m2m_pipeline import training
-
-        return set(getattr(training, "TRAIN_PRESETS", None) or getattr(training.TrainConfig, "PRESETS", {}) or
-                   {"tiny", "demo", "paper"})
-    except ImportError:
-        return None
 
 
 # ====================================================================== compute
@@ -494,5 +480,3 @@ class DVCResource(ConfigurableResource):
         return {"stage": stage, "outs": pick(entry.get("outs")), "deps": pick(entry.get("deps"))}
 
 
-def describe_hashes(hashes: dict[str, Any]) -> str:
-    return json.dumps(hashes.get("outs", {}), sort_keys=True)

@@ -16,13 +16,6 @@ import torch
 CAMERA_COND_DIM = 12  # flattened 3x4 relative extrinsic, row-major: the width of M2MConfig(task="camera")
 
 
-def to_homogeneous(pose: torch.Tensor) -> torch.Tensor:
-    """(..., 3, 4) -> (..., 4, 4) by appending the row [0, 0, 0, 1]."""
-    bottom = torch.zeros(*pose.shape[:-2], 1, 4, dtype=pose.dtype, device=pose.device)
-    bottom[..., 0, 3] = 1.0
-    return torch.cat([pose, bottom], dim=-2)
-
-
 def invert_rigid(pose: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid (..., 3, 4) [R | t]: [R^T | -R^T t]. Exact for rotations, unlike a general inverse."""
     r, t = pose[..., :3], pose[..., 3:]

@@ -24,7 +24,6 @@ from m2m_pipeline.tasks.vgsi import ProcedureSteps, list_procedures
 from m2m_pipeline.training import MetricsFn, TrainConfig, TrainResult, train
 
 Task = Literal["camera", "position"]
-TASK_OF = {"nvs": "camera", "procedures": "position"}  # task names people type -> M2MConfig.task
 # Parameters a task adds to a base M2M: zero-initialised (or only read through zero-initialised layers).
 TASK_PARAM_MARKERS = ("task_embedder.", "cond_to_q.", "cond_to_kv.", "dino_task_proj.", "spatial_bias.")
 
