@@ -431,9 +431,10 @@ from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
     finetune_cmd,
 )
 
-main.add_command(finetune_cmd)
-main.add_command(evaluate_task_cmd)
-main.add_command(evaluate)
+from m2m_pipeline.data.cli import captions_cmd, features_cmd, mis_cmd  # MIS stages without Dagster (issue 13)
+
+for command in (captions_cmd, mis_cmd, features_cmd, finetune_cmd, evaluate_task_cmd, evaluate):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

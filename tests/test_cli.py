@@ -86,3 +86,33 @@ def test_transparent_pixels_become_white(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
     x, _ = _read_images([tmp_path / "t.png"], 8)
     assert torch.allclose(x, torch.ones_like(x))
+
+
+def test_mis_stage_commands_chain_without_dagster(tmp_path):
+    """`m2m captions` -> `m2m mis` (two workers, a shard range) -> `m2m features`: the same shards and manifests
+    the library functions write, the encoders recorded."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from m2m_pipeline.cli import main
+    from m2m_pipeline.data import read_manifest
+
+    runner = CliRunner()
+    table = tmp_path / "captions.jsonl"
+    r = runner.invoke(main, ["captions", "--preset", "tiny", "--out", str(table)])
+    assert r.exit_code == 0 and "kept 16 of 16" in r.output, r.output
+    for rank in (0, 1):
+        r = runner.invoke(main, ["mis", "--preset", "tiny", "--captions", str(table), "--out", str(tmp_path / "mis"),
+                                 "--shards", "0:2", "--rank", str(rank), "--world-size", "2"])
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "mis").glob("*.tar")) == ["mis-000000.tar", "mis-000001.tar"]
+    r = runner.invoke(main, ["features", "--preset", "tiny", "--mis", str(tmp_path / "mis"), "--out",
+                             str(tmp_path / "features")])
+    assert r.exit_code == 0, r.output
+    assert _json.loads(r.stdout.splitlines()[-1])["built"] == 2
+    manifest = read_manifest(tmp_path / "features" / "mis-000000.tar")
+    assert manifest["encoder_spec"]["dino_random"]["seed"] == 0 and manifest["encoder_spec"]["autoencoder"] == "pixel"
+    bad = runner.invoke(main, ["mis", "--preset", "tiny", "--captions", str(table), "--out", str(tmp_path / "m2"),
+                               "--shards", "3:1"])
+    assert bad.exit_code == 2 and "--shards" in bad.output

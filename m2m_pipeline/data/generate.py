@@ -129,11 +129,13 @@ def generate_shard(
 def generate_mis(
     caption_table: str | os.PathLike, out_dir: str | os.PathLike, generator: SetGenerator, cfg: MISConfig,
     split: str = "train", rank: int = 0, world_size: int = 1, max_shards: int | None = None, progress: bool = True,
+    first_shard: int = 0,
 ) -> list[dict[str, Any]]:
     """Generate this worker's shards of one split; re-running resumes where a previous run stopped.
 
     Shards are dealt round-robin: worker `rank` of `world_size` (one per GPU) writes shards
     rank, rank + world_size, ...; workers share nothing but the caption table and the output folder.
+    `first_shard` / `max_shards` restrict it to the shard indices [first_shard, max_shards) (a cluster job's range).
 
     The caption table is streamed, so only one shard's captions are in memory at a time.
     """
@@ -143,7 +145,7 @@ def generate_mis(
     for index, captions in enumerate(chunks):
         if max_shards is not None and index >= max_shards:
             break
-        if index % world_size != rank:
+        if index < first_shard or index % world_size != rank:
             continue
         manifests.append(generate_shard(index, captions, generator, out_dir, cfg, progress=progress))
     if index < 0:  # zero sets is a failed run, not an empty dataset (a worker may still own no shard)
