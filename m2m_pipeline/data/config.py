@@ -49,8 +49,8 @@ class MISConfig:
     dino_patch_size: int = 8                        # random DinoEncoder patch size in pixels
     feature_batch_size: int = 64                    # images per encoder forward pass
     reuse_generation_latents: bool = False          # take VAE latents from the MIS shard when it stored them
-    # --- training examples (Sec. 7.1.1) ---
-    images_per_example: int = 5                     # N images drawn (subset and order) from each set
+    # --- training examples (Sec. 7.1.1; N itself is TrainConfig.n_images, checked against images_per_set by the
+    # loader) ---
     shuffle_buffer: int = 1000                      # samples held by the in-memory shuffle buffer
 
     def __post_init__(self) -> None:
@@ -61,11 +61,6 @@ class MISConfig:
         if self.validation_fraction < 0.0 or self.test_fraction + self.validation_fraction >= 1.0:
             raise ValueError(f"MISConfig.validation_fraction must be >= 0 with test_fraction + validation_fraction "
                              f"< 1, got {self.validation_fraction} (test_fraction {self.test_fraction})")
-        if not 1 <= self.images_per_example <= self.images_per_set:
-            raise ValueError(
-                f"MISConfig.images_per_example ({self.images_per_example}) must be in 1..images_per_set "
-                f"({self.images_per_set})"
-            )
         if self.generator == "stable-diffusion" and self.resolution % 8:
             raise ValueError(f"MISConfig.resolution must be a multiple of 8 for Stable Diffusion, got {self.resolution}")
         if self.sets_per_shard < 1 or self.captions_per_batch < 1 or self.images_per_set < 1:
