@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
+from m2m_pipeline.data.config import MIS_PRESETS
+from m2m_pipeline.network.config import PRESETS
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -21,6 +24,13 @@ from m2m_pipeline.cli_types import (
 def _base_preset(net_preset: str) -> str:
     """The MIS / training / autoencoder preset of a network preset: "demo-pixel" and "demo" share "demo"."""
     return net_preset.split("-")[0]
+
+
+# --preset choices, read from the presets themselves: every network preset (train), the network presets whose
+# MIS preset is the procedural shapes world (demo, --data procedural), the procedural MIS presets (probes).
+NET_PRESETS = sorted(PRESETS)
+PROCEDURAL_MIS_PRESETS = sorted(name for name, cfg in MIS_PRESETS.items() if cfg.generator == "shapes")
+PROCEDURAL_NET_PRESETS = [p for p in NET_PRESETS if _base_preset(p) in PROCEDURAL_MIS_PRESETS]
 
 
 def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) -> tuple[Path, Path | None]:
@@ -71,7 +81,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["tiny", "tiny-latent", "demo", "demo-pixel", "paper"]), default="demo",
+@click.option("--preset", type=click.Choice(NET_PRESETS), default="demo",
               show_default=True, help="Network preset (M2MConfig); training and MIS presets: the name before '-'.")
 @click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True,
               help="M2M-Self (clean latents through the U-Net) or M2M-DINO (DINOv2 tokens).")
@@ -128,7 +138,7 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
 
 
 @main.command("train-autoencoder")
-@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
+@click.option("--preset", type=click.Choice(sorted(AUTOENCODER_PRESETS)), default="demo", show_default=True,
               help="AutoencoderConfig preset (m2m_pipeline/autoencoder.py).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: OUT/vae/ (load it with VaeAutoencoder.from_pretrained(OUT)), OUT/autoencoder.json.")
@@ -314,7 +324,7 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
               show_default=True, help="Output folder.")
 @click.option("--variant", type=click.Choice(["self", "dino"]), default="self", show_default=True)
 @click.option("--steps", type=POSITIVE_INT, default=300, show_default=True, help="Training steps (brief demo).")
-@click.option("--preset", type=click.Choice(["tiny", "tiny-latent", "demo", "demo-pixel"]), default="demo",
+@click.option("--preset", type=click.Choice(PROCEDURAL_NET_PRESETS), default="demo",
               show_default=True)
 def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     """Train the demo preset briefly on the procedural world and write a preceding | generated grid."""
@@ -392,7 +402,7 @@ def ablation_cmd(out_dir: Path, rows: tuple[str, ...], single: str | None, secon
 
 
 @main.command("probe-features")
-@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
+@click.option("--preset", type=click.Choice(PROCEDURAL_MIS_PRESETS), default="demo", show_default=True,
               help="MIS preset: image size and the random DINOv2 stand-in its feature caches use.")
 @click.option("--autoencoder", "autoencoder_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Also probe this autoencoder's latents (a folder holding vae/).")

@@ -20,6 +20,8 @@ def _modules_after(statement: str) -> set[str]:
     ("import m2m_pipeline.sampling", ("open_clip", "webdataset", "m2m_pipeline.data", "dagster")),
     ("import m2m_pipeline.data.config", ("open_clip", "webdataset", "torch")),
     ("from m2m_pipeline.data import get_preset", ("open_clip", "webdataset", "torch")),
+    ("import m2m_pipeline.network.config", ("diffusers", "torch")),
+    ("import m2m_pipeline.cli", ("diffusers", "open_clip", "webdataset", "dagster")),  # `m2m --help` stays quick
 ])
 def test_import_pulls_only_what_it_needs(statement, banned):
     loaded = _modules_after(statement)

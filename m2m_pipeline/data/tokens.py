@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
-from open_clip.tokenizer import SimpleTokenizer, _clean_whitespace
+# open_clip (and torch under it) is imported on first use: reading a caption table or `m2m --help` needs neither.
 
 
 @lru_cache(maxsize=1)
-def clip_tokenizer() -> SimpleTokenizer:
+def clip_tokenizer() -> Any:
+    from open_clip.tokenizer import SimpleTokenizer
+
     # The BPE vocabulary ships inside the open_clip package, so this works offline.
     return SimpleTokenizer()
 
@@ -19,6 +22,8 @@ def normalise_caption(text: str) -> str:
     Storing the cleaned text (not the raw alt-text) means the prompt Stable Diffusion sees is the text
     whose tokens were counted: HF's CLIPTokenizer does not unescape "&amp;", open_clip does.
     """
+    from open_clip.tokenizer import _clean_whitespace
+
     return _clean_whitespace(text)
 
 

@@ -1,8 +1,16 @@
-"""The M2M network: architecture only (no objective, no sampler)."""
+"""The M2M network: architecture only (no objective, no sampler).
 
-from m2m_pipeline.network.config import PRESETS, M2MConfig
-from m2m_pipeline.network.context import ContextKV
-from m2m_pipeline.network.image_set_attention import ImageSetAttnProcessor
-from m2m_pipeline.network.unet import M2MUNet
+Names load lazily: `m2m_pipeline.network.config` (the presets a CLI offers) does not import diffusers.
+"""
 
-__all__ = ["M2MConfig", "M2MUNet", "ContextKV", "ImageSetAttnProcessor", "PRESETS"]
+_EXPORTS = {"M2MConfig": "config", "PRESETS": "config", "ContextKV": "context",
+            "ImageSetAttnProcessor": "image_set_attention", "M2MUNet": "unet"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"m2m_pipeline.network.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'm2m_pipeline.network' has no attribute {name!r}")
