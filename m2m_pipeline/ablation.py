@@ -58,6 +58,13 @@ ROWS: tuple[AblationRow, ...] = (
                 note="2x make demo's steps (5328 instead of 2664), no time limit"),
     AblationRow("latent-self-2x-steps", "self", train={"steps": 3304, "max_seconds": 0.0},
                 note="2x make demo's steps (3304 instead of 1652), no time limit"),
+    # The demo's step counts with the learning rate annealed to 0 by a cosine (100 warm-up steps) instead of constant.
+    AblationRow("latent-dino-cosine", "dino", train={"steps": 2664, "max_seconds": 0.0, "lr_scheduler": "cosine",
+                                                      "lr_warmup_steps": 100},
+                note="make demo's 2664 steps, cosine learning-rate decay to 0"),
+    AblationRow("latent-self-cosine", "self", train={"steps": 1652, "max_seconds": 0.0, "lr_scheduler": "cosine",
+                                                      "lr_warmup_steps": 100},
+                note="make demo's 1652 steps, cosine learning-rate decay to 0"),
     AblationRow("latent-dino-batch24", "dino", train={"batch_size": 24}, note="twice the batch, half the steps"),
     AblationRow("latent-dino-batch6", "dino", train={"batch_size": 6}, note="half the batch, ~twice the steps"),
     AblationRow("latent-dino-lr3e-4", "dino", train={"lr": 3e-4}, note="lower learning rate"),
