@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
+from m2m_pipeline.evaluation.report import EVAL_PRESETS
 
 
 @click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
@@ -36,13 +37,25 @@ from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIV
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report (per position, summary, provenance) as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--report", "report_preset", type=click.Choice(sorted(EVAL_PRESETS)), default=None,
+              help="The evaluation assets' full report with this profile's sizes (protocol, unconditional branch, "
+                   "drift, preceding-image sweep, zero-shot photos, grids, learnability verdict): needs --oracle; "
+                   "--test-shards is then a folder; figures and report.json go to --report-dir.")
+@click.option("--validation-shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --report: validation feature shards; guidance and DDIM steps are chosen there first.")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/report"),
+              show_default=True, help="With --report: output folder.")
 def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_features: str,
              inception_weights: Path | None, clip_model: str | None, clip_pretrained: str | None,
              num_sets: int | None, context_images: int | None, generated_images: int | None, window: int | None,
              anchors: int | None, steps: int | None, guidance: float | None, seed: int | None,
              batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
-             quiet: bool) -> None:
+             quiet: bool, report_preset: str | None, validation_shards: Path | None, report_dir: Path) -> None:
     """Run the evaluation protocol (Sec. 8.4) on CHECKPOINT over the test shards and print the table."""
+    if report_preset is not None:
+        _full_report(checkpoint, Path(test_shards), oracle_dir, report_preset, validation_shards, report_dir, vae,
+                     dino, seed or 0)
+        return
     from m2m_pipeline.evaluation.protocol import (
         ProtocolConfig,
         Scorers,
@@ -104,3 +117,28 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
         report.to_json(out)
         click.echo(f"report: {out}")
 
+
+
+def _full_report(checkpoint: Path, test_dir: Path, oracle_dir: Path | None, preset: str, validation_dir: Path | None,
+                 out: Path, vae: Path | None, dino: Path | None, seed: int) -> None:
+    """What the evaluation asset materializes, printed: the same function, sizes and seeds."""
+    from m2m_pipeline.evaluation.report import evaluate_checkpoint
+
+    if oracle_dir is None or not (oracle_dir / "oracle_config.json").is_file():
+        raise click.UsageError("--report needs --oracle DIR holding a trained attribute oracle (oracle_config.json)")
+    if not test_dir.is_dir():
+        raise click.BadParameter(f"{test_dir}: with --report, a folder of test feature shards", param_hint="--test-shards")
+    res = evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, EVAL_PRESETS[preset], validation_dir=validation_dir,
+                              vae=vae, dino=dino, seed=seed)
+    if res["sweep"] is not None:
+        click.echo(f"sampling chosen on {res['sweep']['validation_sets']} validation sets:\n{res['sweep']['table']}")
+    click.echo(res["table"])
+    click.echo("position 1 (guided / target / unconditional / chance):")
+    for name, v in res["verdict"].items():
+        click.echo(f"  {name}: {v['guided']:.2f} / >= {v['target']:.2f} {'met' if v['met'] else 'NOT met'} / "
+                   f"{v['unconditional']:.2f} / {v['chance']:.2f}")
+    drift = res["drift"]
+    click.echo("drift (consistency at n = 1, 10, 25): " + "; ".join(
+        f"{name} " + " / ".join(f"{vals[i - 1]:.2f}" for i in (1, 10, 25) if i <= len(vals))
+        for name, vals in drift.items() if name in ("colour", "background", "shape")))
+    click.echo(f"report: {res['report_path']}; figures: {', '.join(str(f) for f in res['files'].values())}")

@@ -478,14 +478,14 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                        "chance, and the training time it took.")
     def learnability(context: AssetExecutionContext, settings: M2MSettings, mlflow: MLflowResource,
                      dvc: DVCResource) -> MaterializeResult:
-        from m2m_pipeline.orchestration import evaluation
+        from m2m_pipeline.evaluation.report import learnability_table
 
         r = settings.resolve(profile)
         out = r.path(paths["learnability"])
         reports = {v: r.path(paths[f"m2m_{v}_evaluation_report"]) / "report.json" for v in VARIANTS}
         states = {v: r.path(paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}
         with mlflow.asset_run(context, p, {}) as run:
-            res = evaluation.learnability_table(reports, states, out)
+            res = learnability_table(reports, states, out)
             for v, row in res["rows"].items():
                 run.log_metrics({f"{v}/{k}": val for k, val in row.items() if isinstance(val, (int, float))})
             run.log_artifact(res["path"])

@@ -1,34 +1,13 @@
-"""What the evaluation assets compute: the Sec. 8.4 protocol (per-position FID / IS / CLIP / oracle
-consistency), the studies behind the paper's figures (drift over 25 images, number of preceding images,
-zero-shot real photographs), the learnability verdict, and sampling speed. Plain functions over
-checkpoints and test feature shards; no dagster here.
+"""The evaluation assets' calls into the library (m2m_pipeline.evaluation.report owns every result): the
+profile's sizes and device go in, nothing else is computed here; no dagster here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from m2m_pipeline.io import atomic_write_bytes
 from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
-
-
-def _model(checkpoint: Path, r: Resolved, compute: ComputeResource) -> Any:
-    from m2m_pipeline.bundle import load_bundle
-
-    if not (checkpoint / "model.safetensors").exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
-    return load_bundle(checkpoint, dino=r.mis.dino_path, device=compute.resolved_device())
-
-
-def _decode(autoencoder: Any, z: torch.Tensor) -> torch.Tensor:
-    b, k = z.shape[:2]
-    return autoencoder.decode(z.flatten(0, 1)).unflatten(0, (b, k)).cpu()
 
 
 def train_oracle_for(r: Resolved, out: Path, compute: ComputeResource) -> tuple[Any, dict[str, Any]]:
@@ -40,187 +19,21 @@ def train_oracle_for(r: Resolved, out: Path, compute: ComputeResource) -> tuple[
                     "train_images": oracle.config.train_images, "epochs": oracle.config.epochs}
 
 
-@torch.no_grad()
 def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, oracle_dir: Path, out: Path,
                      compute: ComputeResource, seed: int = 0, validation_dir: Path | None = None) -> dict[str, Any]:
-    """Everything one model's evaluation report holds; writes report.json, table.txt and the figures to `out`.
+    """`evaluate_checkpoint` with the profile's EvalSpec, DINO folder and device."""
+    from m2m_pipeline.evaluation.report import evaluate_checkpoint
 
-    0. With `eval.sweep` and validation shards: guidance and DDIM steps chosen on validation sets (position-1
-       learnability score, evaluation/learnability.py), then used for everything below; never on test sets.
-    1. The Sec. 8.4 protocol with guidance (`eval.generated_images` after `eval.context_images`), scored with
-       the oracle (consistency, caption agreement) and oracle-feature FID / IS (the offline feature network).
-    2. The same protocol with the image condition dropped (position 1): the unconditional branch.
-    3. Drift: consistency by position over `eval.drift_images` generated images (the paper's limitation).
-    4. Fig. 6: consistency of the first generated image vs the number of preceding images.
-    5. Fig. 5: zero-shot continuation of real photographs (scikit-image's bundled files).
-    6. Fig. 4: a grid of preceding | generated images.
-    """
-    from m2m_pipeline.evaluation import protocol, studies
-    from m2m_pipeline.evaluation.figures import line_plot
-    from m2m_pipeline.evaluation.fid import oracle_feature_network
-    from m2m_pipeline.evaluation.oracle import AttributeOracle, attribute_targets
-    from m2m_pipeline.visualize import save_set_grid
-
-    ev = r.eval
-    bundle = _model(checkpoint, r, compute)
-    net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
-    if net.config.variant != variant:
-        raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
-    oracle = AttributeOracle.load(oracle_dir)
-    sampling_sweep: dict[str, Any] | None = None
-    val_shards = sorted(str(s) for s in validation_dir.glob("mis-*.tar")) if validation_dir is not None else []
-    if ev.sweep is not None and val_shards:
-        from m2m_pipeline.evaluation.learnability import choose_sampling, sweep_table
-
-        val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images)
-        best, rows = choose_sampling(net, autoencoder, val, oracle, ev.sweep, context_images=ev.context_images,
-                                     window=ev.window, seed=seed, context_encoder=encoder)
-        ev = dataclasses.replace(ev, guidance_scale=best["guidance_scale"], steps=best["steps"])
-        sampling_sweep = {"best": best, "rows": rows, "validation_sets": len(val.keys),
-                          "table": sweep_table(rows, best)}
-    shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no test feature shards in {test_dir}")
-    n_ctx = max(ev.context_images, max(ev.context_counts))
-    bundle.check_cache(shards)
-    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx)
-    targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
-    scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))
-    spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window, seed=seed)
-    cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
-                                  window=ev.window, steps=ev.steps, guidance_scale=ev.guidance_scale, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn):
-        start = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - start, 2)
-        return value
-
-    context = dataclasses.replace(test, latents=test.latents[:, :ev.context_images])
-    preceding, generated = timed("protocol_generate", lambda: protocol.generate_for_protocol(
-        net, autoencoder, context, cfg, encoder, progress=False))
-    per, ref = timed("protocol_score", lambda: protocol.score_sets(
-        preceding, generated, test.captions, test.attributes, scorers, progress=False))
-    guided = {k: float(v[0]) for k, v in studies.oracle_consistency(oracle, generated[:, :1], targets).items()}
-    uncond_cfg = dataclasses.replace(cfg, generated_images=1, unconditional=True)
-    _, uncond = timed("unconditional", lambda: protocol.generate_for_protocol(
-        net, autoencoder, context, uncond_cfg, encoder, progress=False))
-    unconditional = {k: float(v[0]) for k, v in studies.oracle_consistency(oracle, uncond, targets).items()}
-
-    # Drift over a long autoregressive run (fewer sets: 25 images each).
-    k_drift = ev.drift_sets
-    drift_z = timed("drift", lambda: studies.continue_sets(net, context.latents[:k_drift], ev.drift_images, spec,
-                                                           context_encoder=encoder))
-    drift_images = _decode(autoencoder, drift_z)
-    drift = studies.oracle_consistency(oracle, drift_images, {k: v[:k_drift] for k, v in targets.items()})
-    # Fig. 6: 1..4 preceding images, same seeds.
-    sweep = timed("context_sweep", lambda: studies.context_count_sweep(net, test.latents, spec, ev.context_counts,
-                                                                     context_encoder=encoder))
-    by_count = {n: studies.oracle_consistency(oracle, _decode(autoencoder, z), targets) for n, z in sweep.items()}
-    # Fig. 5: real photographs, zero-shot.
-    photos, names = studies.real_photo_sets(net.config.image_size, views=ev.context_images, seed=seed)
-    photo_z = torch.stack([autoencoder.encode(p.to(net.device)) for p in photos])  # (S, views, C, h, w)
-    zero_shot = timed("zero_shot", lambda: studies.continue_sets(net, photo_z, ev.zero_shot_images, spec,
-                                                                 context_encoder=encoder))
-
-    chance = studies.chance_consistency()
-    scale = max(1, 64 // net.config.image_size)
-    rows = min(8, len(test.keys))
-    files = {
-        "grid": save_set_grid(preceding[:rows], generated[:rows, :min(4, generated.shape[1])], out / "grid.png",
-                              scale=scale),
-        "drift_grid": save_set_grid(preceding[:k_drift], drift_images, out / "drift_grid.png", scale=scale),
-        "zero_shot": save_set_grid(photos, _decode(autoencoder, zero_shot), out / "zero_shot.png", scale=scale),
-        "drift": line_plot({name: (range(1, ev.drift_images + 1), drift[name].tolist())
-                            for name in ("colour", "shape", "background")},
-                           out / "drift.png", title=f"M2M-{variant}: consistency by position ({k_drift} sets)",
-                           xlabel="generated image n", ylabel="consistency with the set",
-                           hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
-                           ylim=(0, 1.02)),
-        "context_count": line_plot({name: (list(by_count), [by_count[n][name][0].item() for n in by_count])
-                                    for name in ("colour", "shape", "background")},
-                                   out / "context_count.png",
-                                   title=f"M2M-{variant}: first generated image vs preceding images",
-                                   xlabel="preceding images", ylabel="consistency with the set",
-                                   hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
-                                   ylim=(0, 1.02)),
-    }
-    report = protocol.EvaluationReport(per, protocol.summarize(per), ref, {
-        "variant": variant, "checkpoint": str(checkpoint), **dataclasses.asdict(cfg), "num_sets": len(test.keys),
-        "sampler": "DDIM (diffusers DDIMScheduler, eta 0, SD settings)",
-        "seeds": f"{seed}..{seed + len(test.keys) - 1} (set i uses seed + i)",
-        "fid": scorers.fid_network.info, "oracle_dir": str(oracle_dir),
-        "oracle_heldout_accuracy": oracle.heldout_accuracy, "fid_reference": "first preceding image of every set",
-        "device": str(net.device)}, timings)
-    record = {
-        "report": report.to_dict(), "position1": {"guided": guided, "unconditional": unconditional},
-        "verdict": studies.learnability_verdict(guided, unconditional), "chance": chance,
-        "drift": {name: v.tolist() for name, v in drift.items()},
-        "context_count": {str(n): {name: float(v[0]) for name, v in c.items()} for n, c in by_count.items()},
-        "zero_shot_photos": names, "files": {k: str(v) for k, v in files.items()},
-        "sampling": {"guidance_scale": ev.guidance_scale, "steps": ev.steps,
-                     "chosen_on": "validation split" if sampling_sweep is not None else "the profile's EvalSpec"},
-        "sweep": sampling_sweep,
-    }
-    atomic_write_bytes(out / "report.json", (json.dumps(record, indent=1, default=str) + "\n").encode())
-    atomic_write_bytes(out / "table.txt", (report.table() + "\n").encode())
-    return {**record, "table": report.table(), "files": files, "report_path": out / "report.json",
-            "num_sets": len(test.keys), "seconds": timings}
+    if not (checkpoint / "model.safetensors").exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
+    return evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, r.eval, variant=variant,
+                               validation_dir=validation_dir, dino=r.mis.dino_path,
+                               device=compute.resolved_device(), seed=seed)
 
 
 def benchmark(r: Resolved, checkpoints: dict[str, Path], out: Path, compute: ComputeResource
               ) -> tuple[list[dict[str, Any]], Path]:
-    """Fig. 9: seconds per generated image of the SD baseline, M2M-DINO and M2M-Self (KV cache on / off) at
-    each context size, with ratios to the SD baseline measured in the same run; writes speed.json + fig9.png."""
-    from m2m_pipeline.network import M2MUNet
-    from m2m_pipeline.speed import measure_sampling_speed, plot_speed, rows_to_dicts
+    """`sampling_benchmark` (Fig. 9) with the profile's sizes and device."""
+    from m2m_pipeline.evaluation.report import sampling_benchmark
 
-    ev = r.eval
-    device = compute.resolved_device()
-    nets = {v: M2MUNet.from_pretrained(c, map_location=device) for v, c in checkpoints.items()}
-    preset = r.net_preset
-    speed = measure_sampling_speed(preset, ev.benchmark_contexts, steps=ev.benchmark_steps,
-                                   generated=ev.benchmark_images, repeats=ev.benchmark_repeats,
-                                   guidance=ev.guidance_scale, device=device, nets=nets)
-    rows = [{**row, "steps": ev.benchmark_steps, "images": ev.benchmark_images, "device": device}
-            for row in rows_to_dicts(speed)]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "benchmark.json", (json.dumps(rows, indent=1) + "\n").encode())
-    plot = plot_speed(speed, out / "fig9.png", f"Sampling time per image ({r.profile.name}, {device})")
-    return rows, plot
-
-
-def learnability_table(reports: dict[str, Path], checkpoints: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Per variant: position-1 consistency (guided / unconditional / chance / target) and training time;
-    writes learnability.json + learnability.md. Nothing is re-measured here: it reads the reports."""
-    rows: dict[str, dict[str, Any]] = {}
-    for variant, path in reports.items():
-        record = json.loads(path.read_text())
-        state_file = checkpoints[variant] / "train_state.json"
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        row: dict[str, Any] = {"train_steps": state.get("step"), "train_seconds": state.get("seconds")}
-        for name, v in record["verdict"].items():
-            row.update({f"{name}_guided": v["guided"], f"{name}_unconditional": v["unconditional"],
-                        f"{name}_chance": v["chance"], f"{name}_target": v["target"], f"{name}_met": v["met"]})
-        row["sets"] = record["report"]["provenance"]["num_sets"]
-        row["guidance_scale"] = record["report"]["provenance"]["guidance_scale"]
-        rows[variant] = row
-    names = list(json.loads(next(iter(reports.values())).read_text())["verdict"])
-    head = "| model | train | " + " | ".join(f"{n} (target)" for n in names) + " | unconditional (chance) |"
-    lines = [head, "|" + "---|" * (3 + len(names))]
-    for variant, row in rows.items():
-        minutes = "?" if row["train_seconds"] is None else f"{row['train_seconds'] / 60:.1f} min"
-        cells = [f"{row[f'{n}_guided']:.2f} (>= {row[f'{n}_target']:.2f}) {'met' if row[f'{n}_met'] else 'NOT met'}"
-                 for n in names]
-        uncond = ", ".join(f"{n} {row[f'{n}_unconditional']:.2f} ({row[f'{n}_chance']:.2f})" for n in names)
-        lines.append(f"| M2M-{variant} | {row['train_steps']} steps, {minutes} | " + " | ".join(cells)
-                     + f" | {uncond} |")
-    markdown = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    all_met = all(row[f"{n}_met"] for row in rows.values() for n in names)
-    atomic_write_bytes(out / "learnability.json",
-                       (json.dumps({"rows": rows, "all_met": all_met}, indent=1) + "\n").encode())
-    atomic_write_bytes(out / "learnability.md", markdown.encode())
-    return {"rows": rows, "markdown": markdown, "all_met": all_met, "path": out / "learnability.md"}
+    return sampling_benchmark(checkpoints, r.net_preset, r.eval, out, compute.resolved_device(), r.profile.name)

@@ -20,30 +20,7 @@ from m2m_pipeline.data.captions import SPLITS, caption_hash, split_of
 from m2m_pipeline.data.config import MISConfig, get_preset
 from m2m_pipeline.data.shapes import random_captions
 from m2m_pipeline.data.tokens import normalise_caption
-from m2m_pipeline.evaluation.learnability import SamplingSweep
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    num_sets: int = 4                     # test sets of the Sec. 8.4 protocol (the paper: 10,000)
-    context_images: int = 4               # preceding images given to the model (Sec. 8.4: 4)
-    generated_images: int = 4             # images generated autoregressively after them (Sec. 8.4: 10)
-    steps: int = 50                       # DDIM steps (Sec. 8.6: 50)
-    guidance_scale: float = 3.0           # design-notes 12: guidance matters a lot at CPU scale
-    window: int | None = 4                # context window W: the most recent 4 images, as many as training saw
-    drift_images: int = 25                # images generated in the drift study (consistency by position)
-    drift_sets: int = 8                   # test sets of the drift study
-    context_counts: tuple[int, ...] = (1, 2, 3, 4)  # preceding images in the Fig. 6 study
-    zero_shot_images: int = 4             # images generated after each set of real photographs (Fig. 5)
-    oracle_overrides: dict[str, Any] = field(default_factory=dict)  # train_oracle kwargs (OracleConfig fields)
-    autoencoder_min_accuracy: float | None = 0.99  # oracle accuracy on reconstructions, per attribute (None: report)
-    benchmark_contexts: tuple[int, ...] = (1, 2, 4)  # context sizes the sampling benchmark times
-    benchmark_images: int = 2             # images generated per timed call
-    benchmark_steps: int = 20             # DDIM steps per timed image
-    benchmark_repeats: int = 2            # interleaved timed rounds (median reported), after one warm-up
-    # Guidance and DDIM steps chosen on the validation split before the test protocol (None: use the two
-    # fields above as they are).
-    sweep: SamplingSweep | None = None
+from m2m_pipeline.evaluation.report import EVAL_PRESETS, EvalSpec
 
 
 @dataclass(frozen=True)
@@ -119,25 +96,18 @@ PROFILES: dict[str, RunProfile] = {
     "smoke": RunProfile(
         name="smoke", mis_preset="tiny", net_preset="tiny-latent", train_preset="tiny", autoencoder_preset="tiny",
         train_overrides={"steps": 30},
-        eval=EvalSpec(num_sets=4, context_images=4, generated_images=2, steps=4, drift_images=3, drift_sets=2,
-                      zero_shot_images=1, benchmark_images=1, benchmark_steps=2, benchmark_repeats=1,
-                      # an untrained smoke model needs no 99% oracle: a small one keeps CI fast (accuracy reported)
-                      oracle_overrides={"train_images": 1500, "heldout_images": 300, "epochs": 2,
-                                        "min_accuracy": None}, autoencoder_min_accuracy=None,
-                      sweep=SamplingSweep(guidance_scales=(2.0, 3.0), steps=(4,), num_sets=2)),
+        eval=EVAL_PRESETS["smoke"],
     ),
     # CPU demo: procedural MIS at 32 px, its own autoencoder (32 px -> 8x8x8 latents), latent demo nets.
     "demo": RunProfile(
         name="demo", mis_preset="demo", net_preset="demo", train_preset="demo", autoencoder_preset="demo",
-        eval=EvalSpec(num_sets=64, context_images=4, generated_images=10, steps=25, drift_images=25,
-                      drift_sets=12, benchmark_images=2, benchmark_steps=20, sweep=SamplingSweep()),
+        eval=EVAL_PRESETS["demo"],
     ),
     # The paper: SD-2.1-base MIS from CC12M on GPUs; partitions are groups of shards (~122 k shards in all).
     "paper": RunProfile(
         name="paper", mis_preset="paper", net_preset="paper", train_preset="paper",
         caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True,
-        eval=EvalSpec(num_sets=10_000, context_images=4, generated_images=10, steps=50, guidance_scale=7.5,
-                      drift_sets=64, benchmark_images=2, benchmark_steps=50),
+        eval=EVAL_PRESETS["paper"],
     ),
 }
 

@@ -24,7 +24,8 @@ from filelock import FileLock
 from pydantic import PrivateAttr, model_validator
 
 from m2m_pipeline.data.config import MIS_PRESETS, MISConfig
-from m2m_pipeline.orchestration.profiles import EvalSpec, RunProfile, caption_files
+from m2m_pipeline.evaluation.report import EvalSpec
+from m2m_pipeline.orchestration.profiles import RunProfile, caption_files
 
 
 def repo_root(repo_dir: str = "") -> Path:

@@ -43,3 +43,26 @@ def test_evaluate_bad_arguments(tiny_checkpoint, tiny_test_split):
     r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--test-shards",
                                   str(tiny_test_split), "--generated-images", "0", "--fid-features", "none"])
     assert r.exit_code != 0 and "'--generated-images': 0 is not in the range" in r.output  # refused at parsing
+
+
+def test_evaluate_report_is_the_evaluation_assets_report(tiny_checkpoint, tiny_test_split, quick_oracle_dir,
+                                                         tmp_path):
+    """`m2m evaluate --report smoke` prints what the smoke evaluation asset computes: the same library function
+    (evaluate_checkpoint) with the profile's EvalSpec, so the same numbers for the same seeds."""
+    from m2m_pipeline.evaluation.report import EVAL_PRESETS, evaluate_checkpoint
+    from m2m_pipeline.orchestration.profiles import PROFILES
+
+    assert PROFILES["smoke"].eval is EVAL_PRESETS["smoke"]  # the asset's sizes are the preset's, not a copy
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--test-shards",
+                                  str(tiny_test_split), "--oracle", str(quick_oracle_dir), "--report", "smoke",
+                                  "--report-dir", str(tmp_path / "cli")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for text in ("position 1", "shape", "drift", "report:", "fid"):
+        assert text in r.output, text
+    direct = evaluate_checkpoint(tiny_checkpoint, tiny_test_split, quick_oracle_dir, tmp_path / "lib",
+                                 EVAL_PRESETS["smoke"])
+    from_cli = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert from_cli["verdict"] == json.loads(json.dumps(direct["verdict"]))
+    assert from_cli["report"]["per_position"] == json.loads(json.dumps(direct["report"]["per_position"]))
+    assert from_cli["drift"] == direct["drift"] and from_cli["context_count"] == direct["context_count"]
+    assert direct["table"] in r.output
