@@ -11,6 +11,7 @@ import click
 from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
 from m2m_pipeline.network.config import PRESETS
+from m2m_pipeline.sampling import SCHEDULERS
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -270,7 +271,9 @@ def _read_images(paths: list[Path], size: int):
 @click.option("--context", "context", type=click.Path(path_type=Path), multiple=True,
               help="Preceding images: a folder or image files (repeatable), in order. None: generate from scratch.")
 @click.option("--num-images", "-k", type=POSITIVE_INT, default=4, show_default=True, help="Images to generate.")
-@click.option("--steps", type=POSITIVE_INT, default=50, show_default=True, help="DDIM steps.")
+@click.option("--steps", type=POSITIVE_INT, default=50, show_default=True, help="Denoising steps.")
+@click.option("--sampler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
+              help="ddim: the paper's DDIM (eta 0); dpm++: DPM-Solver++ (2nd order), ~10-20 steps.")
 @click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=7.5, show_default=True, help="Image guidance s (Eq. 6) / s_I (Eq. 7).")
 @click.option("--task-guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Task guidance s_C (Eq. 7), task models only.")
 @click.option("--window", type=NON_NEGATIVE_INT, default=None,
@@ -285,7 +288,7 @@ def _read_images(paths: list[Path], size: int):
               help="Local DINOv2 folder (M2M-DINO); default for pixel presets: the seeded random encoder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder for generated PNGs and grid.png.")
-def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps: int, guidance: float,
+def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps: int, sampler: str, guidance: float,
              task_guidance: float | None, window: int | None, anchors: int, seed: int, no_cache: bool,
              vae: Path | None, dino: Path | None, out_dir: Path) -> None:
     """Continue a set of images with a trained M2M checkpoint."""
@@ -304,8 +307,8 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
         images, _ = _read_images(list(context), cfg.image_size)
     else:
         images = torch.zeros(1, 0, 3, cfg.image_size, cfg.image_size)
-    out = generate_images(net, images, num_images, autoencoder, dino_encoder, steps=steps, guidance_scale=guidance,
-                          task_guidance_scale=task_guidance, window=window, anchors=anchors, seed=seed,
+    out = generate_images(net, images, num_images, autoencoder, dino_encoder, steps=steps, sampler=sampler,
+                          guidance_scale=guidance, task_guidance_scale=task_guidance, window=window, anchors=anchors, seed=seed,
                           use_cache=not no_cache)
     from PIL import Image
 

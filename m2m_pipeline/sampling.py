@@ -7,10 +7,11 @@ callable with that surface (a stub in tests, a compiled model) can be sampled.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from m2m_pipeline.network.context import ContextKV
@@ -55,11 +56,122 @@ def image_noise(shape: tuple[int, ...], seeds: Sequence[int], index: int, dtype:
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
-def make_ddim(config, steps: int) -> DDIMScheduler:
+def make_ddim(config, steps: int) -> Any:
+    from diffusers import DDIMScheduler  # diffusers loads on first use: `m2m --help` lists the samplers without it
+
     # SD's DDIM settings (set_alpha_to_one=False, steps_offset=1) on the model's own noise schedule.
     scheduler = DDIMScheduler(**config.scheduler_kwargs(), set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def make_dpm_solver(config, steps: int) -> Any:
+    """DPM-Solver++ (2nd order multistep, diffusers' DPMSolverMultistepScheduler) on the model's schedule."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    kwargs = {k: v for k, v in config.scheduler_kwargs().items() if k != "clip_sample"}
+    scheduler = DPMSolverMultistepScheduler(**kwargs, algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+# Sampler name -> factory (config, steps) -> a diffusers scheduler with timesteps set. DDIM 50 is the paper's.
+SCHEDULERS: dict[str, Callable[[Any, int], Any]] = {"ddim": make_ddim, "dpm++": make_dpm_solver}
+SchedulerSpec = str | Callable[[Any, int], Any]
+
+
+def make_scheduler(config, steps: int, sampler: SchedulerSpec = "ddim") -> Any:
+    """A fresh scheduler (multistep solvers keep per-trajectory state): a SCHEDULERS name or a factory."""
+    if callable(sampler):
+        return sampler(config, steps)
+    if sampler not in SCHEDULERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SCHEDULERS)} or pass a factory")
+    return SCHEDULERS[sampler](config, steps)
+
+
+def scheduler_step(scheduler: Any, guided: torch.Tensor, t: torch.Tensor, z: torch.Tensor, eta: float,
+                   noise: torch.Tensor | None) -> torch.Tensor:
+    """One denoising step; eta and its noise only where the scheduler takes them (DDIM)."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(guided, t, z, eta=eta, variance_noise=noise).prev_sample
+    if eta > 0:
+        raise ValueError(f"eta > 0 is DDIM's; {type(scheduler).__name__} is deterministic here")
+    return scheduler.step(guided, t, z).prev_sample
+
+
+# ---------------------------------------------------------------------- branch bookkeeping
+@dataclass(frozen=True)
+class Branches:
+    """Which guidance branches one batched forward evaluates, and how they combine (Eq. 6 or Eq. 7).
+
+    q_index: per query row, the KV row it attends to (-1: image condition dropped). The KV rows are
+    [no task condition | with task condition] for dual guidance, else one row per set.
+    """
+
+    b: int
+    count: int                         # branches per set in the batched forward
+    kv_rows: int
+    q_index: torch.Tensor              # (count*B,)
+    q_drop_task: torch.Tensor | None   # (count*B,) bool, task models only
+    kv_drop_task: torch.Tensor | None  # (kv_rows,) bool, task models only
+    guidance_scale: float
+    task_guidance_scale: float | None
+
+    @classmethod
+    def build(cls, b: int, has_task: bool, guidance_scale: float, task_guidance_scale: float | None,
+              device: torch.device) -> Branches:
+        if task_guidance_scale is not None:
+            # KV rows: [no task condition | with task condition]; query rows: [(0,0) | (I,0) | (I,C)].
+            kv_drop_task = torch.tensor([True] * b + [False] * b, device=device)
+            q_index = torch.cat([torch.full((b,), -1), torch.arange(b), torch.arange(b, 2 * b)]).to(device)
+            q_drop_task = torch.tensor([True] * (2 * b) + [False] * b, device=device)
+            return cls(b, 3, 2 * b, q_index, q_drop_task, kv_drop_task, guidance_scale, task_guidance_scale)
+        kv_drop = torch.zeros(b, dtype=torch.bool, device=device) if has_task else None
+        uncond = guidance_scale != 1.0  # s = 1 is the conditional prediction alone: skip the other branch
+        q_index = torch.cat([torch.full((b,), -1), torch.arange(b)]).to(device) if uncond \
+            else torch.arange(b, device=device)
+        q_drop = (q_index < 0) if has_task else None  # Eq. 6 with a task: both conditions drop together
+        return cls(b, q_index.numel() // b, b, q_index, q_drop, kv_drop, guidance_scale, None)
+
+    def kv_tile(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x] * (self.kv_rows // self.b))
+
+    def q_tile(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x] * self.count)
+
+    def combine(self, eps: torch.Tensor) -> torch.Tensor:
+        """(count*B, ...) predictions of the branches -> the guided prediction (B, ...)."""
+        parts = eps.chunk(self.count)
+        if self.task_guidance_scale is not None:
+            return dual_guidance(parts[0], parts[1], parts[2], self.guidance_scale, self.task_guidance_scale)
+        if self.count == 2:
+            return classifier_free_guidance(parts[0], parts[1], self.guidance_scale)
+        return parts[0]
+
+
+def _check_inputs(cfg, context: torch.Tensor, num_images: int, context_encoder, task_cond, task_guidance_scale,
+                  seed) -> list[int]:
+    if context.ndim != 5:
+        raise ValueError(f"context must be clean latents (B, n_c, C, H, W), got {tuple(context.shape)}")
+    b, n_c = context.shape[:2]
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if cfg.variant == "dino" and context_encoder is None:
+        raise ValueError("M2M-DINO needs context_encoder: latents (B, C, H, W) -> DINO tokens (B, S, D)")
+    has_task = cfg.task != "none"
+    if has_task and task_cond is None:
+        raise ValueError(f"this model is conditioned on '{cfg.task}': pass task_cond (B, n_c + num_images, ...)")
+    if task_cond is not None and tuple(task_cond.shape[:2]) != (b, n_c + num_images):
+        raise ValueError(f"task_cond must start with (B, n_c + num_images) = ({b}, {n_c + num_images}), "
+                         f"got {tuple(task_cond.shape)}")
+    if task_guidance_scale is not None and not has_task:
+        raise ValueError("task_guidance_scale (Eq. 7) needs a model with a task condition")
+    seeds = [seed] * b if isinstance(seed, int) else list(seed)
+    if len(seeds) != b:
+        raise ValueError(f"seed must be an int or {b} ints (one per set), got {len(seeds)}")
+    return seeds
 
 
 # ---------------------------------------------------------------------- the sampler
@@ -79,6 +191,7 @@ def generate(
     seed: int | Sequence[int] = 0,
     use_cache: bool = True,
     eta: float = 0.0,
+    sampler: SchedulerSpec = "ddim",
     progress: bool = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -89,7 +202,7 @@ def generate(
     context_encoder:     latents (B, C, H, W) -> what the network attends to: DINO tokens (B, S, D) for
                          M2M-DINO (required there); identity for M2M-Self.
     task_cond:           (B, n_c + num_images, ...) task condition of every image (camera / step position).
-    steps:               DDIM denoising steps (Sec. 8.6: 50).
+    steps:               denoising steps (Sec. 8.6: DDIM, 50).
     guidance_scale:      s of Eq. 6, or s_I of Eq. 7 when task_guidance_scale is given; 1 disables guidance.
     task_guidance_scale: s_C of Eq. 7 (dual guidance; needs a task-conditioned model).
     window:              context window W: at most W preceding images (None: all, 0: none).
@@ -97,53 +210,16 @@ def generate(
     seed:                one seed, or one per set; image k of set b depends on (seed_b, k) only.
     use_cache:           compute each context image's keys/values once (KV cache) instead of every step.
     eta:                 DDIM eta (0: deterministic).
+    sampler:             "ddim" (the paper's), "dpm++" (DPM-Solver++), or a factory (config, steps) -> scheduler.
     callback:            called after every denoising step with (image k, step i, timestep t, z_t).
     Returns (B, num_images, C, H, W) latents.
     """
     cfg = net.config
-    if context.ndim != 5:
-        raise ValueError(f"context must be clean latents (B, n_c, C, H, W), got {tuple(context.shape)}")
+    seeds = _check_inputs(cfg, context, num_images, context_encoder, task_cond, task_guidance_scale, seed)
     b, n_c, c, h, w = context.shape
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    if cfg.variant == "dino" and context_encoder is None:
-        raise ValueError("M2M-DINO needs context_encoder: latents (B, C, H, W) -> DINO tokens (B, S, D)")
-    has_task = cfg.task != "none"
-    if has_task and task_cond is None:
-        raise ValueError(f"this model is conditioned on '{cfg.task}': pass task_cond (B, n_c + num_images, ...)")
-    if task_cond is not None and tuple(task_cond.shape[:2]) != (b, n_c + num_images):
-        raise ValueError(f"task_cond must start with (B, n_c + num_images) = ({b}, {n_c + num_images}), "
-                         f"got {tuple(task_cond.shape)}")
-    dual = task_guidance_scale is not None
-    if dual and not has_task:
-        raise ValueError("task_guidance_scale (Eq. 7) needs a model with a task condition")
-    seeds = [seed] * b if isinstance(seed, int) else list(seed)
-    if len(seeds) != b:
-        raise ValueError(f"seed must be an int or {b} ints (one per set), got {len(seeds)}")
-
     device, dtype = net.device, net.dtype
     encode = context_encoder or (lambda z: z)
-    # Branches of one batched forward. rows: which KV row each branch reads (-1: image condition dropped).
-    if dual:
-        # KV rows: [no task condition | with task condition]; query rows: [(0,0) | (I,0) | (I,C)].
-        kv_drop_task = torch.tensor([True] * b + [False] * b, device=device)
-        q_index = torch.cat([torch.full((b,), -1), torch.arange(b), torch.arange(b, 2 * b)]).to(device)
-        q_drop_task = torch.tensor([True] * (2 * b) + [False] * b, device=device)
-    else:
-        kv_drop_task = torch.zeros(b, dtype=torch.bool, device=device) if has_task else None
-        uncond = guidance_scale != 1.0  # s = 1 is the conditional prediction alone: skip the other branch
-        q_index = torch.cat([torch.full((b,), -1), torch.arange(b)]).to(device) if uncond \
-            else torch.arange(b, device=device)
-        q_drop_task = (q_index < 0) if has_task else None  # Eq. 6 with a task: both conditions drop together
-    kv_rows = 2 * b if dual else b
-    branches = q_index.numel() // b
-
-    def kv_tile(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else torch.cat([x] * (kv_rows // b))
-
-    def q_tile(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else torch.cat([x] * branches)
-
+    br = Branches.build(b, cfg.task != "none", guidance_scale, task_guidance_scale, device)
     reps: list[torch.Tensor] = []   # per image: what the network attends to, (B, 1, ...)
     cache: list[ContextKV] = []     # per image: keys/values of every layer (use_cache)
 
@@ -151,7 +227,7 @@ def generate(
         # Per image, in both modes: an image's keys/values depend on it alone, and identical shapes make
         # the cached and recomputed paths agree bit for bit.
         cond = None if task_cond is None else task_cond[:, j : j + 1].to(device)
-        return net.encode_context(kv_tile(reps[j]), kv_tile(cond), kv_drop_task)
+        return net.encode_context(br.kv_tile(reps[j]), br.kv_tile(cond), br.kv_drop_task)
 
     def add_image(z_0: torch.Tensor) -> None:
         reps.append(encode(z_0.to(device=device, dtype=dtype))[:, None])  # (B, 1, ...)
@@ -161,34 +237,24 @@ def generate(
     for j in range(n_c):
         add_image(context[:, j])
 
-    scheduler = make_ddim(cfg, steps)
     outputs = []
     bar = tqdm(total=num_images * steps, desc="sampling", disable=not progress, leave=False)
     for k in range(num_images):
         position = n_c + k
         idx = window_indices(position, window, anchors)
-        if not idx:
-            kv = None
-        elif use_cache:
-            kv = ContextKV.cat_images([cache[j] for j in idx])
-        q_cond = None if task_cond is None else q_tile(task_cond[:, position : position + 1].to(device))
+        kv = ContextKV.cat_images([cache[j] for j in idx]) if idx and use_cache else None
+        q_cond = None if task_cond is None else br.q_tile(task_cond[:, position : position + 1].to(device))
+        scheduler = make_scheduler(cfg, steps, sampler)  # fresh per image: multistep solvers keep state
         z = image_noise((c, h, w), seeds, position, dtype, device) * scheduler.init_noise_sigma  # (B, C, H, W)
         for i, t in enumerate(scheduler.timesteps):
             if idx and not use_cache:  # recompute every context image's keys/values at every step
                 kv = ContextKV.cat_images([image_kv(j) for j in idx])
-            z_in = torch.cat([z] * branches)[:, None]  # (branches*B, 1, C, H, W)
+            z_in = torch.cat([z] * br.count)[:, None]  # (count*B, 1, C, H, W)
             t_in = torch.full((z_in.shape[0],), int(t), device=device, dtype=torch.long)
-            eps = net.denoise(z_in, t_in, kv, ctx_index=q_index if kv is not None else None, task_cond=q_cond,
-                              drop_task=q_drop_task, first_position=len(idx))[:, 0]
-            parts = eps.chunk(branches)
-            if dual:
-                guided = dual_guidance(parts[0], parts[1], parts[2], guidance_scale, task_guidance_scale)
-            elif branches == 2:
-                guided = classifier_free_guidance(parts[0], parts[1], guidance_scale)
-            else:
-                guided = parts[0]
+            eps = net.denoise(z_in, t_in, kv, ctx_index=br.q_index if kv is not None else None, task_cond=q_cond,
+                              drop_task=br.q_drop_task, first_position=len(idx))[:, 0]
             noise = image_noise((c, h, w), seeds, 10_000 * (position + 1) + i, dtype, device) if eta > 0 else None
-            z = scheduler.step(guided, t, z, eta=eta, variance_noise=noise).prev_sample
+            z = scheduler_step(scheduler, br.combine(eps), t, z, eta, noise)
             if callback is not None:
                 callback(k, i, int(t), z)
             bar.update(1)

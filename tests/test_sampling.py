@@ -51,14 +51,12 @@ def test_guidance_formulas_are_the_papers():
     assert dual_guidance(u, c, ic, 2.0, 3.0) == u + 2.0 * (c - u) + 3.0 * (ic - c)
 
 
-def test_sampler_applies_eq6_and_eq7_exactly(monkeypatch):
+def test_sampler_applies_eq6_and_eq7_exactly():
     captured = {}
-    import m2m_pipeline.sampling as sampling
+    from m2m_pipeline.sampling import make_ddim
 
-    real_make_ddim = sampling.make_ddim
-
-    def spy_ddim(config, steps):
-        sched = real_make_ddim(config, steps)
+    def spy_ddim(config, steps):  # a scheduler factory, as `generate(sampler=...)` takes one
+        sched = make_ddim(config, steps)
         real_step = sched.step
 
         def step(eps, t, z, **kw):
@@ -68,15 +66,14 @@ def test_sampler_applies_eq6_and_eq7_exactly(monkeypatch):
         sched.step = step
         return sched
 
-    monkeypatch.setattr(sampling, "make_ddim", spy_ddim)
     s = 7.5
-    generate(StubNet(), torch.zeros(1, 2, 3, 16, 16), 1, steps=1, guidance_scale=s, progress=False)
+    generate(StubNet(), torch.zeros(1, 2, 3, 16, 16), 1, steps=1, guidance_scale=s, progress=False, sampler=spy_ddim)
     expected6 = EPS["none"] + s * (EPS["image_task"] - EPS["none"])  # no task model: cond branch = full cond
     assert torch.allclose(captured["eps"], torch.full_like(captured["eps"], expected6))
 
     s_i, s_c = 2.0, 4.0
     generate(StubNet("camera"), torch.zeros(1, 2, 3, 16, 16), 1, steps=1, guidance_scale=s_i,
-             task_guidance_scale=s_c, task_cond=torch.zeros(1, 3, 12), progress=False)
+             task_guidance_scale=s_c, task_cond=torch.zeros(1, 3, 12), progress=False, sampler=spy_ddim)
     expected7 = EPS["none"] + s_i * (EPS["image"] - EPS["none"]) + s_c * (EPS["image_task"] - EPS["image"])
     assert torch.allclose(captured["eps"], torch.full_like(captured["eps"], expected7))
 
@@ -183,7 +180,8 @@ def test_generate_images_pixels_in_pixels_out():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_sampler_recovers_z0_from_an_exact_predictor(prediction_type):
+@pytest.mark.parametrize("sampler, steps", [("ddim", 20), ("dpm++", 10)])
+def test_sampler_recovers_z0_from_an_exact_predictor(prediction_type, sampler, steps):
     """A net that knows z_0 and returns the exact eps / v target for any z_t: DDIM must land on z_0, so the
     sampler interprets the network's output as the config's prediction_type says."""
     cfg = M2MConfig.preset("tiny", "self", prediction_type=prediction_type)
@@ -203,8 +201,17 @@ def test_sampler_recovers_z0_from_an_exact_predictor(prediction_type):
             return eps if prediction_type == "epsilon" else a_t.sqrt() * eps - (1 - a_t).sqrt() * z_0
 
     net = Exact()
-    out = generate(net, torch.zeros(1, 0, 3, 16, 16), 1, steps=20, guidance_scale=1.0, progress=False)
+    out = generate(net, torch.zeros(1, 0, 3, 16, 16), 1, steps=steps, guidance_scale=1.0, progress=False,
+                   sampler=sampler)
     # SD's DDIM settings (set_alpha_to_one=False) end at the noise level of t = 0, not at a clean sample:
     # the residual is sqrt(1 - a_0) * eps, i.e. at most ~5 * 0.01 here.
     residual = 5 * (1 - ab[0]).sqrt().item()
     assert (out[0, 0] - z_0[0]).abs().max() < residual
+
+
+def test_unknown_sampler_is_refused_and_eta_is_ddims():
+    net = M2MUNet(M2MConfig.preset("tiny", "self")).eval()
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        generate(net, torch.zeros(1, 0, 3, 16, 16), 1, steps=2, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="eta > 0 is DDIM's"):
+        generate(net, torch.zeros(1, 0, 3, 16, 16), 1, steps=2, sampler="dpm++", eta=0.5, progress=False)

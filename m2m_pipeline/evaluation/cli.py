@@ -8,6 +8,7 @@ import click
 
 from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from m2m_pipeline.evaluation.report import EVAL_PRESETS
+from m2m_pipeline.sampling import SCHEDULERS
 
 
 @click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
@@ -27,7 +28,9 @@ from m2m_pipeline.evaluation.report import EVAL_PRESETS
 @click.option("--generated-images", type=POSITIVE_INT, default=None, help="Images generated per set (protocol: 10).")
 @click.option("--window", type=click.IntRange(min=-1), default=None, help="Context window W (protocol: 4); -1: all preceding images.")
 @click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window (protocol: 0).")
-@click.option("--steps", type=POSITIVE_INT, default=None, help="DDIM steps (protocol: 50).")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Denoising steps (protocol: 50).")
+@click.option("--sampler", type=click.Choice(sorted(SCHEDULERS)), default=None,
+              help="Scheduler (protocol: ddim); dpm++: DPM-Solver++.")
 @click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Guidance scale s of Eq. 6 (protocol: 7.5).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=None, help="Set i samples with seed + i (protocol: 0).")
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="Sets sampled together (memory only).")
@@ -48,7 +51,7 @@ from m2m_pipeline.evaluation.report import EVAL_PRESETS
 def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_features: str,
              inception_weights: Path | None, clip_model: str | None, clip_pretrained: str | None,
              num_sets: int | None, context_images: int | None, generated_images: int | None, window: int | None,
-             anchors: int | None, steps: int | None, guidance: float | None, seed: int | None,
+             anchors: int | None, steps: int | None, sampler: str | None, guidance: float | None, seed: int | None,
              batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
              quiet: bool, report_preset: str | None, validation_shards: Path | None, report_dir: Path) -> None:
     """Run the evaluation protocol (Sec. 8.4) on CHECKPOINT over the test shards and print the table."""
@@ -65,7 +68,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     from m2m_pipeline.weights import WeightsNotFoundError
 
     given = {"num_sets": num_sets, "context_images": context_images, "generated_images": generated_images,
-             "anchors": anchors, "steps": steps, "guidance_scale": guidance, "seed": seed, "batch_size": batch_size}
+             "anchors": anchors, "steps": steps, "sampler": sampler, "guidance_scale": guidance, "seed": seed, "batch_size": batch_size}
     overrides: dict = {k: v for k, v in given.items() if v is not None}
     if window is not None:
         overrides["window"] = None if window < 0 else window

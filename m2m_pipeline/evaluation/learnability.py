@@ -39,10 +39,10 @@ def learnability_score(consistency: dict[str, float]) -> float:
 
 def position1_consistency(net, autoencoder, sets: TestSets, oracle, *, context_images: int, steps: int,
                           guidance_scale: float, window: int | None, seed: int = 0, unconditional: bool = False,
-                          context_encoder: Callable | None = None) -> dict[str, float]:
+                          context_encoder: Callable | None = None, sampler: str = "ddim") -> dict[str, float]:
     """Oracle consistency of the first image generated after each set's first `context_images` images."""
     cfg = ProtocolConfig(context_images=context_images, generated_images=1, window=window, steps=steps,
-                         guidance_scale=guidance_scale, seed=seed, unconditional=unconditional)
+                         guidance_scale=guidance_scale, seed=seed, unconditional=unconditional, sampler=sampler)
     context = dataclasses.replace(sets, latents=sets.latents[:, :context_images])
     _, generated = generate_for_protocol(net, autoencoder, context, cfg, context_encoder, progress=False)
     targets = attribute_targets(sets.attributes) if sets.attributes else attribute_targets(captions=sets.captions)

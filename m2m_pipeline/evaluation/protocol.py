@@ -49,7 +49,8 @@ class ProtocolConfig:
     generated_images: int = 10        # generated autoregressively after them (Sec. 8.4: 10)
     window: int | None = 4            # context window W: the 4 most recent images, as many as training saw (N=5)
     anchors: int = 0                  # first images always kept in the window (0: plain sliding window)
-    steps: int = 50                   # DDIM steps (Appendix A: 50)
+    steps: int = 50                   # denoising steps (Appendix A: DDIM, 50)
+    sampler: str = "ddim"             # m2m_pipeline.sampling.SCHEDULERS name (the paper: DDIM)
     guidance_scale: float = 7.5       # s of Eq. 6 (Appendix A: 7.5)
     num_sets: int | None = None       # test sets evaluated (None: all; the paper: 10,000)
     seed: int = 0                     # set i samples with seed + i: same images whatever the batching
@@ -190,7 +191,7 @@ def generate_for_protocol(net, autoencoder, test_sets: TestSets, config: Protoco
         seeds = [config.seed + i for i in range(start, start + len(context))]
         z = generate(net, context, config.generated_images, context_encoder=context_encoder, steps=config.steps,
                      guidance_scale=config.guidance_scale, window=window, anchors=config.anchors, seed=seeds,
-                     progress=False)  # (b, K, C, H, W)
+                     sampler=config.sampler, progress=False)  # (b, K, C, H, W)
         generated.append(_decode(autoencoder, z))
     return _decode(autoencoder, test_sets.latents.to(net.device)), torch.cat(generated)
 
