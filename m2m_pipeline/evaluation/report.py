@@ -84,13 +84,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
     5. Fig. 5: zero-shot continuation of real photographs (scikit-image's bundled files).
     6. Fig. 4: a grid of preceding | generated images.
     """
+    from m2m_pipeline.bundle import load_bundle
     from m2m_pipeline.evaluation import protocol, studies
-    from m2m_pipeline.evaluation.figures import line_plot
     from m2m_pipeline.evaluation.fid import oracle_feature_network
     from m2m_pipeline.evaluation.oracle import AttributeOracle, attribute_targets
-    from m2m_pipeline.visualize import save_set_grid
-
-    from m2m_pipeline.bundle import load_bundle
 
     checkpoint, test_dir, oracle_dir, out = Path(checkpoint), Path(test_dir), Path(oracle_dir), Path(out)
     validation_dir = None if validation_dir is None else Path(validation_dir)
@@ -100,17 +97,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
     if net.config.variant != variant:
         raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
     oracle = AttributeOracle.load(oracle_dir)
-    sampling_sweep: dict[str, Any] | None = None
-    val_shards = sorted(str(s) for s in validation_dir.glob("mis-*.tar")) if validation_dir is not None else []
-    if ev.sweep is not None and val_shards:
-        from m2m_pipeline.evaluation.learnability import choose_sampling, sweep_table
-
-        val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images)
-        best, rows = choose_sampling(net, autoencoder, val, oracle, ev.sweep, context_images=ev.context_images,
-                                     window=ev.window, seed=seed, context_encoder=encoder)
-        ev = dataclasses.replace(ev, guidance_scale=best["guidance_scale"], steps=best["steps"])
-        sampling_sweep = {"best": best, "rows": rows, "validation_sets": len(val.keys),
-                          "table": sweep_table(rows, best)}
+    ev, sampling_sweep = _choose_on_validation(bundle, ev, oracle, validation_dir, seed)
     shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
     if not shards:
         raise FileNotFoundError(f"no test feature shards in {test_dir}")
@@ -142,44 +129,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
         net, autoencoder, context, uncond_cfg, encoder, progress=False))
     unconditional = {k: float(v[0]) for k, v in studies.oracle_consistency(oracle, uncond, targets).items()}
 
-    # Drift over a long autoregressive run (fewer sets: 25 images each).
-    k_drift = ev.drift_sets
-    drift_z = timed("drift", lambda: studies.continue_sets(net, context.latents[:k_drift], ev.drift_images, spec,
-                                                           context_encoder=encoder))
-    drift_images = _decode(autoencoder, drift_z)
-    drift = studies.oracle_consistency(oracle, drift_images, {k: v[:k_drift] for k, v in targets.items()})
-    # Fig. 6: 1..4 preceding images, same seeds.
-    sweep = timed("context_sweep", lambda: studies.context_count_sweep(net, test.latents, spec, ev.context_counts,
-                                                                     context_encoder=encoder))
-    by_count = {n: studies.oracle_consistency(oracle, _decode(autoencoder, z), targets) for n, z in sweep.items()}
-    # Fig. 5: real photographs, zero-shot.
-    photos, names = studies.real_photo_sets(net.config.image_size, views=ev.context_images, seed=seed)
-    photo_z = torch.stack([autoencoder.encode(p.to(net.device)) for p in photos])  # (S, views, C, h, w)
-    zero_shot = timed("zero_shot", lambda: studies.continue_sets(net, photo_z, ev.zero_shot_images, spec,
-                                                                 context_encoder=encoder))
-
+    drift, drift_images, by_count, (photos, zero_shot, names) = _studies(bundle, ev, test, context, targets, oracle,
+                                                                          spec, timed, seed)
     chance = studies.chance_consistency()
-    scale = max(1, 64 // net.config.image_size)
-    rows = min(8, len(test.keys))
-    files = {
-        "grid": save_set_grid(preceding[:rows], generated[:rows, :min(4, generated.shape[1])], out / "grid.png",
-                              scale=scale),
-        "drift_grid": save_set_grid(preceding[:k_drift], drift_images, out / "drift_grid.png", scale=scale),
-        "zero_shot": save_set_grid(photos, _decode(autoencoder, zero_shot), out / "zero_shot.png", scale=scale),
-        "drift": line_plot({name: (range(1, ev.drift_images + 1), drift[name].tolist())
-                            for name in ("colour", "shape", "background")},
-                           out / "drift.png", title=f"M2M-{variant}: consistency by position ({k_drift} sets)",
-                           xlabel="generated image n", ylabel="consistency with the set",
-                           hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
-                           ylim=(0, 1.02)),
-        "context_count": line_plot({name: (list(by_count), [by_count[n][name][0].item() for n in by_count])
-                                    for name in ("colour", "shape", "background")},
-                                   out / "context_count.png",
-                                   title=f"M2M-{variant}: first generated image vs preceding images",
-                                   xlabel="preceding images", ylabel="consistency with the set",
-                                   hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
-                                   ylim=(0, 1.02)),
-    }
+    files = _figures(out, variant, net.config.image_size, ev, preceding, generated, drift_images, drift, by_count,
+                     photos, _decode(autoencoder, zero_shot), chance)
     report = protocol.EvaluationReport(per, protocol.summarize(per), ref, {
         "variant": variant, "checkpoint": str(checkpoint), **dataclasses.asdict(cfg), "num_sets": len(test.keys),
         "sampler": "DDIM (diffusers DDIMScheduler, eta 0, SD settings)",
@@ -201,6 +155,81 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
     atomic_write_bytes(out / "table.txt", (report.table() + "\n").encode())
     return {**record, "table": report.table(), "files": files, "report_path": out / "report.json",
             "num_sets": len(test.keys), "seconds": timings}
+
+
+def _choose_on_validation(bundle: Any, ev: EvalSpec, oracle: Any, validation_dir: Path | None, seed: int
+                          ) -> tuple[EvalSpec, dict[str, Any] | None]:
+    """Guidance and DDIM steps chosen on the validation sets (EvalSpec.sweep), never on test sets."""
+    from m2m_pipeline.evaluation import protocol
+    from m2m_pipeline.evaluation.learnability import choose_sampling, sweep_table
+
+    val_shards = sorted(str(s) for s in validation_dir.glob("mis-*.tar")) if validation_dir is not None else []
+    if ev.sweep is None or not val_shards:
+        return ev, None
+    bundle.check_cache(val_shards)
+    val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images)
+    best, rows = choose_sampling(bundle.net, bundle.autoencoder, val, oracle, ev.sweep,
+                                 context_images=ev.context_images, window=ev.window, seed=seed,
+                                 context_encoder=bundle.context_encoder)
+    chosen = dataclasses.replace(ev, guidance_scale=best["guidance_scale"], steps=best["steps"])
+    return chosen, {"best": best, "rows": rows, "validation_sets": len(val.keys), "table": sweep_table(rows, best)}
+
+
+def _studies(bundle: Any, ev: EvalSpec, test: Any, context: Any, targets: dict[str, Any], oracle: Any, spec: Any,
+             timed: Any, seed: int) -> tuple[Any, torch.Tensor, dict[int, Any], tuple[torch.Tensor, torch.Tensor, list]]:
+    """Drift over a long run, the number of preceding images (Fig. 6), zero-shot real photographs (Fig. 5)."""
+    from m2m_pipeline.evaluation import studies
+
+    net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
+    # Drift over a long autoregressive run (fewer sets: 25 images each).
+    k_drift = ev.drift_sets
+    drift_z = timed("drift", lambda: studies.continue_sets(net, context.latents[:k_drift], ev.drift_images, spec,
+                                                           context_encoder=encoder))
+    drift_images = _decode(autoencoder, drift_z)
+    drift = studies.oracle_consistency(oracle, drift_images, {k: v[:k_drift] for k, v in targets.items()})
+    # Fig. 6: 1..4 preceding images, same seeds.
+    sweep = timed("context_sweep", lambda: studies.context_count_sweep(net, test.latents, spec, ev.context_counts,
+                                                                     context_encoder=encoder))
+    by_count = {n: studies.oracle_consistency(oracle, _decode(autoencoder, z), targets) for n, z in sweep.items()}
+    # Fig. 5: real photographs, zero-shot.
+    photos, names = studies.real_photo_sets(net.config.image_size, views=ev.context_images, seed=seed)
+    photo_z = torch.stack([autoencoder.encode(p.to(net.device)) for p in photos])  # (S, views, C, h, w)
+    zero_shot = timed("zero_shot", lambda: studies.continue_sets(net, photo_z, ev.zero_shot_images, spec,
+                                                                 context_encoder=encoder))
+
+    return drift, drift_images, by_count, (photos, zero_shot, names)
+
+
+def _figures(out: Path, variant: str, image_size: int, ev: EvalSpec, preceding: torch.Tensor,
+             generated: torch.Tensor, drift_images: torch.Tensor, drift: dict[str, Any], by_count: dict[int, Any],
+             photos: torch.Tensor, zero_shot_images: torch.Tensor, chance: dict[str, float]) -> dict[str, Path]:
+    """Fig. 4 grid, drift grid and plot, Fig. 5 zero-shot grid, Fig. 6 plot."""
+    from m2m_pipeline.evaluation.figures import line_plot
+    from m2m_pipeline.visualize import save_set_grid
+
+    k_drift = drift_images.shape[0]
+    scale = max(1, 64 // image_size)
+    rows = min(8, len(preceding))
+    files = {
+        "grid": save_set_grid(preceding[:rows], generated[:rows, :min(4, generated.shape[1])], out / "grid.png",
+                              scale=scale),
+        "drift_grid": save_set_grid(preceding[:k_drift], drift_images, out / "drift_grid.png", scale=scale),
+        "zero_shot": save_set_grid(photos, zero_shot_images, out / "zero_shot.png", scale=scale),
+        "drift": line_plot({name: (range(1, ev.drift_images + 1), drift[name].tolist())
+                            for name in ("colour", "shape", "background")},
+                           out / "drift.png", title=f"M2M-{variant}: consistency by position ({k_drift} sets)",
+                           xlabel="generated image n", ylabel="consistency with the set",
+                           hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
+                           ylim=(0, 1.02)),
+        "context_count": line_plot({name: (list(by_count), [by_count[n][name][0].item() for n in by_count])
+                                    for name in ("colour", "shape", "background")},
+                                   out / "context_count.png",
+                                   title=f"M2M-{variant}: first generated image vs preceding images",
+                                   xlabel="preceding images", ylabel="consistency with the set",
+                                   hlines={f"chance {n}": chance[n] for n in ("colour", "shape", "background")},
+                                   ylim=(0, 1.02)),
+    }
+    return files
 
 
 def sampling_benchmark(checkpoints: dict[str, Path], net_preset: str, ev: EvalSpec, out: str | os.PathLike,
