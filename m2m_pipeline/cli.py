@@ -43,15 +43,8 @@ def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) 
         AutoencoderConfig,
         train_autoencoder,
     )
-    from m2m_pipeline.data import (
-        build_feature_shards,
-        filter_captions,
-        generate_mis,
-        get_preset,
-        make_generator,
-        write_shapes_caption_tsv,
-    )
-    from m2m_pipeline.data.captions import SPLITS
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.data.procedural import build_procedural_mis
     from m2m_pipeline.network import M2MConfig
 
     cfg = get_preset(_base_preset(net_preset))
@@ -63,13 +56,7 @@ def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) 
         if not (autoencoder / REPORT_NAME).is_file():
             train_autoencoder(AutoencoderConfig.preset(_base_preset(net_preset)), autoencoder, progress=progress)
         cfg = cfg.replace(autoencoder="vae", autoencoder_path=str(autoencoder))
-    workdir.mkdir(parents=True, exist_ok=True)
-    tsv = write_shapes_caption_tsv(workdir / "captions.tsv", cfg.num_captions, seed=cfg.seed)
-    filter_captions([tsv], workdir / "filtered_captions.jsonl", cfg)
-    for split in SPLITS:
-        generate_mis(workdir / "filtered_captions.jsonl", workdir / "mis" / split, make_generator(cfg), cfg,
-                     split=split, progress=progress)
-        build_feature_shards(workdir / "mis" / split, workdir / "features" / split, cfg, progress=progress)
+    build_procedural_mis(cfg, workdir, progress=progress)
     return workdir / "features" / "train", autoencoder
 
 

@@ -10,15 +10,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from m2m_pipeline.bundle import load_bundle
-from m2m_pipeline.data import (
-    build_feature_shards,
-    filter_captions,
-    generate_mis,
-    get_preset,
-    make_generator,
-    write_shapes_caption_tsv,
-)
+from m2m_pipeline.data import get_preset
 from m2m_pipeline.data.features import encoder_spec
+from m2m_pipeline.data.procedural import build_procedural_mis
 from m2m_pipeline.network import M2MConfig
 from m2m_pipeline.training import TrainConfig, train
 
@@ -32,11 +26,8 @@ def _one_thread():
 
 
 def _features(root, cfg):
-    write_shapes_caption_tsv(root / "captions.tsv", cfg.num_captions, 0)
-    filter_captions(root / "captions.tsv", root / "captions.jsonl", cfg, progress=False)
-    generate_mis(root / "captions.jsonl", root / "mis", make_generator(cfg), cfg, split="train", progress=False)
-    build_feature_shards(root / "mis", root / "features", cfg, device="cpu", progress=False)
-    return sorted(str(p) for p in (root / "features").glob("*.tar"))
+    features = build_procedural_mis(cfg, root, splits=["train"], progress=False, device="cpu")["train"]
+    return sorted(str(p) for p in features.glob("*.tar"))
 
 
 @pytest.fixture(scope="module")

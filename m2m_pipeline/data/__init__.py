@@ -5,6 +5,8 @@ Names load lazily (as in `m2m_pipeline.evaluation`): importing one module of the
 open_clip (caption tokens) or webdataset (shards) in with it.
 """
 
+from m2m_pipeline.lazy import lazy_getattr
+
 _EXPORTS = {
     "Caption": "captions", "CaptionRecord": "captions", "CaptionStats": "captions",
     "batched_captions": "captions", "filter_captions": "captions", "read_caption_table": "captions",
@@ -18,14 +20,8 @@ _EXPORTS = {
     "MISSample": "shards", "decode_mis_sample": "shards", "read_manifest": "shards", "read_samples": "shards",
     "clip_token_count": "tokens", "normalise_caption": "tokens", "ValidationResult": "validators",
     "validate_caption_table": "validators", "validate_feature_shard": "validators",
-    "validate_mis_shard": "validators",
+    "validate_mis_shard": "validators", "build_procedural_mis": "procedural",
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"m2m_pipeline.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'm2m_pipeline.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -4,6 +4,8 @@ Library only (no dagster). Names load lazily so `m2m --help` and Dagster step pr
 torch / clean-fid / open_clip until a metric is used.
 """
 
+from m2m_pipeline.lazy import lazy_getattr
+
 _EXPORTS = {
     "AttributeOracle": "oracle", "OracleConfig": "oracle", "attribute_targets": "oracle",
     "load_or_train_oracle": "oracle", "train_oracle": "oracle",
@@ -16,10 +18,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"m2m_pipeline.evaluation.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'm2m_pipeline.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

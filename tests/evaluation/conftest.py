@@ -62,23 +62,13 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_test_split(tmp_path_factory):
     """Feature shards of the tiny preset's *test* split (shapes world, 16 px, attributes included)."""
-    from m2m_pipeline.data import (
-        build_feature_shards,
-        filter_captions,
-        generate_mis,
-        get_preset,
-        make_generator,
-        write_shapes_caption_tsv,
-    )
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.data.procedural import build_procedural_mis
 
-    cfg = get_preset("tiny")
     root = tmp_path_factory.mktemp("tiny-test-split")
-    write_shapes_caption_tsv(root / "captions.tsv", cfg.num_captions, cfg.seed)
-    filter_captions(root / "captions.tsv", root / "captions.jsonl", cfg, progress=False)
-    generate_mis(root / "captions.jsonl", root / "mis", make_generator(cfg), cfg, split="test", progress=False)
-    build_feature_shards(root / "mis", root / "features", cfg, device="cpu", progress=False)
-    assert sorted((root / "features").glob("*.tar")), "tiny preset has no test sets"
-    return root / "features"
+    features = build_procedural_mis(get_preset("tiny"), root, splits=["test"], progress=False, device="cpu")["test"]
+    assert sorted(features.glob("*.tar")), "tiny preset has no test sets"
+    return features
 
 
 @pytest.fixture(scope="session")
