@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
 import torch
 
 from m2m_pipeline.encoders import Autoencoder, DinoEncoder, EncoderSpec
