@@ -70,6 +70,26 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['top_probability']:.2f} | {r['confident_share']:.2f} | {r['consistency']:.2f} | "
               + " / ".join(f"{v:.2f}" for v in r["read_as"].values()) + " |")
+    if args.autoencoder is not None:
+        latent_noise_table(oracle, bundle.autoencoder, sets.latents, target)
+
+
+@torch.no_grad()
+def latent_noise_table(oracle, autoencoder, latents: torch.Tensor, target: torch.Tensor,
+                       levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)) -> None:
+    """Is the decoder fragile to sampler error? Oracle shape accuracy on decode(z + s * eps) of the test latents
+    (B, n, C, h, w), s in latent standard deviations."""
+    z = latents.flatten(0, 1)
+    std = float(z.std())
+    shape = target.repeat_interleave(latents.shape[1])
+    g = torch.Generator().manual_seed(0)
+    print("| latent noise (x latent std) | " + " | ".join(f"{s:g}" for s in levels) + " |\n|---|"
+          + "---|" * len(levels))
+    accs = []
+    for s in levels:
+        x = autoencoder.decode(z + s * std * torch.randn(z.shape, generator=g))
+        accs.append(float((oracle.predict(x[:, None])["shape"][:, 0] == shape).float().mean()))
+    print("| oracle shape accuracy | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
 
 
 if __name__ == "__main__":
