@@ -285,10 +285,7 @@ def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps
     from m2m_pipeline.sampling import generate_images
     from m2m_pipeline.visualize import save_set_grid
 
-    try:
-        bundle = load_bundle(checkpoint, vae=vae, dino=dino)
-    except ValueError as error:
-        raise click.UsageError(f"{error} (--vae / --dino)") from error
+    bundle = load_bundle(checkpoint, vae=vae, dino=dino)  # errors name the file or the option (one line)
     net, cfg, autoencoder, dino_encoder = bundle.net, bundle.net.config, bundle.autoencoder, bundle.dino
     if context:
         images, _ = _read_images(list(context), cfg.image_size)

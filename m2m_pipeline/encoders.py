@@ -240,7 +240,7 @@ class EncoderSpec:
         digest = vae_weights_digest(where)
         if digest != self.autoencoder_sha256:
             raise ValueError(f"autoencoder {where}: weights sha256 {digest} differ from the {self.autoencoder_sha256} "
-                             f"the checkpoint's features were built with; pass the autoencoder it was trained on")
+                             f"the checkpoint's features were built with; pass the autoencoder it was trained on (--vae)")
         return VaeAutoencoder.from_pretrained(where)
 
     def build_dino(self, path: str | os.PathLike | None = None) -> DinoEncoder:

@@ -79,10 +79,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
 
     from m2m_pipeline.bundle import load_bundle
 
-    try:
-        bundle = load_bundle(checkpoint, vae=vae, dino=dino)
-    except ValueError as err:
-        raise click.UsageError(f"{err} (--vae / --dino)") from err
+    bundle = load_bundle(checkpoint, vae=vae, dino=dino)  # errors name the file or the option (one line)
     net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
     scorers = Scorers()
     if oracle_dir is not None:
