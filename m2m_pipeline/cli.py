@@ -34,10 +34,10 @@ PROCEDURAL_MIS_PRESETS = sorted(name for name, cfg in MIS_PRESETS.items() if cfg
 PROCEDURAL_NET_PRESETS = [p for p in NET_PRESETS if _base_preset(p) in PROCEDURAL_MIS_PRESETS]
 
 
-def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) -> tuple[Path, Path | None]:
+def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) -> Path:
     """Caption TSV -> filtered table -> MIS shards -> feature shards for the procedural shapes world, with the
-    autoencoder a latent preset diffuses (trained into WORKDIR/autoencoder first). Returns (features, the
-    autoencoder folder or None for pixel presets)."""
+    autoencoder a latent preset diffuses (trained into WORKDIR/autoencoder first). Returns the train split's
+    feature folder; the feature manifests, and so the checkpoints trained on them, record the autoencoder."""
     from m2m_pipeline.autoencoder import (
         REPORT_NAME,
         AutoencoderConfig,
@@ -50,14 +50,12 @@ def _procedural_features(net_preset: str, workdir: Path, progress: bool = True) 
     cfg = get_preset(_base_preset(net_preset))
     if cfg.generator != "shapes":
         raise click.UsageError(f"--data procedural needs a procedural MIS preset; '{net_preset}' uses {cfg.generator}")
-    autoencoder = None
     if M2MConfig.preset(net_preset).autoencoder == "vae":
         autoencoder = workdir / "autoencoder"
         if not (autoencoder / REPORT_NAME).is_file():
             train_autoencoder(AutoencoderConfig.preset(_base_preset(net_preset)), autoencoder, progress=progress)
         cfg = cfg.replace(autoencoder="vae", autoencoder_path=str(autoencoder))
-    build_procedural_mis(cfg, workdir, progress=progress)
-    return workdir / "features" / "train", autoencoder
+    return build_procedural_mis(cfg, workdir, progress=progress)["train"]
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,7 +112,7 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
     if grad_accum is not None and global_batch_size is None:
         overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
     train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
-    shards = _procedural_features(preset, out_dir / "data")[0] if data == "procedural" else data
+    shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
     net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
     on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "variant": variant, **train_cfg.to_dict()}) \
         if mlflow_uri else None
@@ -325,7 +323,7 @@ def demo(out_dir: Path, variant: str, steps: int, preset: str) -> None:
     from m2m_pipeline.visualize import save_set_grid
 
     start = time.perf_counter()
-    features, _ = _procedural_features(preset, out_dir / "data")
+    features = _procedural_features(preset, out_dir / "data")
     net_cfg = M2MConfig.preset(preset, variant)
     result = run_training(net_cfg, TrainConfig.preset(_base_preset(preset), steps=steps), features,
                           out_dir / variant)

@@ -89,16 +89,16 @@ def make_scheduler(config, steps: int, sampler: SchedulerSpec = "ddim") -> Any:
     return SCHEDULERS[sampler](config, steps)
 
 
-def scheduler_step(scheduler: Any, guided: torch.Tensor, t: torch.Tensor, z: torch.Tensor, eta: float,
-                   noise: torch.Tensor | None) -> torch.Tensor:
-    """One denoising step; eta and its noise only where the scheduler takes them (DDIM)."""
+def scheduler_step(scheduler: Any, eta: float) -> Callable[..., torch.Tensor]:
+    """(guided, t, z, noise) -> the next z for this scheduler; eta and its noise only where the scheduler takes
+    them (DDIM). Resolved once per trajectory, not per step."""
     from diffusers import DDIMScheduler
 
     if isinstance(scheduler, DDIMScheduler):
-        return scheduler.step(guided, t, z, eta=eta, variance_noise=noise).prev_sample
+        return lambda guided, t, z, noise: scheduler.step(guided, t, z, eta=eta, variance_noise=noise).prev_sample
     if eta > 0:
         raise ValueError(f"eta > 0 is DDIM's; {type(scheduler).__name__} is deterministic here")
-    return scheduler.step(guided, t, z).prev_sample
+    return lambda guided, t, z, noise: scheduler.step(guided, t, z).prev_sample
 
 
 # ---------------------------------------------------------------------- branch bookkeeping
@@ -245,6 +245,7 @@ def generate(
         kv = ContextKV.cat_images([cache[j] for j in idx]) if idx and use_cache else None
         q_cond = None if task_cond is None else br.q_tile(task_cond[:, position : position + 1].to(device))
         scheduler = make_scheduler(cfg, steps, sampler)  # fresh per image: multistep solvers keep state
+        step = scheduler_step(scheduler, eta)
         z = image_noise((c, h, w), seeds, position, dtype, device) * scheduler.init_noise_sigma  # (B, C, H, W)
         for i, t in enumerate(scheduler.timesteps):
             if idx and not use_cache:  # recompute every context image's keys/values at every step
@@ -254,7 +255,7 @@ def generate(
             eps = net.denoise(z_in, t_in, kv, ctx_index=br.q_index if kv is not None else None, task_cond=q_cond,
                               drop_task=br.q_drop_task, first_position=len(idx))[:, 0]
             noise = image_noise((c, h, w), seeds, 10_000 * (position + 1) + i, dtype, device) if eta > 0 else None
-            z = scheduler_step(scheduler, br.combine(eps), t, z, eta, noise)
+            z = step(br.combine(eps), t, z, noise)
             if callback is not None:
                 callback(k, i, int(t), z)
             bar.update(1)

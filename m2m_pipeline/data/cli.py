@@ -18,6 +18,18 @@ from m2m_pipeline.data.config import MIS_PRESETS
 
 PRESET = click.option("--preset", type=click.Choice(sorted(MIS_PRESETS)), default="demo", show_default=True,
                       help="MIS preset (m2m_pipeline/data/config.py): sizes, generator, encoders.")
+def worker_options(command):
+    """--rank / --world-size: worker `rank` of `world-size` takes shards i with i mod world-size == rank."""
+    command = click.option("--world-size", type=POSITIVE_INT, default=1, show_default=True,
+                           help="Workers sharing the split round-robin (shard i goes to worker i mod world-size).")(command)
+    return click.option("--rank", type=NON_NEGATIVE_INT, default=0, show_default=True, help="This worker's index.")(command)
+
+
+def _check_worker(rank: int, world_size: int) -> None:
+    if rank >= world_size:
+        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
+
+
 SEED = click.option("--seed", type=NON_NEGATIVE_INT, default=None,
                     help="Base seed of every image's noise and of the random DINO stand-in (preset default).")
 
@@ -64,9 +76,7 @@ def captions_cmd(preset: str, sources: tuple[Path, ...], out: Path, seed: int | 
 @click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True)
 @click.option("--shards", "shard_range", default=None, metavar="START:END",
               help="Only shard indices START <= i < END of the split (a cluster job's range).")
-@click.option("--rank", type=NON_NEGATIVE_INT, default=0, show_default=True, help="This worker's index.")
-@click.option("--world-size", type=POSITIVE_INT, default=1, show_default=True,
-              help="Workers sharing the split round-robin (shard i goes to worker i mod world-size).")
+@worker_options
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local Stable Diffusion folder (stable-diffusion presets).")
 @click.option("--device", default=None, help="torch device of the generator (default: cuda if available).")
@@ -76,8 +86,7 @@ def mis_cmd(preset: str, captions: Path, out_dir: Path, split: str, shard_range:
     """Generate MIS image-set shards: images_per_set images per caption from different noises (Sec. 4)."""
     from m2m_pipeline.data.generate import generate_mis, make_generator
 
-    if rank >= world_size:
-        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
+    _check_worker(rank, world_size)
     first, end = 0, None
     if shard_range is not None:
         start_text, sep, end_text = shard_range.partition(":")
@@ -102,8 +111,7 @@ def mis_cmd(preset: str, captions: Path, out_dir: Path, split: str, shard_range:
               help="Folder holding vae/ (latent presets; default: the preset's).")
 @click.option("--dino", "dino_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local DINOv2 folder (default: the preset's, or its seeded random stand-in).")
-@click.option("--rank", type=NON_NEGATIVE_INT, default=0, show_default=True)
-@click.option("--world-size", type=POSITIVE_INT, default=1, show_default=True)
+@worker_options
 @click.option("--device", default=None, help="torch device of the encoders (default: cuda if available).")
 @SEED
 def features_cmd(preset: str, mis_dir: Path, out_dir: Path, autoencoder_path: str | None, dino_path: str | None,
@@ -111,8 +119,7 @@ def features_cmd(preset: str, mis_dir: Path, out_dir: Path, autoencoder_path: st
     """Cache autoencoder latents and DINOv2 tokens of MIS shards (Sec. 5); the manifests record the encoders."""
     from m2m_pipeline.data.features import build_feature_shards
 
-    if rank >= world_size:
-        raise click.BadParameter(f"{rank} must be < --world-size {world_size}", param_hint="--rank")
+    _check_worker(rank, world_size)
     overrides = {"seed": seed, "dino_path": dino_path}
     if autoencoder_path is not None:
         overrides.update(autoencoder="vae", autoencoder_path=autoencoder_path)

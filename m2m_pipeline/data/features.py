@@ -18,9 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m2m_pipeline.data.config import MISConfig
-from m2m_pipeline.encoders import EncoderSpec, vae_weights_digest
 from m2m_pipeline.data.errors import ShardError
-from m2m_pipeline.io import atomic_open, remove_stale_temps
 from m2m_pipeline.data.shapes import uint8_to_images
 from m2m_pipeline.data.shards import (
     DeterministicTarWriter,
@@ -34,6 +32,8 @@ from m2m_pipeline.data.shards import (
     shard_is_complete,
     write_manifest,
 )
+from m2m_pipeline.encoders import EncoderSpec, vae_weights_digest
+from m2m_pipeline.io import atomic_open, remove_stale_temps
 
 
 class ImageEncoder(Protocol):
@@ -63,31 +63,30 @@ def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[An
     return autoencoder, dino
 
 
-def encoder_tag(cfg: MISConfig) -> str:
+def encoder_tag(cfg: MISConfig, spec: EncoderSpec | None = None) -> str:
     """Names the encoders a cache was built with; a cache built with other encoders is stale (a retrained
-    autoencoder, the demo's `autoencoder` asset, makes every feature shard built with the old one stale)."""
-    return f"{encoder_spec(cfg).tag()}|reuse={cfg.reuse_generation_latents}"
+    autoencoder, the demo's `autoencoder` asset, makes every feature shard built with the old one stale).
+    `spec`: `encoder_spec(cfg)` when the caller has it (computing it hashes the VAE weights)."""
+    return f"{(spec or encoder_spec(cfg)).tag()}|reuse={cfg.reuse_generation_latents}"
 
 
 def cache_encoder_spec(shards: list[str | os.PathLike]) -> EncoderSpec | None:
     """The one EncoderSpec the feature shards' manifests record; shards built with different encoders are
     refused; None when no manifest records one (caches built before manifests carried it)."""
-    specs: dict[str, list[str]] = {}
-    found: dict[str, EncoderSpec] = {}
+    found: dict[str, tuple[EncoderSpec, list[str]]] = {}  # tag -> (spec, shards recording it)
     for shard in shards:
         manifest = read_manifest(shard)
         raw = None if manifest is None else manifest.get("encoder_spec")
         if raw is None:
             continue
         spec = EncoderSpec.from_dict(raw, f"{manifest_path(shard)}: field 'encoder_spec'")
-        found[spec.tag()] = spec
-        specs.setdefault(spec.tag(), []).append(os.fspath(shard))
+        found.setdefault(spec.tag(), (spec, []))[1].append(os.fspath(shard))
     if len(found) > 1:
         detail = "; ".join(f"{tag}: {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
-                           for tag, paths in specs.items())
+                           for tag, (_, paths) in found.items())
         raise ShardError(os.fspath(shards[0]), None, f"feature shards were built with different encoders ({detail}); "
                                                      f"rebuild them with one")
-    return next(iter(found.values()), None)
+    return next((spec for spec, _ in found.values()), None)
 
 
 def _device_of(encoder: Any) -> torch.device:
@@ -140,7 +139,9 @@ def build_feature_shard(
     if source["num_samples"] == 0:
         raise ShardError(os.fspath(mis_shard), None, "holds no sets (its manifest lists 0); nothing to encode")
     shard = Path(out_dir) / mis_shard.name
-    request = hashlib.sha256(dump_json({"source": source["sha256"], "encoders": encoder_tag(cfg)})).hexdigest()
+    spec = encoder_spec(cfg)  # once per shard: it hashes the autoencoder's weights
+    tag = encoder_tag(cfg, spec)
+    request = hashlib.sha256(dump_json({"source": source["sha256"], "encoders": tag})).hexdigest()
     done = shard_is_complete(shard, request)
     if done is not None:
         return {**done, "skipped": True}
@@ -187,7 +188,7 @@ def build_feature_shard(
                              f"(truncated?); regenerate it")
     bar.close()
     extra = {"kind": "features", "source": mis_shard.name, "source_sha256": read[os.fspath(mis_shard)]["sha256"],
-             "encoders": encoder_tag(cfg), "encoder_spec": encoder_spec(cfg).to_dict(), "images_per_set": source["images_per_set"],
+             "encoders": tag, "encoder_spec": spec.to_dict(), "images_per_set": source["images_per_set"],
              "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
              "preset": cfg.name}
     return {**write_manifest(shard, source["index"], keys, request, extra), "skipped": False}
