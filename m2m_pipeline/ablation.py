@@ -43,6 +43,11 @@ class AblationRow:
         return "pixel" if M2MConfig.preset(self.net_preset).autoencoder == "pixel" else "latent"
 
 
+# The latent demo U-Net (widths 32/64, Image-Set Attention at both levels) on patchified 32 px pixels.
+_PATCH4: dict[str, Any] = {"patch_size": 4, "block_out_channels": (32, 64), "attention_head_dim": (2, 4),
+                           "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
+_PATCH2: dict[str, Any] = {"patch_size": 2, "block_out_channels": (32, 64, 64), "attention_head_dim": (2, 4, 4)}
+
 ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino", "dino", note="the demo (retrained, or make demo's checkpoint via --trained)"),
     AblationRow("latent-self", "self", note="the demo"),
@@ -70,6 +75,19 @@ ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino-lr3e-4", "dino", train={"lr": 3e-4}, note="lower learning rate"),
     AblationRow("latent-dino-eps", "dino", net={"prediction_type": "epsilon"}, note="eps instead of v prediction"),
     AblationRow("latent-self-n3", "self", train={"n_images": 3}, note="N = 3 images per example (paper: 5)"),
+    # The cheapest latent: 32 px pixels cut into 4x4 patches (space-to-depth, 8x8x48), the latent demo's U-Net
+    # on the same 8x8 grid. Tests whether the learned autoencoder's code is what keeps the U-Net from drawing
+    # outlines (shape_diagnostic: generated images read "square" 67-78 %).
+    # make demo's step counts (fixed: the U-Net costs the same on the same grid, so the rows compare at equal steps).
+    AblationRow("patch4-dino", "dino", "demo-pixel", net=_PATCH4, train={"steps": 2664, "max_seconds": 0.0},
+                note="pixels in 4x4 patches (8x8x48), no autoencoder; make demo's 2664 steps"),
+    AblationRow("patch4-self", "self", "demo-pixel", net=_PATCH4, train={"steps": 1652, "max_seconds": 0.0},
+                note="pixels in 4x4 patches (8x8x48); make demo's 1652 steps"),
+    # 2x2 patches (16x16x12): the U-Net draws on a grid twice as fine, levels 16/8/4, Image-Set Attention at 8 and 4.
+    AblationRow("patch2-dino", "dino", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
+    AblationRow("patch2-self", "self", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
+    AblationRow("latent-dino-minsnr5", "dino", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
+    AblationRow("latent-self-minsnr5", "self", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
 )
 ROWS_BY_NAME = {r.name: r for r in ROWS}
 

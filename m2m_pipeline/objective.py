@@ -52,9 +52,12 @@ class M2MObjective:
     writes a single t; with N images this is the same expectation, with lower variance).
     """
 
-    def __init__(self, config: M2MConfig, drops: DropConfig = DropConfig()):
+    def __init__(self, config: M2MConfig, drops: DropConfig = DropConfig(), snr_gamma: float = 0.0):
         self.scheduler = DDPMScheduler(**config.scheduler_kwargs())
         self.drops = drops
+        if snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0: unweighted), got {snr_gamma}")
+        self.snr_gamma = snr_gamma
         self.with_task = config.task != "none"
 
     def __call__(self, net: torch.nn.Module, z_0: torch.Tensor, context: torch.Tensor,
@@ -80,4 +83,17 @@ class M2MObjective:
             target = rearrange(self.scheduler.get_velocity(
                 rearrange(z_0, "b n c h w -> (b n) c h w"), rearrange(eps, "b n c h w -> (b n) c h w"),
                 rearrange(t, "b n -> (b n)")), "(b n) c h w -> b n c h w", b=b)
-        return F.mse_loss(pred.float(), target.float())
+        if not self.snr_gamma:
+            return F.mse_loss(pred.float(), target.float())
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(2, 3, 4))  # (B, N)
+        return (per_image * self.min_snr_weights(t)).mean()
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023), as diffusers' train_text_to_image `--snr_gamma`:
+        min(SNR, gamma) / SNR for an eps target, min(SNR, gamma) / (SNR + 1) for v. They cap the weight of
+        the low-noise steps, which dominate the plain loss but decide no layout."""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, t.flatten().cpu()).view(t.shape).to(t.device)
+        capped = torch.clamp(snr, max=self.snr_gamma)
+        return capped / (snr + 1) if self.scheduler.config.prediction_type == "v_prediction" else capped / snr

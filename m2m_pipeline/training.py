@@ -41,6 +41,7 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     weight_decay: float = 1e-2
     grad_clip: float = 1.0            # max global grad norm
+    snr_gamma: float = 0.0            # > 0: Min-SNR-gamma loss weighting (objective.py); 0: the plain Eq. 5 loss
     use_ema: bool = True              # keep an EMA of the weights (diffusers EMAModel); inference weights = EMA
     ema_decay: float = 0.9999         # upper bound of the EMA decay
     ema_power: float = 2 / 3          # EMA warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-power)
@@ -61,6 +62,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "n_images", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"TrainConfig.snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
         if self.lr <= 0 or self.checkpoint_every < 0 or self.grad_clip <= 0:
             raise ValueError("TrainConfig: lr and grad_clip must be > 0, checkpoint_every >= 0")
         for name in ("global_batch_size", "lr_warmup_steps", "keep_checkpoints", "max_seconds"):
@@ -213,7 +216,7 @@ class _Trainer:
         self.ema = None
         if tc.use_ema:
             self.ema = EMAModel(self.net.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power)
-        self.objective = M2MObjective(self.net.config, tc.drops)
+        self.objective = M2MObjective(self.net.config, tc.drops, tc.snr_gamma)
         self.generator = torch.Generator().manual_seed(tc.seed + RANK_SEED_STRIDE * self.rank)
 
     def _inference_state(self) -> dict[str, torch.Tensor] | None:

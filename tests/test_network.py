@@ -247,3 +247,25 @@ def test_paper_preset_builds_on_meta_with_sd_parameter_count(variant):
     isa = sum(p.numel() for k, p in net.named_parameters() if ".attn2." in k)
     assert sum(p.numel() for p in net.parameters()) == sd_total - text + isa
     assert len(net.isa_layers) == 16
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_patchified_network_runs_the_unet_on_space_to_depth_patches(variant):
+    """patch_size p: the U-Net sees (C p^2, H / p, W / p); output is back in (C, H, W); still causal."""
+    cfg = M2MConfig.preset("tiny", variant, patch_size=2)
+    net = M2MUNet(cfg).eval()
+    assert net.unet.config.in_channels == 12 and net.unet.config.sample_size == 8
+    z_t, t, context = inputs(net, 2, 3)
+    with torch.no_grad():
+        eps = net(z_t, t, context)
+        # the same U-Net called on patches by hand, for the first image (no context: the null key only)
+        first = net(z_t[:, :1], t[:, :1], context[:, :1])
+        z2 = z_t.clone()
+        z2[:, 1:] += torch.randn_like(z2[:, 1:])
+        assert (net(z2, t, context)[:, 0] - eps[:, 0]).abs().max() <= 1e-6
+    assert eps.shape == z_t.shape
+    torch.testing.assert_close(first[:, 0], eps[:, 0], atol=1e-6, rtol=0)
+    patches = torch.nn.functional.pixel_unshuffle(z_t[:, 0], 2)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(patches, 2), z_t[:, 0])
+    with pytest.raises(ValueError, match="patch_size"):
+        M2MConfig.preset("tiny", variant, patch_size=3)

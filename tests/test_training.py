@@ -105,3 +105,28 @@ def test_train_config_validation():
     with pytest.raises(ValueError, match="unknown training preset"):
         TrainConfig.preset("galaxy")
     assert TrainConfig.preset("paper").lr == 1e-5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_caps_low_noise_steps(prediction_type):
+    cfg = M2MConfig.preset("tiny", prediction_type=prediction_type)
+    objective = M2MObjective(cfg, snr_gamma=5.0)
+    t = torch.tensor([[0, 50, 200, 500, 900]])
+    a = objective.scheduler.alphas_cumprod[t[0]]
+    snr = a / (1 - a)
+    want = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(objective.min_snr_weights(t)[0], want.float())
+    # the weight is capped where SNR > gamma (low noise) and below 1 everywhere
+    assert objective.min_snr_weights(t).max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="snr_gamma"):
+        M2MObjective(cfg, snr_gamma=-1.0)
+
+
+def test_snr_gamma_zero_is_the_plain_loss_and_weighting_changes_it():
+    cfg = M2MConfig.preset("tiny")
+    net = M2MUNet(cfg)
+    z = torch.randn(2, 3, 3, 16, 16)
+    plain = M2MObjective(cfg)(net, z, z, generator=torch.Generator().manual_seed(1))
+    zero = M2MObjective(cfg, snr_gamma=0.0)(net, z, z, generator=torch.Generator().manual_seed(1))
+    weighted = M2MObjective(cfg, snr_gamma=5.0)(net, z, z, generator=torch.Generator().manual_seed(1))
+    assert plain.item() == zero.item() and weighted.item() < plain.item()

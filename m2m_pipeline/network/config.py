@@ -45,6 +45,11 @@ class M2MConfig:
     # --- images ---
     autoencoder: Literal["pixel", "vae"] = "vae"  # pixel: identity (CPU presets); vae: SD's AutoencoderKL
     image_size: int = 512                  # pixels; latents are image_size / downsample
+    # Space-to-depth patches of the diffusion space (DiT / "simple diffusion"'s patchify, a linear "latent"):
+    # the U-Net sees (C p^2, H / p, W / p) and its output is shuffled back; the noise and the loss stay in
+    # the (C, H, W) space below, so p = 1 is the plain U-Net. A lossless, free alternative to a learned
+    # autoencoder for the CPU presets (ablation row patch4-*, docs/model.md).
+    patch_size: int = 1
     # --- U-Net (diffusers UNet2DConditionModel keys; defaults are SD-2.1-base's) ---
     sample_size: int = 64                  # latent H = W
     in_channels: int = 4                   # latent C
@@ -85,9 +90,11 @@ class M2MConfig:
         if self.autoencoder not in ("pixel", "vae"):
             raise ValueError(f"M2MConfig.autoencoder must be 'pixel' or 'vae', got {self.autoencoder!r}")
         for name in ("sample_size", "in_channels", "out_channels", "layers_per_block", "dino_dim", "dino_tokens",
-                     "task_embed_dim", "image_size", "norm_num_groups"):
+                     "task_embed_dim", "image_size", "norm_num_groups", "patch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"M2MConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"M2MConfig.sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
         if self.clean_timestep < 0:
             raise ValueError(f"M2MConfig.clean_timestep must be >= 0, got {self.clean_timestep}")
         if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(
@@ -115,8 +122,16 @@ class M2MConfig:
         for k in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim"):
             if isinstance(kw[k], tuple):
                 kw[k] = list(kw[k])
+        p = self.patch_size  # the U-Net works on the patchified grid (network/unet.py)
+        kw.update(in_channels=self.in_channels * p * p, out_channels=self.out_channels * p * p,
+                  sample_size=self.sample_size // p)
         kw.update(self.extra)
         return kw
+
+    @property
+    def spatial_factor(self) -> int:
+        """Diffusion-space pixels per pixel of the U-Net's coarsest level: H and W must be multiples of it."""
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def from_unet_config(cls, unet_config: dict[str, Any], base: "M2MConfig") -> "M2MConfig":

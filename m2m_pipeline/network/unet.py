@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
@@ -134,8 +135,18 @@ class M2MUNet(nn.Module):
         record = ContextKV([None] * len(self.isa_layers), [None] * len(self.isa_layers))  # type: ignore[list-item]
         z_0 = rearrange(context, "b n c h w -> (b n) c h w").to(self.dtype)
         t_clean = torch.full((b * n,), self.config.clean_timestep, device=z_0.device, dtype=torch.long)
-        self.unet(z_0, t_clean, encoder_hidden_states=ImageSetCall("record", n, record=record, kv_cond=cond))
+        self.unet(self._patchify(z_0), t_clean,
+                  encoder_hidden_states=ImageSetCall("record", n, record=record, kv_cond=cond))
         return record
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, C, H, W) -> (M, C p^2, H / p, W / p): the grid the U-Net runs on (M2MConfig.patch_size)."""
+        p = self.config.patch_size
+        return x if p == 1 else F.pixel_unshuffle(x, p)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch_size
+        return x if p == 1 else F.pixel_shuffle(x, p)
 
     # ------------------------------------------------------------------ noisy stream
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, context_kv: ContextKV | None, *,
@@ -158,7 +169,8 @@ class M2MUNet(nn.Module):
         call = ImageSetCall("attend", n, context=context_kv, ctx_index=ctx_index, first_position=first_position,
                             q_cond=self.embed_task(task_cond, drop_task, b, n))
         x = rearrange(z_t, "b n c h w -> (b n) c h w").to(self.dtype)
-        eps = self.unet(x, rearrange(t, "b n -> (b n)"), encoder_hidden_states=call).sample
+        eps = self._unpatchify(self.unet(self._patchify(x), rearrange(t, "b n -> (b n)"),
+                                         encoder_hidden_states=call).sample)
         return rearrange(eps, "(b n) c h w -> b n c h w", n=n)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
@@ -207,7 +219,7 @@ class M2MUNet(nn.Module):
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"{name} must be a float tensor (B, N, {cfg.in_channels}, H, W), got {shape}")
         b, n, c, h, w = z.shape
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        factor = cfg.spatial_factor
         if c != cfg.in_channels or h % factor or w % factor:
             raise ValueError(f"{name} must be (B, N, {cfg.in_channels}, H, W) with H, W multiples of {factor} "
                              f"(e.g. {cfg.sample_size}), got {tuple(z.shape)}")
