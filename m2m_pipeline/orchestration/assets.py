@@ -13,6 +13,9 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +140,7 @@ def common_metadata(r: Resolved, run: TrackedRun, hashes: dict[str, Any], paths:
 def version(dvc: DVCResource, run: TrackedRun, r: Resolved, asset_name: str, context: AssetExecutionContext
             ) -> dict[str, Any]:
     """DVC commit + push of the asset's stage; the hashes go to MLflow tags and the metadata."""
-    stage = f"{DVC_STAGE[asset_name]}@{r.profile.name}"
+    stage = f"{DVC_STAGE.get(asset_name, asset_name)}@{r.profile.name}"  # other assets' stages bear their names
     if not dvc.enabled:
         return {}
     if not dvc.has_stage(stage):
@@ -158,232 +161,294 @@ class EvaluationConfig(Config):
 
 
 # ====================================================================== the graph of one profile
+@dataclass(frozen=True)
+class ProfileGraph:
+    """What every asset factory of one profile shares: its key prefix, paths, partitions and GPU tags."""
+
+    profile: RunProfile
+    paths: dict[str, Path]
+    partitions: StaticPartitionsDefinition
+    gpu_tags: dict[str, str]
+
+    @classmethod
+    def of(cls, profile: RunProfile) -> "ProfileGraph":
+        gpu_tags = {"m2m/gpu": "1"}
+        if profile.gpu:  # read by dagster-k8s' k8s_job_executor: one GPU per step pod
+            gpu_tags["dagster-k8s/config"] = json.dumps(
+                {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}})
+        return cls(profile, layout(profile), StaticPartitionsDefinition(profile.partition_keys), gpu_tags)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def pool(self) -> str | None:
+        """The GPU pool of the data steps (training and evaluation always take it)."""
+        return GPU_POOL if self.profile.gpu else None
+
+    def key(self, name: str) -> AssetKey:
+        return AssetKey([self.profile.name, name])
+
+
+@dataclass
+class Step:
+    """One asset step's resolved settings, nested MLflow run and DVC hashes (filled when the step versions)."""
+
+    r: Resolved
+    run: TrackedRun
+    hashes: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self, paths: list[Path]) -> dict[str, Any]:
+        return common_metadata(self.r, self.run, self.hashes, paths)
+
+
+@contextmanager
+def tracked_step(profile: RunProfile, context: Any, settings: M2MSettings, mlflow: MLflowResource, dvc: DVCResource,
+                 asset_name: str, params: Callable[[Resolved], dict[str, Any]] = lambda r: {},
+                 tags: dict[str, str] | None = None) -> Iterator[Step]:
+    """resolve -> track -> (the caller's library call) -> version: the frame of every asset. The settings are
+    resolved for the profile, the body runs inside a nested MLflow run (params from the resolved settings),
+    and on success the asset's DVC stage is committed and its hashes tagged on that run."""
+    r = settings.resolve(profile)
+    with mlflow.asset_run(context, profile.name, params(r), extra_tags=tags) as run:
+        step = Step(r, run)
+        yield step
+        step.hashes = version(dvc, run, r, asset_name, context)
+
+
 def build_profile_assets(profile: RunProfile) -> list[Any]:
     """Assets (with their checks) of one profile, keyed `<profile>/<name>`."""
+    g = ProfileGraph.of(profile)
     with warnings.catch_warnings():
         # single_run backfill policies let one run hold a whole partition range; we rely on them knowingly
         warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
-        return _build_profile_assets(profile)
+        return [raw_captions_asset(g), filtered_captions_asset(g), mis_shards_asset(g), feature_caches_asset(g),
+                *(checkpoint_asset(g, v) for v in VARIANTS), attribute_oracle_asset(g),
+                *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
+                *(autoencoder_assets(g) if profile.autoencoder_preset is not None else [])]
 
 
-def _build_profile_assets(profile: RunProfile) -> list[Any]:
-    p = profile.name
-    key = lambda name: AssetKey([p, name])
-    partitions = StaticPartitionsDefinition(profile.partition_keys)
-    paths = layout(profile)
-    gpu_tags = {"m2m/gpu": "1"}
-    if profile.gpu:  # read by dagster-k8s' k8s_job_executor: one GPU per step pod
-        gpu_tags["dagster-k8s/config"] = json.dumps(
-            {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}})
+# ------------------------------------------------------------------ captions
+def _caption_sources(r: Resolved, written: Path) -> list[Path]:
+    """The caption TSVs of a profile: the one the procedural world wrote, or the configured external ones."""
+    from m2m_pipeline.orchestration.profiles import caption_files
 
-    # ------------------------------------------------------------------ captions
-    @asset(key=key("raw_captions"), group_name="captions", kinds={"python", "tsv"},
+    return [written] if r.caption_source == "shapes" else [Path(f) for f in caption_files(str(r.path(r.caption_source)))]
+
+
+def raw_captions_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("raw_captions"), group_name="captions", kinds={"python", "tsv"},
            description="Caption source in CC12M TSV format (the procedural world writes it; paper: CC12M).")
     def raw_captions(context: AssetExecutionContext, settings: M2MSettings, mlflow: MLflowResource,
                      dvc: DVCResource) -> MaterializeResult:
-        r = settings.resolve(profile)
-        out = r.path(paths["raw_captions"])
         from m2m_pipeline.data import write_shapes_caption_tsv
-        from m2m_pipeline.orchestration.profiles import caption_files
 
-        with mlflow.asset_run(context, p, {"caption_source": r.caption_source}) as run:
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "raw_captions",
+                          lambda r: {"caption_source": r.caption_source}) as step:
+            r, out = step.r, step.r.path(g.paths["raw_captions"])
             if r.caption_source == "shapes":
-                write_shapes_caption_tsv(out, r.mis.num_captions, seed=profile.caption_seed)
-                files = [out]
-            else:  # external TSVs are referenced, not copied
-                files = [Path(f) for f in caption_files(str(r.path(r.caption_source)))]
+                write_shapes_caption_tsv(out, r.mis.num_captions, seed=g.profile.caption_seed)
+            files = _caption_sources(r, out)
+            if r.caption_source != "shapes":  # external TSVs are referenced, not copied
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text("".join(f"{f}\n" for f in files))
             lines = sum(1 for f in files if f.suffix == ".tsv" for _ in f.open("rb"))
-            run.log_metrics({"captions/lines": lines})
-            hashes = version(dvc, run, r, "raw_captions", context)
-        return MaterializeResult(metadata={"lines": lines, "files": len(files), **common_metadata(r, run, hashes,
-                                                                                                    [out])})
+            step.run.log_metrics({"captions/lines": lines})
+        return MaterializeResult(metadata={"lines": lines, "files": len(files), **step.metadata([out])})
 
-    @asset(key=key("filtered_captions"), group_name="captions", deps=[key("raw_captions")], kinds={"python"},
-           check_specs=[AssetCheckSpec("caption_table_valid", asset=key("filtered_captions"), blocking=True,
+    return raw_captions
+
+
+def filtered_captions_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("filtered_captions"), group_name="captions", deps=[g.key("raw_captions")], kinds={"python"},
+           check_specs=[AssetCheckSpec("caption_table_valid", asset=g.key("filtered_captions"), blocking=True,
                                        description="every caption within CLIP's 77 tokens, unique ids, "
                                                    "splits as hashed (data.validators.validate_caption_table)")],
            description="Captions kept by the 77-token CLIP filter, with ids and train/test split (Sec. 4).")
     def filtered_captions(context: AssetExecutionContext, settings: M2MSettings, mlflow: MLflowResource,
                           dvc: DVCResource):
         from m2m_pipeline.data import filter_captions, validate_caption_table
-        from m2m_pipeline.orchestration.profiles import caption_files
 
-        r = settings.resolve(profile)
-        table = captions_table(r)
-        sources = ([r.path(paths["raw_captions"])] if r.caption_source == "shapes"
-                   else [Path(f) for f in caption_files(str(r.path(r.caption_source)))])
-        with mlflow.asset_run(context, p, {"max_tokens": r.mis.max_tokens, "dedup": r.mis.dedup,
-                                           "test_fraction": r.mis.test_fraction}) as run:
+        params = lambda r: {"max_tokens": r.mis.max_tokens, "dedup": r.mis.dedup,  # noqa: E731
+                            "test_fraction": r.mis.test_fraction}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "filtered_captions", params) as step:
+            r, table = step.r, captions_table(step.r)
             start = time.perf_counter()
-            stats = filter_captions(sources, table, r.mis, progress=False)
+            stats = filter_captions(_caption_sources(r, r.path(g.paths["raw_captions"])), table, r.mis, progress=False)
             seconds = time.perf_counter() - start
-            counts = {k: v for k, v in stats.to_dict().items() if isinstance(v, int)}
-            run.log_metrics({f"captions/{k}": v for k, v in counts.items()})
+            step.run.log_metrics({f"captions/{k}": v for k, v in stats.to_dict().items() if isinstance(v, int)})
             check = validate_caption_table(table, max_tokens=r.mis.max_tokens)
-            hashes = version(dvc, run, r, "filtered_captions", context)
         yield MaterializeResult(metadata={
             "kept": stats.kept, "train": stats.train, "validation": stats.validation, "test": stats.test,
             "dropped": MetadataValue.json({"malformed": stats.malformed, "empty": stats.empty,
                                            "too_long": stats.too_long,
                                            "duplicates": stats.duplicates if r.mis.dedup else 0}),
             "duplicates_seen": stats.duplicates, "lines_read": stats.lines_read,
-            "lines_per_s": round(stats.lines_read / max(seconds, 1e-9), 1),
-            **common_metadata(r, run, hashes, [table])})
-        yield check_result("caption_table_valid", key("filtered_captions"), check)
+            "lines_per_s": round(stats.lines_read / max(seconds, 1e-9), 1), **step.metadata([table])})
+        yield check_result("caption_table_valid", g.key("filtered_captions"), check)
 
-    # ------------------------------------------------------------------ MIS shards (partitioned)
-    @asset(key=key("mis_shards"), group_name="mis", deps=[key("filtered_captions")], partitions_def=partitions,
-           backfill_policy=BackfillPolicy.single_run(), kinds={"python", "webdataset"}, op_tags=gpu_tags,
-           pool=GPU_POOL if profile.gpu else None,
-           check_specs=[AssetCheckSpec("mis_shards_valid", asset=key("mis_shards"), blocking=True,
+    return filtered_captions
+
+
+# ------------------------------------------------------------------ MIS shards (partitioned)
+def mis_shards_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("mis_shards"), group_name="mis", deps=[g.key("filtered_captions")], partitions_def=g.partitions,
+           backfill_policy=BackfillPolicy.single_run(), kinds={"python", "webdataset"}, op_tags=g.gpu_tags,
+           pool=g.pool,
+           check_specs=[AssetCheckSpec("mis_shards_valid", asset=g.key("mis_shards"), blocking=True,
                                        description="25 decodable images per set, captions within the token "
                                                    "limit, bytes and keys match the manifest")],
            description="Multi-Image Sets: 25 images per caption, webdataset shards; partition p holds the "
                        "shards with index % partitions == p of both splits.")
     def mis_shards(context: AssetExecutionContext, config: MISShardsConfig, settings: M2MSettings,
                    compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource):
-        from m2m_pipeline.data import generate_mis, make_generator, validate_mis_shard
+        from m2m_pipeline.data import validate_mis_shard
 
-        r = settings.resolve(profile)
-        world = profile.num_partitions
-        mine = [int(k) for k in context.partition_keys]
-        root = r.path(paths["mis_shards"])
-        with mlflow.asset_run(context, p, {"preset": r.mis.name, "generator": r.mis.generator,
-                                           "resolution": r.mis.resolution, "images_per_set": r.mis.images_per_set,
-                                           "sets_per_shard": r.mis.sets_per_shard, "seed": r.mis.seed,
-                                           "partitions": f"{mine} of {world}"}) as run:
-            if config.force:
-                for split in SPLITS:
-                    for tar in owned_shards(root / split, mine, world):
-                        tar.with_suffix(".json").unlink(missing_ok=True)  # uncommit: regenerated below
-            generator = make_generator(r.mis, device=compute.resolved_device())
-            start = time.perf_counter()
-            manifests: list[dict[str, Any]] = []
-            shards: list[Path] = []
-            for rank in mine:
-                for split in SPLITS:
-                    done = generate_mis(captions_table(r), root / split, generator, r.mis, split=split,
-                                        rank=rank, world_size=world, progress=False)
-                    manifests += done
-                    shards += [root / split / m["shard"] for m in done]
-            seconds = time.perf_counter() - start
+        world, mine = g.profile.num_partitions, [int(k) for k in context.partition_keys]
+        params = lambda r: {"preset": r.mis.name, "generator": r.mis.generator,  # noqa: E731
+                            "resolution": r.mis.resolution, "images_per_set": r.mis.images_per_set,
+                            "sets_per_shard": r.mis.sets_per_shard, "seed": r.mis.seed,
+                            "partitions": f"{mine} of {world}"}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "mis_shards", params) as step:
+            r, root = step.r, step.r.path(g.paths["mis_shards"])
+            manifests, shards, seconds = _generate_owned_mis(r, root, mine, world, config.force, compute)
             made = [m for m in manifests if not m["skipped"]]
             sets = sum(m["num_samples"] for m in manifests)
-            images_made = sum(m["num_samples"] for m in made) * r.mis.images_per_set
-            checks = [validate_mis_shard(s, r.mis.images_per_set, r.mis.max_tokens) for s in shards]
-            metrics = {"mis/shards": len(manifests), "mis/shards_written": len(made), "mis/sets": sets,
-                       "mis/images_per_s": images_made / max(seconds, 1e-9)}
-            run.log_metrics(metrics)
-            hashes = version(dvc, run, r, "mis_shards", context)
+            images_per_s = sum(m["num_samples"] for m in made) * r.mis.images_per_set / max(seconds, 1e-9)
+            step.run.log_metrics({"mis/shards": len(manifests), "mis/shards_written": len(made), "mis/sets": sets,
+                                  "mis/images_per_s": images_per_s})
+        checks = [validate_mis_shard(s, r.mis.images_per_set, r.mis.max_tokens) for s in shards]
         grid = _mis_preview(shards[:1], r, root) if shards else None
         meta = {"shards": len(manifests), "shards_written": len(made), "shards_skipped": len(manifests) - len(made),
                 "sets": sets, "images": sets * r.mis.images_per_set, "seconds": round(seconds, 2),
-                "images_per_s": round(metrics["mis/images_per_s"], 1), "bytes": sum(m["bytes"] for m in manifests),
-                **common_metadata(r, run, hashes, shards)}
+                "images_per_s": round(images_per_s, 1), "bytes": sum(m["bytes"] for m in manifests),
+                **step.metadata(shards)}
         if grid is not None:
             meta["preview"] = image_markdown(grid, "first sets of the first shard")
         yield MaterializeResult(metadata=meta)
-        yield merged_check("mis_shards_valid", key("mis_shards"), checks)
+        yield merged_check("mis_shards_valid", g.key("mis_shards"), checks)
 
-    # ------------------------------------------------------------------ autoencoder (CPU profiles)
-    extra: list[Any] = []
-    if profile.autoencoder_preset is not None:
-        extra = make_autoencoder_assets(profile, key, paths, gpu_tags)
+    return mis_shards
 
-    # ------------------------------------------------------------------ feature caches (partitioned)
-    ae_deps = [key("autoencoder")] if profile.autoencoder_preset is not None else []
-    feature_check = lambda name: AssetCheckSpec(
-        "feature_shards_valid", asset=key(name), blocking=True,
+
+def _generate_owned_mis(r: Resolved, root: Path, mine: list[int], world: int, force: bool,
+                        compute: ComputeResource) -> tuple[list[dict[str, Any]], list[Path], float]:
+    """The library's generate_mis over the partitions this step owns, both splits: (manifests, shards, seconds)."""
+    from m2m_pipeline.data import generate_mis, make_generator
+
+    if force:
+        for split in SPLITS:
+            for tar in owned_shards(root / split, mine, world):
+                tar.with_suffix(".json").unlink(missing_ok=True)  # uncommit: regenerated below
+    generator = make_generator(r.mis, device=compute.resolved_device())
+    start = time.perf_counter()
+    manifests: list[dict[str, Any]] = []
+    for rank in mine:
+        for split in SPLITS:
+            manifests += [{**m, "split": split} for m in generate_mis(
+                captions_table(r), root / split, generator, r.mis, split=split, rank=rank, world_size=world,
+                progress=False)]
+    shards = [root / m["split"] / m["shard"] for m in manifests]
+    return manifests, shards, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ feature caches (partitioned)
+def feature_caches_asset(g: ProfileGraph) -> Any:
+    ae_deps = [g.key("autoencoder")] if g.profile.autoencoder_preset is not None else []
+    feature_check = lambda name: AssetCheckSpec(  # noqa: E731
+        "feature_shards_valid", asset=g.key(name), blocking=True,
         description="finite fp16 latents and DINO features of the expected shapes, keys match the MIS shard")
 
     @multi_asset(
-        specs=[AssetSpec(key("latent_cache"), group_name="features", deps=[key("mis_shards")] + ae_deps, kinds={"pytorch"},
+        specs=[AssetSpec(g.key("latent_cache"), group_name="features", deps=[g.key("mis_shards")] + ae_deps,
+                         kinds={"pytorch"},
                          description="Autoencoder latents of every MIS image (pixels in [-1, 1] for pixel-space "
                                      "presets), fp16, one feature shard per MIS shard."),
-               AssetSpec(key("dino_features"), group_name="features", deps=[key("mis_shards")], kinds={"pytorch"},
+               AssetSpec(g.key("dino_features"), group_name="features", deps=[g.key("mis_shards")], kinds={"pytorch"},
                          description="DINOv2 last hidden states (CLS + patches) of every MIS image, fp16, stored "
                                      "in the same feature shards.")],
         check_specs=[feature_check("latent_cache"), feature_check("dino_features")],
-        partitions_def=partitions, backfill_policy=BackfillPolicy.single_run(), op_tags=gpu_tags,
-        pool=GPU_POOL if profile.gpu else None, name=f"{p}__feature_caches")
+        partitions_def=g.partitions, backfill_policy=BackfillPolicy.single_run(), op_tags=g.gpu_tags,
+        pool=g.pool, name=f"{g.name}__feature_caches")
     def feature_caches(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
                        mlflow: MLflowResource, dvc: DVCResource):
-        from m2m_pipeline.data import (
-            build_feature_shard,
-            load_feature_encoders,
-            validate_feature_shard,
-        )
-
-        r = settings.resolve(profile)
-        world = profile.num_partitions
         mine = [int(k) for k in context.partition_keys]
-        src, dst = r.path(paths["mis_shards"]), r.path(paths["features"])
-        with mlflow.asset_run(context, p, {"autoencoder": r.mis.autoencoder, "dino": r.mis.dino_path or
-                                           f"random-{r.mis.dino_hidden_size}x{r.mis.dino_layers}"}) as run:
-            autoencoder, dino = load_feature_encoders(r.mis, compute.resolved_device())
-            start = time.perf_counter()
-            manifests, checks = [], []
-            for split in SPLITS:
-                for shard in owned_shards(src / split, mine, world):
-                    manifest = build_feature_shard(shard, dst / split, autoencoder, dino, r.mis, progress=False)
-                    manifests.append(manifest)
-                    checks.append(validate_feature_shard(dst / split / shard.name))
-            seconds = time.perf_counter() - start
+        params = lambda r: {"autoencoder": r.mis.autoencoder,  # noqa: E731
+                            "dino": r.mis.dino_path or f"random-{r.mis.dino_hidden_size}x{r.mis.dino_layers}"}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "latent_cache", params) as step:
+            r, dst = step.r, step.r.path(g.paths["features"])
+            manifests, checks, seconds = _build_owned_features(r, r.path(g.paths["mis_shards"]), dst, mine,
+                                                               g.profile.num_partitions, compute)
             images = sum(m["num_samples"] * m["images_per_set"] for m in manifests if not m["skipped"])
-            run.log_metrics({"features/shards": len(manifests), "features/images_per_s": images / max(seconds, 1e-9)})
-            hashes = version(dvc, run, r, "latent_cache", context)
+            step.run.log_metrics({"features/shards": len(manifests),
+                                  "features/images_per_s": images / max(seconds, 1e-9)})
         first = manifests[0] if manifests else {}
         common = {"shards": len(manifests), "shards_skipped": sum(m["skipped"] for m in manifests),
                   "sets": sum(m["num_samples"] for m in manifests), "seconds": round(seconds, 2),
-                  "images_per_s": round(images / max(seconds, 1e-9), 1),
-                  **common_metadata(r, run, hashes, [dst])}
-        yield MaterializeResult(asset_key=key("latent_cache"), metadata={
+                  "images_per_s": round(images / max(seconds, 1e-9), 1), **step.metadata([dst])}
+        yield MaterializeResult(asset_key=g.key("latent_cache"), metadata={
             **common, "shape_per_set": str(first.get("latents_shape")), "dtype": "float16",
             "autoencoder": r.mis.autoencoder})
-        yield MaterializeResult(asset_key=key("dino_features"), metadata={
+        yield MaterializeResult(asset_key=g.key("dino_features"), metadata={
             **common, "shape_per_set": str(first.get("dino_shape")), "dtype": "float16",
             "encoder": r.mis.dino_path or f"random DINOv2 {r.mis.dino_hidden_size} wide, {r.mis.dino_layers} layers"})
-        yield merged_check("feature_shards_valid", key("latent_cache"), checks)
-        yield merged_check("feature_shards_valid", key("dino_features"), checks)
+        yield merged_check("feature_shards_valid", g.key("latent_cache"), checks)
+        yield merged_check("feature_shards_valid", g.key("dino_features"), checks)
 
-    # ------------------------------------------------------------------ training
-    def make_checkpoint_asset(variant: str) -> Any:
-        name = f"m2m_{variant}_checkpoint"
-        deps = [key("latent_cache")] + ([key("dino_features")] if variant == "dino" else [])
+    return feature_caches
 
-        @asset(key=key(name), group_name="training", deps=deps, kinds={"pytorch"}, op_tags=gpu_tags, pool=GPU_POOL,
-               description=f"M2M-{variant.capitalize()} trained on the train-split feature shards (Sec. 6.1); "
-                           f"a diffusers-style folder (config.json + model.safetensors).")
-        def checkpoint(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
-                       mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
-            from m2m_pipeline.orchestration.training_launch import run_training
 
-            r = settings.resolve(profile)
-            out = r.path(paths[name])
-            shards = sorted(str(s) for s in (r.path(paths["features"]) / "train").glob("mis-*.tar"))
+def _build_owned_features(r: Resolved, src: Path, dst: Path, mine: list[int], world: int, compute: ComputeResource
+                          ) -> tuple[list[dict[str, Any]], list[Any], float]:
+    """The library's build_feature_shard over the MIS shards this step owns: (manifests, checks, seconds)."""
+    from m2m_pipeline.data import build_feature_shard, load_feature_encoders, validate_feature_shard
+
+    autoencoder, dino = load_feature_encoders(r.mis, compute.resolved_device())
+    start = time.perf_counter()
+    manifests, checks = [], []
+    for split in SPLITS:
+        for shard in owned_shards(src / split, mine, world):
+            manifests.append(build_feature_shard(shard, dst / split, autoencoder, dino, r.mis, progress=False))
+            checks.append(validate_feature_shard(dst / split / shard.name))
+    return manifests, checks, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ training
+def checkpoint_asset(g: ProfileGraph, variant: str) -> Any:
+    name = f"m2m_{variant}_checkpoint"
+    deps = [g.key("latent_cache")] + ([g.key("dino_features")] if variant == "dino" else [])
+
+    @asset(key=g.key(name), group_name="training", deps=deps, kinds={"pytorch"}, op_tags=g.gpu_tags, pool=GPU_POOL,
+           description=f"M2M-{variant.capitalize()} trained on the train-split feature shards (Sec. 6.1); "
+                       f"a diffusers-style folder (config.json + model.safetensors).")
+    def checkpoint(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
+                   mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.orchestration.training_launch import run_training
+
+        with tracked_step(g.profile, context, settings, mlflow, dvc, name, tags={"m2m.variant": variant}) as step:
+            r, out = step.r, step.r.path(g.paths[name])
+            shards = sorted(str(s) for s in (r.path(g.paths["features"]) / "train").glob("mis-*.tar"))
             if not shards:
-                raise FileNotFoundError(f"no train feature shards under {r.path(paths['features']) / 'train'}")
-            with mlflow.asset_run(context, p, extra_tags={"m2m.variant": variant}) as run:
-                result = run_training(context, r, variant, shards, out, compute, run)
-                plot = loss_plot(result["losses"], out / "loss.png", f"M2M-{variant} ({p})")
-                run.log_artifact(plot)
-                run.log_metrics({"train/final_loss": result["final_loss"], "train/seconds": result["seconds"],
-                                 "train/steps_per_s": result["steps"] / max(result["seconds"], 1e-9)})
-                hashes = version(dvc, run, r, name, context)
-            return MaterializeResult(metadata={
-                "variant": variant, "steps": result["steps"], "final_loss": round(result["final_loss"], 5),
-                "seconds": round(result["seconds"], 1),
-                "steps_per_s": round(result["steps"] / max(result["seconds"], 1e-9), 2),
-                "parameters": result["parameters"], "checkpoint": str(Path(result["checkpoint_dir"]).relative_to(r.root)),
-                "loss_curve": image_markdown(plot, "training loss"),
-                **common_metadata(r, run, hashes, [out])})
+                raise FileNotFoundError(f"no train feature shards under {r.path(g.paths['features']) / 'train'}")
+            result = run_training(context, r, variant, shards, out, compute, step.run)
+            plot = loss_plot(result["losses"], out / "loss.png", f"M2M-{variant} ({g.name})")
+            step.run.log_artifact(plot)
+            steps_per_s = result["steps"] / max(result["seconds"], 1e-9)
+            step.run.log_metrics({"train/final_loss": result["final_loss"], "train/seconds": result["seconds"],
+                                  "train/steps_per_s": steps_per_s})
+        return MaterializeResult(metadata={
+            "variant": variant, "steps": result["steps"], "final_loss": round(result["final_loss"], 5),
+            "seconds": round(result["seconds"], 1), "steps_per_s": round(steps_per_s, 2),
+            "parameters": result["parameters"], "checkpoint": str(Path(result["checkpoint_dir"]).relative_to(r.root)),
+            "loss_curve": image_markdown(plot, "training loss"), **step.metadata([out])})
 
-        return checkpoint
+    return checkpoint
 
-    # ------------------------------------------------------------------ evaluation
-    @asset(key=key("attribute_oracle"), group_name="evaluation", kinds={"pytorch"},
+
+# ------------------------------------------------------------------ evaluation
+def attribute_oracle_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("attribute_oracle"), group_name="evaluation", kinds={"pytorch"},
            description="Attribute classifier of the procedural shapes world (shape, colour, background pattern, "
                        "background colour), trained on freshly rendered images: the offline judge of consistency "
                        "and the offline FID / IS feature network.")
@@ -391,88 +456,95 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                          mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
         from m2m_pipeline.orchestration import evaluation
 
-        r = settings.resolve(profile)
-        out = r.path(paths["attribute_oracle"])
-        with mlflow.asset_run(context, p, {"image_size": r.mis.resolution, **r.eval.oracle_overrides}) as run:
-            _, info = evaluation.train_oracle_for(r, out, compute)
-            run.log_metrics({f"oracle/heldout_{k}": v for k, v in (info["heldout_accuracy"] or {}).items()})
-            hashes = version(dvc, run, r, "attribute_oracle", context)
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "attribute_oracle",
+                          lambda r: {"image_size": r.mis.resolution, **r.eval.oracle_overrides}) as step:
+            out = step.r.path(g.paths["attribute_oracle"])
+            _, info = evaluation.train_oracle_for(step.r, out, compute)
+            accuracy = info["heldout_accuracy"] or {}
+            step.run.log_metrics({f"oracle/heldout_{k}": v for k, v in accuracy.items()})
         return MaterializeResult(metadata={
-            **{f"heldout_accuracy_{k}": round(v, 4) for k, v in (info["heldout_accuracy"] or {}).items()},
-            "image_size": info["image_size"], "train_images": info["train_images"],
-            **common_metadata(r, run, hashes, [out])})
+            **{f"heldout_accuracy_{k}": round(v, 4) for k, v in accuracy.items()},
+            "image_size": info["image_size"], "train_images": info["train_images"], **step.metadata([out])})
 
-    def make_report_asset(variant: str) -> Any:
-        name = f"m2m_{variant}_evaluation_report"
-        ckpt = f"m2m_{variant}_checkpoint"
+    return attribute_oracle
 
-        @asset(key=key(name), group_name="evaluation",
-               deps=[key(ckpt), key("latent_cache"), key("dino_features"), key("attribute_oracle")],
-               kinds={"pytorch"}, op_tags=gpu_tags, pool=GPU_POOL,
-               description=f"M2M-{variant.capitalize()} on the test split: the Sec. 8.4 protocol per position "
-                           f"(oracle consistency, caption agreement, FID / IS on oracle features), the "
-                           f"unconditional branch, drift over 25 images, 1-4 preceding images, zero-shot real "
-                           f"photographs, and their figures.")
-        def report(context: AssetExecutionContext, config: EvaluationConfig, settings: M2MSettings,
-                   compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
-            from m2m_pipeline.orchestration import evaluation
 
-            r = settings.resolve(profile)
-            ev = r.eval
-            out = r.path(paths[name])
-            with mlflow.asset_run(context, p, {"num_sets": ev.num_sets, "context_images": ev.context_images,
-                                               "generated_images": ev.generated_images, "steps": ev.steps,
-                                               "guidance_scale": ev.guidance_scale, "window": ev.window,
-                                               "drift_images": ev.drift_images, "drift_sets": ev.drift_sets,
-                                               "seed": config.seed}, extra_tags={"m2m.variant": variant}) as run:
-                res = evaluation.evaluate_variant(r, variant, r.path(paths[ckpt]) / "final",
-                                                  r.path(paths["features"]) / "test",
-                                                  r.path(paths["attribute_oracle"]), out, compute, seed=config.seed,
-                                                  validation_dir=r.path(paths["features"]) / "validation")
-                per = res["report"]["per_position"]
-                for metric, values in per.items():  # one MLflow step per position n
-                    for n, value in enumerate(values, start=1):
-                        run.log_metrics({f"eval/{metric}": value}, step=n)
-                for metric, stats in res["report"]["summary"].items():
-                    run.log_metrics({f"eval/{metric}_mean": stats["mean"], f"eval/{metric}_std": stats["std"]})
-                for branch, values in res["position1"].items():
-                    run.log_metrics({f"position1/{branch}/{k}": v for k, v in values.items()})
-                run.log_params({f"chosen.{k}": v for k, v in res["sampling"].items()})
-                for i, row in enumerate((res["sweep"] or {}).get("rows", [])):
-                    run.log_metrics({f"validation_sweep/{k}": row[k] for k in ("score", "colour", "background",
-                                                                               "shape", "guidance_scale", "steps")},
-                                    step=i)
-                for metric, values in res["drift"].items():
-                    for n, value in enumerate(values, start=1):
-                        run.log_metrics({f"drift/{metric}": value}, step=n)
-                for path in [*res["files"].values(), res["report_path"], out / "table.txt"]:
-                    run.log_artifact(path)
-                hashes = version(dvc, run, r, name, context)
-            g, u = res["position1"]["guided"], res["position1"]["unconditional"]
-            table = "| position 1 | guided | unconditional | chance | target |\n|---|---|---|---|---|\n" + "".join(
-                f"| {k} | {g[k]:.3f} | {u[k]:.3f} | {res['chance'][k]:.3f} | "
-                f"{res['verdict'][k]['target'] if k in res['verdict'] else ''} |\n"
-                for k in ("colour", "background", "shape", "background_pattern", "background_colour"))
-            return MaterializeResult(metadata={
-                "variant": variant, "sets": res["num_sets"], "context_images": ev.context_images,
-                "generated_images": ev.generated_images, "steps": res["sampling"]["steps"],
-                "guidance_scale": res["sampling"]["guidance_scale"], "sampling_chosen_on": res["sampling"]["chosen_on"],
-                **({"validation_sweep": MetadataValue.md(res["sweep"]["table"])} if res["sweep"] else {}),
-                "position1": MetadataValue.md(table),
-                "protocol_table": MetadataValue.md("```\n" + res["table"] + "\n```"),
-                **{f"{m}_mean": round(sv["mean"], 4) for m, sv in res["report"]["summary"].items()},
-                "grid": image_markdown(res["files"]["grid"], f"M2M-{variant}: preceding | generated (Fig. 4)"),
-                "drift": image_markdown(res["files"]["drift"], "consistency by position"),
-                "context_count": image_markdown(res["files"]["context_count"], "vs preceding images (Fig. 6)"),
-                "zero_shot": image_markdown(res["files"]["zero_shot"], "real photographs, zero-shot (Fig. 5)"),
-                "seconds": MetadataValue.json(res["seconds"]),
-                **common_metadata(r, run, hashes, [out])})
+def report_asset(g: ProfileGraph, variant: str) -> Any:
+    name, ckpt = f"m2m_{variant}_evaluation_report", f"m2m_{variant}_checkpoint"
 
-        return report
+    @asset(key=g.key(name), group_name="evaluation",
+           deps=[g.key(ckpt), g.key("latent_cache"), g.key("dino_features"), g.key("attribute_oracle")],
+           kinds={"pytorch"}, op_tags=g.gpu_tags, pool=GPU_POOL,
+           description=f"M2M-{variant.capitalize()} on the test split: the Sec. 8.4 protocol per position "
+                       f"(oracle consistency, caption agreement, FID / IS on oracle features), the "
+                       f"unconditional branch, drift over 25 images, 1-4 preceding images, zero-shot real "
+                       f"photographs, and their figures.")
+    def report(context: AssetExecutionContext, config: EvaluationConfig, settings: M2MSettings,
+               compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.orchestration import evaluation
 
-    @asset(key=key("learnability"), group_name="evaluation",
-           deps=[key("m2m_self_evaluation_report"), key("m2m_dino_evaluation_report"),
-                 key("m2m_self_checkpoint"), key("m2m_dino_checkpoint")],
+        params = lambda r: {"num_sets": r.eval.num_sets, "context_images": r.eval.context_images,  # noqa: E731
+                            "generated_images": r.eval.generated_images, "steps": r.eval.steps,
+                            "guidance_scale": r.eval.guidance_scale, "window": r.eval.window,
+                            "drift_images": r.eval.drift_images, "drift_sets": r.eval.drift_sets, "seed": config.seed}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, name, params, tags={"m2m.variant": variant}) as step:
+            r, out = step.r, step.r.path(g.paths[name])
+            features = r.path(g.paths["features"])
+            res = evaluation.evaluate_variant(r, variant, r.path(g.paths[ckpt]) / "final", features / "test",
+                                              r.path(g.paths["attribute_oracle"]), out, compute, seed=config.seed,
+                                              validation_dir=features / "validation")
+            _log_report(step.run, res, out)
+        return MaterializeResult(metadata={"variant": variant, **_report_metadata(res, r.eval, variant),
+                                           **step.metadata([out])})
+
+    return report
+
+
+def _log_report(run: TrackedRun, res: dict[str, Any], out: Path) -> None:
+    """An evaluation report into its MLflow run: per-position metrics with step = n, position-1 branches, the
+    validation sweep, drift, and the files."""
+    for metric, values in res["report"]["per_position"].items():  # one MLflow step per position n
+        for n, value in enumerate(values, start=1):
+            run.log_metrics({f"eval/{metric}": value}, step=n)
+    for metric, stats in res["report"]["summary"].items():
+        run.log_metrics({f"eval/{metric}_mean": stats["mean"], f"eval/{metric}_std": stats["std"]})
+    for branch, values in res["position1"].items():
+        run.log_metrics({f"position1/{branch}/{k}": v for k, v in values.items()})
+    run.log_params({f"chosen.{k}": v for k, v in res["sampling"].items()})
+    for i, row in enumerate((res["sweep"] or {}).get("rows", [])):
+        run.log_metrics({f"validation_sweep/{k}": row[k] for k in ("score", "colour", "background", "shape",
+                                                                   "guidance_scale", "steps")}, step=i)
+    for metric, values in res["drift"].items():
+        for n, value in enumerate(values, start=1):
+            run.log_metrics({f"drift/{metric}": value}, step=n)
+    for path in [*res["files"].values(), res["report_path"], out / "table.txt"]:
+        run.log_artifact(path)
+
+
+def _report_metadata(res: dict[str, Any], ev: Any, variant: str) -> dict[str, Any]:
+    g, u = res["position1"]["guided"], res["position1"]["unconditional"]
+    table = "| position 1 | guided | unconditional | chance | target |\n|---|---|---|---|---|\n" + "".join(
+        f"| {k} | {g[k]:.3f} | {u[k]:.3f} | {res['chance'][k]:.3f} | "
+        f"{res['verdict'][k]['target'] if k in res['verdict'] else ''} |\n"
+        for k in ("colour", "background", "shape", "background_pattern", "background_colour"))
+    return {
+        "sets": res["num_sets"], "context_images": ev.context_images, "generated_images": ev.generated_images,
+        "steps": res["sampling"]["steps"], "guidance_scale": res["sampling"]["guidance_scale"],
+        "sampling_chosen_on": res["sampling"]["chosen_on"],
+        **({"validation_sweep": MetadataValue.md(res["sweep"]["table"])} if res["sweep"] else {}),
+        "position1": MetadataValue.md(table), "protocol_table": MetadataValue.md("```\n" + res["table"] + "\n```"),
+        **{f"{m}_mean": round(sv["mean"], 4) for m, sv in res["report"]["summary"].items()},
+        "grid": image_markdown(res["files"]["grid"], f"M2M-{variant}: preceding | generated (Fig. 4)"),
+        "drift": image_markdown(res["files"]["drift"], "consistency by position"),
+        "context_count": image_markdown(res["files"]["context_count"], "vs preceding images (Fig. 6)"),
+        "zero_shot": image_markdown(res["files"]["zero_shot"], "real photographs, zero-shot (Fig. 5)"),
+        "seconds": MetadataValue.json(res["seconds"])}
+
+
+def learnability_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("learnability"), group_name="evaluation",
+           deps=[g.key("m2m_self_evaluation_report"), g.key("m2m_dino_evaluation_report"),
+                 g.key("m2m_self_checkpoint"), g.key("m2m_dino_checkpoint")],
            description="The learnability verdict: per variant, position-1 consistency (guided) against the "
                        "targets (colour >= 0.9, background >= 0.8, shape >= 0.5), the unconditional branch next to "
                        "chance, and the training time it took.")
@@ -480,22 +552,23 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                      dvc: DVCResource) -> MaterializeResult:
         from m2m_pipeline.evaluation.report import learnability_table
 
-        r = settings.resolve(profile)
-        out = r.path(paths["learnability"])
-        reports = {v: r.path(paths[f"m2m_{v}_evaluation_report"]) / "report.json" for v in VARIANTS}
-        states = {v: r.path(paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}
-        with mlflow.asset_run(context, p, {}) as run:
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "learnability") as step:
+            r, out = step.r, step.r.path(g.paths["learnability"])
+            reports = {v: r.path(g.paths[f"m2m_{v}_evaluation_report"]) / "report.json" for v in VARIANTS}
+            states = {v: r.path(g.paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}
             res = learnability_table(reports, states, out)
             for v, row in res["rows"].items():
-                run.log_metrics({f"{v}/{k}": val for k, val in row.items() if isinstance(val, (int, float))})
-            run.log_artifact(res["path"])
-            hashes = version(dvc, run, r, "learnability", context)
+                step.run.log_metrics({f"{v}/{k}": val for k, val in row.items() if isinstance(val, (int, float))})
+            step.run.log_artifact(res["path"])
         return MaterializeResult(metadata={"table": MetadataValue.md(res["markdown"]),
-                                           "all_targets_met": res["all_met"],
-                                           **common_metadata(r, run, hashes, [out])})
+                                           "all_targets_met": res["all_met"], **step.metadata([out])})
 
-    @asset(key=key("sampling_benchmark"), group_name="evaluation",
-           deps=[key("m2m_self_checkpoint"), key("m2m_dino_checkpoint")], kinds={"pytorch"}, op_tags=gpu_tags,
+    return learnability
+
+
+def sampling_benchmark_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("sampling_benchmark"), group_name="evaluation",
+           deps=[g.key("m2m_self_checkpoint"), g.key("m2m_dino_checkpoint")], kinds={"pytorch"}, op_tags=g.gpu_tags,
            pool=GPU_POOL,
            description="Fig. 9: seconds per generated image vs context images for the SD baseline (same U-Net, "
                        "text cross-attention), M2M-DINO and M2M-Self with and without its KV cache; ratios to SD.")
@@ -503,20 +576,18 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
                            mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
         from m2m_pipeline.orchestration import evaluation
 
-        r = settings.resolve(profile)
-        out = r.path(paths["sampling_benchmark"])
-        with mlflow.asset_run(context, p, {"contexts": list(r.eval.benchmark_contexts),
-                                           "images": r.eval.benchmark_images, "steps": r.eval.benchmark_steps,
-                                           "repeats": r.eval.benchmark_repeats, "guidance": r.eval.guidance_scale,
-                                           "device": compute.resolved_device()}) as run:
+        params = lambda r: {"contexts": list(r.eval.benchmark_contexts), "images": r.eval.benchmark_images,  # noqa: E731
+                            "steps": r.eval.benchmark_steps, "repeats": r.eval.benchmark_repeats,
+                            "guidance": r.eval.guidance_scale, "device": compute.resolved_device()}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "sampling_benchmark", params) as step:
+            r, out = step.r, step.r.path(g.paths["sampling_benchmark"])
             rows, plot = evaluation.benchmark(
-                r, {v: r.path(paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}, out, compute)
+                r, {v: r.path(g.paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}, out, compute)
             for row in rows:
-                run.log_metrics({f"benchmark/{row['method']}/s_per_image": row["seconds_per_image"],
-                                 f"benchmark/{row['method']}/ratio_to_sd": row["ratio_to_sd"]}, step=row["context"])
-            run.log_artifact(out / "benchmark.json")
-            run.log_artifact(plot)
-            hashes = version(dvc, run, r, "sampling_benchmark", context)
+                step.run.log_metrics({f"benchmark/{row['method']}/s_per_image": row["seconds_per_image"],
+                                      f"benchmark/{row['method']}/ratio_to_sd": row["ratio_to_sd"]}, step=row["context"])
+            step.run.log_artifact(out / "benchmark.json")
+            step.run.log_artifact(plot)
         table = "| method | context images | s / image | ratio to SD |\n|---|---|---|---|\n" + "".join(
             f"| {row['method']} | {row['context']} | {row['seconds_per_image']:.4f} | {row['ratio_to_sd']:.2f} |\n"
             for row in rows)
@@ -524,20 +595,16 @@ def _build_profile_assets(profile: RunProfile) -> list[Any]:
             "table": MetadataValue.md(table), "device": compute.resolved_device(), "steps": r.eval.benchmark_steps,
             "fig9": image_markdown(plot, "seconds per image vs context images"),
             **{f"{row['method']}_ctx{row['context']}_ratio_to_sd": round(row["ratio_to_sd"], 3) for row in rows},
-            **common_metadata(r, run, hashes, [out])})
+            **step.metadata([out])})
 
-    return [raw_captions, filtered_captions, mis_shards, feature_caches,
-            make_checkpoint_asset("self"), make_checkpoint_asset("dino"),
-            attribute_oracle, make_report_asset("self"), make_report_asset("dino"), learnability,
-            sampling_benchmark, *extra]
+    return sampling_benchmark
 
 
 # ====================================================================== the autoencoder of a CPU profile
-def make_autoencoder_assets(profile: RunProfile, key: Any, paths: dict[str, Path], gpu_tags: dict[str, str]
-                            ) -> list[Any]:
+def autoencoder_assets(g: ProfileGraph) -> list[Any]:
     """`<profile>/autoencoder` (trained on the shapes world; SD's VAE at paper scale) and its blocking check
     that the attribute oracle still reads every attribute from its reconstructions."""
-    p = profile.name
+    p, key, paths, gpu_tags, profile = g.name, g.key, g.paths, g.gpu_tags, g.profile
 
     @asset(key=key("autoencoder"), group_name="features", kinds={"pytorch"}, op_tags=gpu_tags,
            description="The CPU profiles' AutoencoderKL (E / D of Sec. 3, in the role of SD-2.1's VAE): trained on "
