@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +13,9 @@ from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
 from m2m_pipeline.network.config import PRESETS
 from m2m_pipeline.sampling import SCHEDULERS
+if TYPE_CHECKING:
+    from m2m_pipeline.tracking import MlflowRun
+
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -114,10 +118,10 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
     train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
     shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
     net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
-    on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "variant": variant, **train_cfg.to_dict()}) \
-        if mlflow_uri else None
-    result = run_training(net_cfg, train_cfg, shards, out_dir, net=net, on_metrics=on_metrics,
-                          resume_from=resume_from, max_seconds=max_seconds)
+    with _tracked(mlflow_uri, f"m2m-{variant}-{preset}",
+                  {"preset": preset, "variant": variant, **train_cfg.to_dict()}) as run:
+        result = run_training(net_cfg, train_cfg, shards, out_dir, net=net, on_metrics=run.metrics_logger("train"),
+                              resume_from=resume_from, max_seconds=max_seconds)
     click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
                f"skipped {result.skipped_steps}; checkpoint {result.checkpoint_dir}"
                + (" (time budget reached)" if result.stopped_early else ""))
@@ -171,9 +175,8 @@ def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_sec
                                    "full_image_steps": full_image_steps, "initial_logvar": initial_logvar}.items()
                  if v is not None}
     cfg = AutoencoderConfig.preset(preset, seed=seed, **overrides)
-    on_metrics = _mlflow_logger(mlflow_uri, {"preset": preset, "kind": "autoencoder", **cfg.to_dict()},
-                                prefix="autoencoder", run_name=f"autoencoder-{preset}") if mlflow_uri else None
-    report = train_autoencoder(cfg, out_dir, on_metrics=on_metrics)
+    with _tracked(mlflow_uri, f"autoencoder-{preset}", {"preset": preset, "kind": "autoencoder", **cfg.to_dict()}) as run:
+        report = train_autoencoder(cfg, out_dir, on_metrics=run.metrics_logger("autoencoder"))
     click.echo(f"autoencoder: {report['steps']} steps in {report['train_seconds']:.0f} s; latents "
                f"{tuple(report['latent_shape'])} (f = {report['downsample']}); held-out PSNR "
                f"{report['heldout_psnr_db']:.2f} dB; saved to {out_dir}/vae")
@@ -185,22 +188,17 @@ def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_sec
             f"{k} {v:.4f}" for k, v in acc["reconstruction"].items()) + f" ({acc['images']} images)")
 
 
-def _mlflow_logger(uri: str, params: dict, prefix: str = "train", run_name: str | None = None):
-    """on_metrics for train(): one MLflow run, metrics logged per step (train() calls it on rank 0 only)."""
+def _tracked(uri: str | None, run_name: str, params: dict) -> "MlflowRun":
+    """The MLflow run of a CLI training (rank 0, when --mlflow-uri is given; otherwise a no-op run)."""
     import os
 
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    import mlflow
+    from m2m_pipeline.tracking import MlflowRun, NullRun
 
-    mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(run_name=run_name or f"m2m-{params['variant']}-{params['preset']}")
-    mlflow.log_params({k: str(v) for k, v in params.items()})
-
-    def on_metrics(metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step, run_id=run.info.run_id)
-
-    return on_metrics
+    if not uri or int(os.environ.get("RANK", "0")) != 0:
+        return NullRun()
+    run = MlflowRun.start(run_name, tracking_uri=uri)
+    run.log_params(params)
+    return run
 
 
 def _to_rgb(img):

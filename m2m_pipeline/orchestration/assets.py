@@ -46,8 +46,8 @@ from m2m_pipeline.orchestration.resources import (
     M2MSettings,
     MLflowResource,
     Resolved,
-    TrackedRun,
 )
+from m2m_pipeline.tracking import MlflowRun
 
 GPU_POOL = "gpu"  # instance concurrency pool of the steps that hold a GPU (dagster instance concurrency set gpu N)
 VARIANTS = ("self", "dino")
@@ -124,7 +124,7 @@ def loss_plot(losses: list[float], path: Path, title: str) -> Path:
     return path
 
 
-def common_metadata(r: Resolved, run: TrackedRun, hashes: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
+def common_metadata(r: Resolved, run: MlflowRun, hashes: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
     meta: dict[str, Any] = {"paths": MetadataValue.json([str(p.relative_to(r.root)) for p in paths])}
     if run.url:
         meta["mlflow_run"] = MetadataValue.url(run.url)
@@ -137,7 +137,7 @@ def common_metadata(r: Resolved, run: TrackedRun, hashes: dict[str, Any], paths:
     return meta
 
 
-def version(dvc: DVCResource, run: TrackedRun, r: Resolved, asset_name: str, context: AssetExecutionContext
+def version(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, context: AssetExecutionContext
             ) -> dict[str, Any]:
     """DVC commit + push of the asset's stage; the hashes go to MLflow tags and the metadata."""
     stage = f"{DVC_STAGE.get(asset_name, asset_name)}@{r.profile.name}"  # other assets' stages bear their names
@@ -196,7 +196,7 @@ class Step:
     """One asset step's resolved settings, nested MLflow run and DVC hashes (filled when the step versions)."""
 
     r: Resolved
-    run: TrackedRun
+    run: MlflowRun
     hashes: dict[str, Any] = field(default_factory=dict)
 
     def metadata(self, paths: list[Path]) -> dict[str, Any]:
@@ -500,7 +500,7 @@ def report_asset(g: ProfileGraph, variant: str) -> Any:
     return report
 
 
-def _log_report(run: TrackedRun, res: dict[str, Any], out: Path) -> None:
+def _log_report(run: MlflowRun, res: dict[str, Any], out: Path) -> None:
     """An evaluation report into its MLflow run: per-position metrics with step = n, position-1 branches, the
     validation sweep, drift, and the files."""
     for metric, values in res["report"]["per_position"].items():  # one MLflow step per position n

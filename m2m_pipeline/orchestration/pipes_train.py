@@ -21,16 +21,14 @@ def main() -> None:
         from m2m_pipeline.orchestration.training_launch import summarise
         from m2m_pipeline.training import TrainConfig, train
 
-        client = None
-        if extras.get("tracking_uri") and extras.get("mlflow_run_id") and rank == 0:
-            from mlflow.tracking import MlflowClient
+        from m2m_pipeline.tracking import MlflowRun, NullRun
 
-            client = MlflowClient(tracking_uri=extras["tracking_uri"])
+        tracked = extras.get("tracking_uri") and extras.get("mlflow_run_id") and rank == 0
+        log_train = (MlflowRun.attach(extras["tracking_uri"], extras["mlflow_run_id"]) if tracked
+                     else NullRun()).metrics_logger("train")  # the asset's own run: the child never ends it
 
         def on_metrics(metrics: dict[str, float], step: int) -> None:
-            if client is not None:
-                for key, value in metrics.items():
-                    client.log_metric(extras["mlflow_run_id"], f"train/{key}", float(value), step=step)
+            log_train(metrics, step)
             if rank == 0 and step % 100 == 0:
                 pipes.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

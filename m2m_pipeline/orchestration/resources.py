@@ -11,7 +11,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pydantic import PrivateAttr, model_validator
 from m2m_pipeline.data.config import MIS_PRESETS, MISConfig
 from m2m_pipeline.evaluation.report import EvalSpec
 from m2m_pipeline.orchestration.profiles import RunProfile, caption_files
+from m2m_pipeline.tracking import MlflowRun, NullRun
 
 
 def repo_root(repo_dir: str = "") -> Path:
@@ -245,39 +245,6 @@ class ComputeResource(ConfigurableResource):
 
 
 # ====================================================================== MLflow
-class TrackedRun:
-    """A nested MLflow run for one asset; metric/param/artifact logging that never raises into the asset."""
-
-    def __init__(self, client: Any, run_id: str, url: str, log: Any):
-        self.client, self.run_id, self.url, self._log = client, run_id, url, log
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        for key, value in params.items():
-            self.client.log_param(self.run_id, key, str(value)[:6000])
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), timestamp=ts, step=step or 0)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
-
-
-class _NullRun(TrackedRun):
-    def __init__(self) -> None:
-        super().__init__(None, "", "", None)
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
-
-
 class MLflowResource(ConfigurableResource):
     """One parent MLflow run per Dagster run, a nested run per asset (resource key `mlflow`).
 
@@ -352,10 +319,10 @@ class MLflowResource(ConfigurableResource):
 
     @contextmanager
     def asset_run(self, context: Any, profile: str, params: dict[str, Any] | None = None,
-                  extra_tags: dict[str, str] | None = None) -> Iterator[TrackedRun]:
+                  extra_tags: dict[str, str] | None = None) -> Iterator[MlflowRun]:
         """A nested run for the asset `context` materializes; FINISHED on success, FAILED on error."""
         if self.mode == "off":
-            yield _NullRun()
+            yield NullRun()
             return
         client = self.client()
         exp = self.experiment_id(client)
@@ -372,7 +339,7 @@ class MLflowResource(ConfigurableResource):
         tags = {**base, "mlflow.parentRunId": parent, "dagster.asset_key": asset_key,
                 "dagster.partition_key": partition, **(extra_tags or {})}
         run = client.create_run(exp, run_name=asset_key + (f"[{partition}]" if partition else ""), tags=tags)
-        tracked = TrackedRun(client, run.info.run_id, self.run_url(exp, run.info.run_id), context.log)
+        tracked = MlflowRun(client, run.info.run_id, self.run_url(exp, run.info.run_id))
         if params:
             tracked.log_params(params)
         try:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from m2m_pipeline.orchestration.resources import ComputeResource, Resolved, TrackedRun
+from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
+from m2m_pipeline.tracking import MlflowRun
 
 
 def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[Any, Any]:
@@ -27,7 +28,7 @@ def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[
 
 
 def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out: Path, compute: ComputeResource,
-                 run: TrackedRun) -> dict[str, Any]:
+                 run: MlflowRun) -> dict[str, Any]:
     """Train one model from scratch into `out` (the previous run's checkpoints are removed first)."""
     net_config, train_config = train_configs(r, variant, compute)
     run.log_params({"variant": variant, "net_preset": r.net_preset, "train_preset": r.train_preset,
@@ -71,7 +72,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], out: Path,
-                    compute: ComputeResource, run: TrackedRun, train_config: Any) -> dict[str, Any]:
+                    compute: ComputeResource, run: MlflowRun, train_config: Any) -> dict[str, Any]:
     from dagster import PipesSubprocessClient
 
     entry = ["-m", "m2m_pipeline.orchestration.pipes_train"]

@@ -11,6 +11,7 @@ import click
 
 from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 
+TASK_EXPERIMENT = "m2m-tasks"  # the MLflow experiment of the task CLI's runs
 TASKS = {"camera": "camera", "nvs": "camera", "position": "position", "procedures": "position"}
 
 
@@ -82,7 +83,7 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
-    from m2m_pipeline.tasks.tracking import TaskRun, flatten
+    from m2m_pipeline.tracking import MlflowRun, flatten
 
     _threads(threads)
     cfg = FinetuneConfig.preset(preset, TASKS[task])
@@ -94,7 +95,7 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
         overrides["max_seconds"] = max_seconds
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, **overrides))
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
-    with TaskRun(f"finetune-{cfg.task}-{preset}", tags={"m2m.task": cfg.task}) as run:
+    with MlflowRun.start(f"finetune-{cfg.task}-{preset}", experiment=TASK_EXPERIMENT, tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
         result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
                                   autoencoder=autoencoder, on_metrics=lambda metrics, step: run.log_metrics(
@@ -125,7 +126,7 @@ def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c,
                       sweep_s_c) -> None:
     """Evaluate a fine-tuned task model on its held-out split against the baselines and the model before."""
     from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskEvalConfig
-    from m2m_pipeline.tasks.tracking import TaskRun
+    from m2m_pipeline.tracking import MlflowRun
     from m2m_pipeline.training import TrainConfig
 
     _threads(threads)
@@ -139,7 +140,7 @@ def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c,
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
     weights = checkpoint or run_dir / "final"
     out = run_dir / "eval" if checkpoint is None and split == "test" else weights / f"eval-{split}"
-    with TaskRun(f"evaluate-{cfg.task}", tags={"m2m.task": cfg.task, "m2m.checkpoint": str(weights),
+    with MlflowRun.start(f"evaluate-{cfg.task}", experiment=TASK_EXPERIMENT, tags={"m2m.task": cfg.task, "m2m.checkpoint": str(weights),
                                                "m2m.split": split}) as run:
         _evaluate(cfg, Path(meta["data"]), weights, out, meta["base"], run, meta.get("dino"), split,
                   meta.get("autoencoder"))
@@ -148,7 +149,7 @@ def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c,
 def _evaluate(cfg, data, weights: Path, out: Path, base, run, dino=None, split: str = "test",
               autoencoder=None) -> None:
     from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
-    from m2m_pipeline.tasks.tracking import flatten
+    from m2m_pipeline.tracking import flatten
 
     report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split, autoencoder=autoencoder)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
