@@ -86,8 +86,12 @@ ROWS: tuple[AblationRow, ...] = (
     # 2x2 patches (16x16x12): the U-Net draws on a grid twice as fine, levels 16/8/4, Image-Set Attention at 8 and 4.
     AblationRow("patch2-dino", "dino", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
     AblationRow("patch2-self", "self", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
-    AblationRow("latent-dino-minsnr5", "dino", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
+    AblationRow("latent-dino-minsnr5", "dino", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting, 15 minutes"),
+    AblationRow("latent-dino-minsnr5-2664", "dino", train={"snr_gamma": 5.0, "steps": 2664, "max_seconds": 0.0},
+                note="Min-SNR-5 loss weighting, make demo's 2664 steps"),
     AblationRow("latent-self-minsnr5", "self", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
+    AblationRow("latent-self-minsnr5-1652", "self", train={"snr_gamma": 5.0, "steps": 1652, "max_seconds": 0.0},
+                note="Min-SNR-5 loss weighting, make demo's 1652 steps"),
 )
 ROWS_BY_NAME = {r.name: r for r in ROWS}
 
