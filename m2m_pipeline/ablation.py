@@ -89,6 +89,8 @@ ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino-minsnr5", "dino", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting, 15 minutes"),
     AblationRow("latent-dino-minsnr5-2664", "dino", train={"snr_gamma": 5.0, "steps": 2664, "max_seconds": 0.0},
                 note="Min-SNR-5 loss weighting, make demo's 2664 steps"),
+    AblationRow("latent-dino-minsnr5-2x-steps", "dino", train={"snr_gamma": 5.0, "steps": 5328, "max_seconds": 0.0},
+                note="Min-SNR-5 loss weighting, 2x make demo's steps (5328)"),
     AblationRow("latent-self-minsnr5", "self", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
     AblationRow("latent-self-minsnr5-1652", "self", train={"snr_gamma": 5.0, "steps": 1652, "max_seconds": 0.0},
                 note="Min-SNR-5 loss weighting, make demo's 1652 steps"),
