@@ -13,9 +13,6 @@ from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
 from m2m_pipeline.network.config import PRESETS
 from m2m_pipeline.sampling import SCHEDULERS
-if TYPE_CHECKING:
-    from m2m_pipeline.tracking import MlflowRun
-
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -24,6 +21,9 @@ from m2m_pipeline.cli_types import (
     FiniteFloat,
     FriendlyGroup,
 )
+
+if TYPE_CHECKING:
+    from m2m_pipeline.tracking import MlflowRun
 
 
 def _base_preset(net_preset: str) -> str:

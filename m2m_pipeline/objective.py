@@ -58,6 +58,7 @@ class M2MObjective:
         if snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0 (0: unweighted), got {snr_gamma}")
         self.snr_gamma = snr_gamma
+        self._snr_weights = self._min_snr_table()  # (T,): looked up per step, not recomputed
         self.with_task = config.task != "none"
 
     def __call__(self, net: torch.nn.Module, z_0: torch.Tensor, context: torch.Tensor,
@@ -89,11 +90,15 @@ class M2MObjective:
         return (per_image * self.min_snr_weights(t)).mean()
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma loss weights (Hang et al. 2023), as diffusers' train_text_to_image `--snr_gamma`:
-        min(SNR, gamma) / SNR for an eps target, min(SNR, gamma) / (SNR + 1) for v. They cap the weight of
-        the low-noise steps, which dominate the plain loss but decide no layout."""
+        """Min-SNR-gamma loss weights of timesteps t (any shape); see `_min_snr_table`."""
+        return self._snr_weights.to(t.device)[t]
+
+    def _min_snr_table(self) -> torch.Tensor:
+        """Min-SNR-gamma weight of every timestep (Hang et al. 2023), as diffusers' train_text_to_image
+        `--snr_gamma`: min(SNR, gamma) / SNR for an eps target, min(SNR, gamma) / (SNR + 1) for v. They cap the
+        weight of the low-noise steps, which dominate the plain loss but decide no layout."""
         from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(self.scheduler, t.flatten().cpu()).view(t.shape).to(t.device)
+        snr = compute_snr(self.scheduler, torch.arange(self.scheduler.config.num_train_timesteps))
         capped = torch.clamp(snr, max=self.snr_gamma)
         return capped / (snr + 1) if self.scheduler.config.prediction_type == "v_prediction" else capped / snr

@@ -344,12 +344,13 @@ def _generate_owned_mis(r: Resolved, root: Path, mine: list[int], world: int, fo
     generator = make_generator(r.mis, device=compute.resolved_device())
     start = time.perf_counter()
     manifests: list[dict[str, Any]] = []
+    shards: list[Path] = []
     for rank in mine:
         for split in SPLITS:
-            manifests += [{**m, "split": split} for m in generate_mis(
-                captions_table(r), root / split, generator, r.mis, split=split, rank=rank, world_size=world,
-                progress=False)]
-    shards = [root / m["split"] / m["shard"] for m in manifests]
+            done = generate_mis(captions_table(r), root / split, generator, r.mis, split=split, rank=rank,
+                                world_size=world, progress=False)
+            manifests += done
+            shards += [root / split / m["shard"] for m in done]
     return manifests, shards, time.perf_counter() - start
 
 
@@ -604,9 +605,7 @@ def sampling_benchmark_asset(g: ProfileGraph) -> Any:
 def autoencoder_assets(g: ProfileGraph) -> list[Any]:
     """`<profile>/autoencoder` (trained on the shapes world; SD's VAE at paper scale) and its blocking check
     that the attribute oracle still reads every attribute from its reconstructions."""
-    p, key, paths, gpu_tags, profile = g.name, g.key, g.paths, g.gpu_tags, g.profile
-
-    @asset(key=key("autoencoder"), group_name="features", kinds={"pytorch"}, op_tags=gpu_tags,
+    @asset(key=g.key("autoencoder"), group_name="features", kinds={"pytorch"}, op_tags=g.gpu_tags,
            description="The CPU profiles' AutoencoderKL (E / D of Sec. 3, in the role of SD-2.1's VAE): trained on "
                        "freshly rendered shapes-world images, saved as a Stable-Diffusion-style folder (vae/) and "
                        "loaded by the paper path's VaeAutoencoder.from_pretrained.")
@@ -614,26 +613,25 @@ def autoencoder_assets(g: ProfileGraph) -> list[Any]:
                     mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
         from m2m_pipeline.autoencoder import GRID_NAME, AutoencoderConfig, train_autoencoder
 
-        r = settings.resolve(profile)
-        out = r.path(paths["autoencoder"])
-        cfg = AutoencoderConfig.preset(profile.autoencoder_preset, image_size=r.mis.resolution)
-        with mlflow.asset_run(context, p, cfg.to_dict()) as run, compute.threads(compute.autoencoder_threads):
-            report = train_autoencoder(cfg, out, progress=False, on_metrics=lambda m, step: run.log_metrics(
-                {f"autoencoder/{k}": v for k, v in m.items()}, step=step))
+        config = lambda r: AutoencoderConfig.preset(g.profile.autoencoder_preset, image_size=r.mis.resolution)  # noqa: E731
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "autoencoder", lambda r: config(r).to_dict()
+                          ) as step, compute.threads(compute.autoencoder_threads):
+            out = step.r.path(g.paths["autoencoder"])
+            report = train_autoencoder(config(step.r), out, progress=False,
+                                       on_metrics=step.run.metrics_logger("autoencoder"))
             summary = {k: report[k] for k in ("heldout_psnr_db", "heldout_mse", "train_seconds", "steps",
                                               "scaling_factor", "parameters")}
-            run.log_metrics({f"autoencoder/{k}": v for k, v in summary.items()})
-            run.log_artifact(out / GRID_NAME)
-            hashes = version(dvc, run, r, "autoencoder", context)
+            step.run.log_metrics({f"autoencoder/{k}": v for k, v in summary.items()})
+            step.run.log_artifact(out / GRID_NAME)
         return MaterializeResult(metadata={
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()},
             "latent_shape": str(tuple(report["latent_shape"])), "downsample": report["downsample"],
             "cut_short_by_max_seconds": report["cut_short_by_max_seconds"],
             "reconstructions": image_markdown(out / GRID_NAME, "held-out images | reconstructions"),
-            **common_metadata(r, run, hashes, [out])})
+            **step.metadata([out])})
 
-    @asset_check(asset=key("autoencoder"), name="reconstructions_keep_attributes", blocking=True,
-                 additional_deps=[key("attribute_oracle")],
+    @asset_check(asset=g.key("autoencoder"), name="reconstructions_keep_attributes", blocking=True,
+                 additional_deps=[g.key("attribute_oracle")],
                  description="The attribute oracle reads every attribute from the autoencoder's reconstructions of "
                              "held-out images (>= 99% per attribute on the demo profile): the autoencoder must not "
                              "destroy what is judged.")
@@ -642,14 +640,14 @@ def autoencoder_assets(g: ProfileGraph) -> list[Any]:
         from m2m_pipeline.autoencoder import oracle_reconstruction_accuracy
         from m2m_pipeline.evaluation.oracle import AttributeOracle
 
-        r = settings.resolve(profile)
-        oracle = AttributeOracle.load(r.path(layout(profile)["attribute_oracle"]))
-        res = oracle_reconstruction_accuracy(r.path(paths["autoencoder"]), oracle)
+        r = settings.resolve(g.profile)
+        oracle = AttributeOracle.load(r.path(g.paths["attribute_oracle"]))
+        res = oracle_reconstruction_accuracy(r.path(g.paths["autoencoder"]), oracle)
         bar = r.eval.autoencoder_min_accuracy
         worst = min(res["reconstruction"].values())
         # An asset check's context carries the run through its op context; the nested run is named after the check.
-        with mlflow.asset_run(context.op_execution_context, p, {"images": res["images"], "bar": bar},
-                              extra_tags={"dagster.asset_key": f"{p}/autoencoder:reconstructions_keep_attributes"}
+        with mlflow.asset_run(context.op_execution_context, g.name, {"images": res["images"], "bar": bar},
+                              extra_tags={"dagster.asset_key": f"{g.name}/autoencoder:reconstructions_keep_attributes"}
                               ) as run:
             run.log_metrics({f"autoencoder/oracle_reconstruction_{k}": v for k, v in res["reconstruction"].items()})
             run.log_metrics({f"autoencoder/oracle_original_{k}": v for k, v in res["original"].items()})

@@ -156,8 +156,7 @@ def finetune_checkpoint_asset(profile: RunProfile, task: str) -> Any:
             r, run = step.r, step.run
             out, data = r.path(paths[name]), r.path(paths[DATA_OF[task]])
             result, splits = finetune(ft, data, out, base=r.path(profile.models_dir / BASE_DIR), progress=False,
-                                      autoencoder=r.mis.vae_path, on_metrics=lambda m, i: run.log_metrics(
-                                          {f"train/{k}": v for k, v in m.items()}, step=i))
+                                      autoencoder=r.mis.vae_path, on_metrics=run.metrics_logger("train"))
             atomic_write_text(out / "splits.json", [json.dumps(dataclasses.asdict(splits), indent=1)])
             plot = loss_plot(result.losses, out / "loss.png", f"{task} fine-tuning ({profile.name})")
             run.log_artifact(plot)

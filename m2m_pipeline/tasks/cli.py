@@ -98,8 +98,7 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
     with MlflowRun.start(f"finetune-{cfg.task}-{preset}", experiment=TASK_EXPERIMENT, tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
         result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
-                                  autoencoder=autoencoder, on_metrics=lambda metrics, step: run.log_metrics(
-                                      {f"train/{k}": v for k, v in metrics.items()}, step))
+                                  autoencoder=autoencoder, on_metrics=run.metrics_logger("train"))
         atomic_write_text(out_dir / "splits.json", [json.dumps(
             {"data": str(data), "base": str(base) if base else None, "dino": str(dino) if dino else None,
              "autoencoder": str(autoencoder) if autoencoder else None, "config": cfg.to_dict(),
