@@ -35,6 +35,7 @@ class AblationRow:
     train: dict[str, Any] = field(default_factory=dict)    # TrainConfig overrides of the demo preset
     net: dict[str, Any] = field(default_factory=dict)      # M2MConfig overrides
     note: str = ""                                         # what the row varies
+    init: str = "random"                                   # "random" or "base": start from the base model (Sec. 6.1)
 
     @property
     def space(self) -> str:
@@ -53,6 +54,10 @@ ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-self", "self", note="the demo"),
     AblationRow("pixel-dino", "dino", "demo-pixel", note="32 px pixel space, the demo before the autoencoder"),
     AblationRow("pixel-self", "self", "demo-pixel", note="32 px pixel space"),
+    # Sec. 6.1's recipe at demo size: every U-Net weight but the Image-Set Attention from the text-to-image base
+    # model (m2m_pipeline/base_model.py, SD-2.1-base's role), then the demo's 15 minutes.
+    AblationRow("latent-dino-base-init", "dino", init="base", note="starts from the base model (Sec. 6.1)"),
+    AblationRow("latent-self-base-init", "self", init="base", note="starts from the base model (Sec. 6.1)"),
     AblationRow("latent-dino-64x128", "dino", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
                 note="U-Net widths 64/128 (4.2 M parameters) instead of 32/64 (1.1 M)"),
     AblationRow("latent-self-64x128", "self", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
@@ -104,12 +109,13 @@ class AblationInputs:
     latent_features: Path    # <split>/mis-*.tar built with the autoencoder (assets/demo/features)
     autoencoder: Path        # folder with vae/ (models/demo/autoencoder)
     oracle: Path             # models/demo/oracle
+    base_model: Path         # models/demo/base_model: the SD-style folder the "base" rows start from
     out: Path                # rows land in out/<name>/, pixel features in out/pixel_features/
 
     @classmethod
     def from_demo(cls, root: Path, out: Path) -> AblationInputs:
         return cls(root / "assets/demo/mis", root / "assets/demo/features", root / "models/demo/autoencoder",
-                   root / "models/demo/oracle", out)
+                   root / "models/demo/oracle", root / "models/demo/base_model", out)
 
     def features(self, space: str) -> Path:
         return self.latent_features if space == "latent" else self.out / "pixel_features"
@@ -128,13 +134,14 @@ def build_pixel_features(inputs: AblationInputs, progress: bool = True) -> Path:
 
 def train_row(row: AblationRow, inputs: AblationInputs, seconds: float) -> dict[str, Any]:
     """Train one row for `seconds` of wall-clock time (the caller sets the thread count)."""
-    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.network import M2MConfig, M2MUNet
     from m2m_pipeline.training import TrainConfig, train
 
     net_cfg = M2MConfig.preset(row.net_preset, row.variant, **row.net)
     tc = TrainConfig.preset("demo", **{"checkpoint_every": 0, "max_seconds": seconds, **row.train})
     shards = sorted(str(s) for s in (inputs.features(row.space) / "train").glob("mis-*.tar"))
-    result = train(net_cfg, tc, shards, inputs.out / row.name, progress=False)
+    net = M2MUNet.from_stable_diffusion(inputs.base_model, net_cfg) if row.init == "base" else None
+    result = train(net_cfg, tc, shards, inputs.out / row.name, net=net, progress=False)
     return {"steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
 
 

@@ -1,4 +1,4 @@
-"""The `m2m` console script: train, train-autoencoder, generate, demo, evaluate, finetune, evaluate-task."""
+"""The `m2m` console script: train, train-autoencoder, train-base-model, generate, demo, evaluate, finetune, evaluate-task."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
+from m2m_pipeline.base_model import BASE_MODEL_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
 from m2m_pipeline.network.config import PRESETS
 from m2m_pipeline.sampling import SCHEDULERS
@@ -186,6 +187,47 @@ def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_sec
         acc = oracle_reconstruction_accuracy(out_dir, AttributeOracle.load(oracle))
         click.echo("oracle accuracy on held-out reconstructions: " + ", ".join(
             f"{k} {v:.4f}" for k, v in acc["reconstruction"].items()) + f" ({acc['images']} images)")
+
+
+@main.command("train-base-model")
+@click.option("--preset", type=click.Choice(sorted(BASE_MODEL_PRESETS)), default="demo", show_default=True,
+              help="BaseModelConfig preset (m2m_pipeline/base_model.py).")
+@click.option("--autoencoder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder with vae/ (m2m train-autoencoder's output, or models/demo/autoencoder).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output: a Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/); "
+                   "start M2M from it with `m2m train --init-from OUT`.")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Optimizer steps (default: the preset's).")
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=None,
+              help="Wall-clock budget (default: the preset's; 0: none).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's).")
+@click.option("--oracle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="An attribute-oracle folder: report its accuracy on samples of held-out captions.")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log the run there.")
+def train_base_model_cmd(preset: str, autoencoder: Path, out_dir: Path, steps: int | None, max_seconds: float | None,
+                         seed: int, threads: int | None, oracle: Path | None, mlflow_uri: str | None) -> None:
+    """Train the CPU presets' text-to-image model (SD-2.1-base's role; M2M starts from it, Sec. 6.1)."""
+    import torch
+
+    from m2m_pipeline.base_model import BaseModelConfig, train_base_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds}.items() if v is not None}
+    cfg = BaseModelConfig.preset(preset, seed=seed, **overrides)
+    judge = None
+    if oracle is not None:
+        from m2m_pipeline.evaluation.oracle import AttributeOracle
+
+        judge = AttributeOracle.load(oracle)
+    with _tracked(mlflow_uri, f"base-model-{preset}", {"preset": preset, "kind": "base_model", **cfg.to_dict()}) as run:
+        report = train_base_model(cfg, autoencoder, out_dir, oracle=judge, on_metrics=run.metrics_logger("base_model"))
+        run.log_metrics({f"base_model/samples_{k}": v for k, v in report.get("oracle_accuracy", {}).items()})
+    click.echo(f"base model: {report['steps']} steps in {report['train_seconds']:.0f} s; saved to {out_dir}")
+    if "oracle_accuracy" in report:
+        click.echo("oracle accuracy on samples of held-out captions: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in report["oracle_accuracy"].items()))
 
 
 def _tracked(uri: str | None, run_name: str, params: dict) -> "MlflowRun":

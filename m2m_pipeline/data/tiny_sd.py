@@ -29,11 +29,33 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def random_clip_text_encoder(hidden_size: int, layers: int = 2, heads: int = 4):
+    """A randomly initialised CLIPTextModel with CLIP's vocabulary and 77 positions (SD's text encoder, small)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, hidden_act="gelu",
+    ))
+
+
+def clip_tokenizer(scratch: Path):
+    """SD's CLIPTokenizer (the real BPE, 77 tokens) built in `scratch` from open_clip's copy; `scratch` is emptied."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(scratch)
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"),
+                              pad_token="<|endoftext|>", model_max_length=77)
+    for f in scratch.iterdir():
+        f.unlink()
+    scratch.rmdir()
+    return tokenizer
+
+
 def build_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0, sample_size: int = 8) -> Path:
     """Save a random SD pipeline to `path`: 8x8 latents (16 px images), 2-level U-Net, 2-layer CLIP."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     path = Path(path)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -52,15 +74,8 @@ def build_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0, sample_s
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8, sample_size=sample_size * 2,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        hidden_act="gelu",
-    ))
-    tokenizer_dir = path / "_tokenizer_src"
-    write_clip_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                              pad_token="<|endoftext|>", model_max_length=77)
+    text_encoder = random_clip_text_encoder(32)
+    tokenizer = clip_tokenizer(path / "_tokenizer_src")
     # SD 2.1-base ships a PNDM config; the generator swaps in Euler from it, as Sec. 4 does.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -69,7 +84,4 @@ def build_tiny_stable_diffusion(path: str | os.PathLike, seed: int = 0, sample_s
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        f.unlink()
-    tokenizer_dir.rmdir()
     return path

@@ -61,6 +61,7 @@ def layout(profile: RunProfile) -> dict[str, Path]:
         "filtered_captions": a / "captions" / "filtered",          # captions.jsonl + captions.jsonl.stats.json
         "mis_shards": a / "mis",                                     # <split>/mis-NNNNNN.tar + .json
         "autoencoder": profile.autoencoder_dir,                      # vae/ + autoencoder.json (CPU profiles)
+        "base_model": profile.base_model_dir,                        # SD pipeline folder + base_model.json
         "features": a / "features",                                  # latent_cache and dino_features share it
         "m2m_self_checkpoint": m / "m2m_self",
         "m2m_dino_checkpoint": m / "m2m_dino",
@@ -77,7 +78,7 @@ def layout(profile: RunProfile) -> dict[str, Path]:
 # share the `feature_caches` stage.
 DVC_STAGE = {
     "raw_captions": "raw_captions", "filtered_captions": "filtered_captions", "mis_shards": "mis_shards",
-    "autoencoder": "autoencoder",
+    "autoencoder": "autoencoder", "base_model": "base_model",
     "latent_cache": "feature_caches", "dino_features": "feature_caches",
     "m2m_self_checkpoint": "m2m_self_checkpoint", "m2m_dino_checkpoint": "m2m_dino_checkpoint",
     "m2m_self_evaluation_report": "m2m_self_evaluation_report",
@@ -226,7 +227,8 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
         return [raw_captions_asset(g), filtered_captions_asset(g), mis_shards_asset(g), feature_caches_asset(g),
                 *(checkpoint_asset(g, v) for v in VARIANTS), attribute_oracle_asset(g),
                 *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
-                *(autoencoder_assets(g) if profile.autoencoder_preset is not None else [])]
+                *(autoencoder_assets(g) if profile.autoencoder_preset is not None else []),
+                *([base_model_asset(g)] if profile.base_model_preset is not None else [])]
 
 
 # ------------------------------------------------------------------ captions
@@ -419,6 +421,7 @@ def _build_owned_features(r: Resolved, src: Path, dst: Path, mine: list[int], wo
 def checkpoint_asset(g: ProfileGraph, variant: str) -> Any:
     name = f"m2m_{variant}_checkpoint"
     deps = [g.key("latent_cache")] + ([g.key("dino_features")] if variant == "dino" else [])
+    deps += [g.key("base_model")] if g.profile.base_model_preset is not None else []  # its initial weights
 
     @asset(key=g.key(name), group_name="training", deps=deps, kinds={"pytorch"}, op_tags=g.gpu_tags, pool=GPU_POOL,
            description=f"M2M-{variant.capitalize()} trained on the train-split feature shards (Sec. 6.1); "
@@ -659,6 +662,40 @@ def autoencoder_assets(g: ProfileGraph) -> list[Any]:
                       **{f"original_{k}": round(v, 4) for k, v in res["original"].items()}})
 
     return [autoencoder, reconstructions_keep_attributes]
+
+
+# ====================================================================== the base model of a CPU profile
+def base_model_asset(g: ProfileGraph) -> Any:
+    """`<profile>/base_model`: the text-to-image model both M2M variants start from (SD-2.1-base's role)."""
+    @asset(key=g.key("base_model"), group_name="training", deps=[g.key("autoencoder"), g.key("attribute_oracle")],
+           kinds={"pytorch"}, op_tags=g.gpu_tags,
+           description="The CPU profiles' text-to-image latent diffusion model (SD-2.1-base's role, Sec. 6.1): the M2M "
+                       "preset's U-Net with text cross-attention, trained on captioned shapes-world images in the "
+                       "autoencoder's latent space; a Stable Diffusion pipeline folder. Both M2M variants start "
+                       "from its weights (all but the Image-Set Attention). Metadata: the oracle's reading of its "
+                       "samples of held-out captions.")
+    def base_model(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
+                   mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from m2m_pipeline.base_model import GRID_NAME, BaseModelConfig, train_base_model
+        from m2m_pipeline.evaluation.oracle import AttributeOracle
+
+        config = BaseModelConfig.preset(g.profile.base_model_preset)
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "base_model", lambda r: config.to_dict()
+                          ) as step, compute.threads(compute.autoencoder_threads):
+            r, out = step.r, step.r.path(g.paths["base_model"])
+            oracle = AttributeOracle.load(r.path(g.paths["attribute_oracle"]))
+            report = train_base_model(config, r.path(g.paths["autoencoder"]), out, oracle=oracle, progress=False,
+                                      on_metrics=step.run.metrics_logger("base_model"))
+            accuracy = report.get("oracle_accuracy", {})
+            summary = {"steps": report["steps"], "train_seconds": report["train_seconds"],
+                       "parameters": report["parameters"], **{f"samples_{k}": v for k, v in accuracy.items()}}
+            step.run.log_metrics({f"base_model/{k}": v for k, v in summary.items()})
+            step.run.log_artifact(out / GRID_NAME)
+        return MaterializeResult(metadata={
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()},
+            "samples": image_markdown(out / GRID_NAME, "samples of held-out captions"), **step.metadata([out])})
+
+    return base_model
 
 
 # ====================================================================== helpers

@@ -39,6 +39,10 @@ class RunProfile:
     # AutoencoderConfig preset the profile trains as its `autoencoder` asset (the CPU presets' stand-in for
     # SD's VAE, m2m_pipeline/autoencoder.py); None: the MIS preset names its own (SD's VAE, or pixels).
     autoencoder_preset: str | None = None
+    # BaseModelConfig preset the profile trains as its `base_model` asset (the CPU profiles' text-to-image model
+    # in SD-2.1-base's role, m2m_pipeline/base_model.py); both M2M variants start from it (Sec. 6.1). None: M2M
+    # starts from random weights (the smoke chain; the paper profile's SD initialisation is issue 14's).
+    base_model_preset: str | None = None
 
     @cached_property
     def mis_config(self) -> MISConfig:
@@ -61,6 +65,11 @@ class RunProfile:
     def autoencoder_dir(self) -> Path:
         """Where the profile's trained autoencoder lives (a folder with `vae/`, as an SD folder has)."""
         return self.models_dir / "autoencoder"
+
+    @property
+    def base_model_dir(self) -> Path:
+        """Where the profile's trained text-to-image model lives (a Stable Diffusion pipeline folder)."""
+        return self.models_dir / "base_model"
 
     # ------------------------------------------------------------------ partitions
     def shard_counts(self, num_captions: int | None = None, test_fraction: float | None = None,
@@ -95,12 +104,14 @@ PROFILES: dict[str, RunProfile] = {
     # CI: the whole chain in a few minutes on 2 CPU cores (16 px sets, tiny nets, a few dozen steps).
     "smoke": RunProfile(
         name="smoke", mis_preset="tiny", net_preset="tiny-latent", train_preset="tiny", autoencoder_preset="tiny",
+        base_model_preset="tiny",
         train_overrides={"steps": 30},
         eval=EVAL_PRESETS["smoke"],
     ),
     # CPU demo: procedural MIS at 32 px, its own autoencoder (32 px -> 8x8x8 latents), latent demo nets.
     "demo": RunProfile(
         name="demo", mis_preset="demo", net_preset="demo", train_preset="demo", autoencoder_preset="demo",
+        base_model_preset="demo",
         eval=EVAL_PRESETS["demo"],
     ),
     # The paper: SD-2.1-base MIS from CC12M on GPUs; partitions are groups of shards (~122 k shards in all).

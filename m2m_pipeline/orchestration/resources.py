@@ -65,6 +65,8 @@ class Resolved:
     train_overrides: dict[str, Any]
     eval: EvalSpec
     caption_source: str
+    init_from: Path | None = None  # the SD-style folder both M2M variants start from (Sec. 6.1); None: random
+
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
@@ -174,7 +176,8 @@ class M2MSettings(ConfigurableResource):
             generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps)
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
-                        eval=ev, caption_source=source)
+                        eval=ev, caption_source=source,
+                        init_from=root / profile.base_model_dir if profile.base_model_preset is not None else None)
 
 
 # ====================================================================== compute

@@ -27,11 +27,21 @@ def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[
     return net_config, train_config
 
 
+def initial_network(r: Resolved, net_config: Any) -> Any:
+    """Sec. 6.1: every U-Net weight but the Image-Set Attention from the profile's SD-style folder, or None
+    (random weights) when the profile names none."""
+    from m2m_pipeline.network import M2MUNet
+
+    return M2MUNet.from_stable_diffusion(r.init_from, net_config) if r.init_from is not None else None
+
+
 def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out: Path, compute: ComputeResource,
                  run: MlflowRun) -> dict[str, Any]:
-    """Train one model from scratch into `out` (the previous run's checkpoints are removed first)."""
+    """Train one model into `out` from the profile's initial weights (the previous run's checkpoints are removed
+    first)."""
     net_config, train_config = train_configs(r, variant, compute)
     run.log_params({"variant": variant, "net_preset": r.net_preset, "train_preset": r.train_preset,
+                    "init_from": str(r.init_from.relative_to(r.root)) if r.init_from else "random",
                     **{f"train.{k}": v for k, v in train_config.to_dict().items()},
                     "launcher": compute.launcher, "device": compute.resolved_device()})
     shutil.rmtree(out, ignore_errors=True)
@@ -42,7 +52,7 @@ def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out
         def on_metrics(metrics: dict[str, float], step: int) -> None:
             run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
-        result = train(net_config, train_config, shards, out, on_metrics=on_metrics,
+        result = train(net_config, train_config, shards, out, net=initial_network(r, net_config), on_metrics=on_metrics,
                        device=compute.resolved_device(), progress=False)
         summary = summarise(result, out)
     else:
@@ -89,7 +99,7 @@ def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], 
         command = [sys.executable, *entry]
     extras = {"net_preset": r.net_preset, "variant": variant, "train_preset": r.train_preset,
               "train_overrides": {**r.train_overrides, "num_workers": compute.workers}, "shards": shards,
-              "out": str(out), "device": compute.resolved_device(),
+              "out": str(out), "device": compute.resolved_device(), "init_from": str(r.init_from or ""),
               "tracking_uri": run.client.tracking_uri if run.client is not None else "", "mlflow_run_id": run.run_id}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(r.root), os.environ.get("PYTHONPATH", "")])}
     PipesSubprocessClient(cwd=str(r.root), env=env).run(command=command, context=context, extras=extras)

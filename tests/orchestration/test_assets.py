@@ -69,8 +69,11 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     nested = {r.data.tags["dagster.asset_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
               parents[0].info.run_id}
     # one per core-chain asset (the task assets are tested on their own) and one for the reconstruction check
-    assert len(nested) == 13 and "smoke/autoencoder:reconstructions_keep_attributes" in nested, sorted(nested)
+    assert len(nested) == 14 and "smoke/autoencoder:reconstructions_keep_attributes" in nested, sorted(nested)
     self_run, dino_run = nested["smoke/m2m_self_checkpoint"], nested["smoke/m2m_dino_checkpoint"]
+    # both variants start from the profile's base model (Sec. 6.1), which its own asset trained
+    assert self_run.data.params["init_from"] == dino_run.data.params["init_from"] == "models/smoke/base_model"
+    assert "data:image/png;base64," in mats["base_model"]["samples"].value
     assert set(self_run.data.metrics) == set(dino_run.data.metrics) >= {"train/loss", "train/final_loss"}
     assert self_run.data.tags["dvc.outs"] and self_run.data.tags["git.commit"]
     tags = range_tags()
@@ -116,7 +119,7 @@ def test_training_through_dagster_pipes(project: Path, smoke_assets) -> None:
     res = resources_for(project, dvc_on=False, train_steps=2)
     tags = range_tags()
     first = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder", "mis_shards",
-                                         "latent_cache")]
+                                         "latent_cache", "attribute_oracle", "base_model")]
     assert materialize(first, resources=res, tags=tags).success
     res["compute"] = ComputeResource(device="cpu", launcher="subprocess")
     result = materialize([smoke_assets["m2m_self_checkpoint"]], resources=res)

@@ -81,7 +81,7 @@ def test_two_partitions_concurrently_then_noop(project: Path, smoke_assets) -> N
 @pytest.mark.slow
 def test_dvc_checkout_restores_previous_revision(project: Path, smoke_assets) -> None:
     chain = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder", "mis_shards",
-                                       "latent_cache", "m2m_self_checkpoint")]
+                                       "latent_cache", "attribute_oracle", "base_model", "m2m_self_checkpoint")]
     shard = project / "assets/smoke/mis/train/mis-000000.tar"
     model = project / "models/smoke/m2m_self/final/model.safetensors"
 
