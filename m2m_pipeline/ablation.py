@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from m2m_pipeline.io import atomic_write_text
+from m2m_pipeline.network.config import NOISE_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ _PATCH4: dict[str, Any] = {"patch_size": 4, "block_out_channels": (32, 64), "att
                            "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
 _PATCH2: dict[str, Any] = {"patch_size": 2, "block_out_channels": (32, 64, 64), "attention_head_dim": (2, 4, 4)}
 
+_SCALED_LINEAR: dict[str, Any] = NOISE_SCHEDULES["scaled_linear"]
+
 ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino", "dino", note="the demo (retrained, or make demo's checkpoint via --trained)"),
     AblationRow("latent-self", "self", note="the demo"),
@@ -58,6 +61,14 @@ ROWS: tuple[AblationRow, ...] = (
     # model (m2m_pipeline/base_model.py, SD-2.1-base's role), then the demo's 15 minutes.
     AblationRow("latent-dino-base-init", "dino", init="base", note="starts from the base model (Sec. 6.1)"),
     AblationRow("latent-self-base-init", "self", init="base", note="starts from the base model (Sec. 6.1)"),
+    # The same with SD's scaled-linear noise schedule (base model and M2M): less of training at noise levels
+    # where an 8x8 latent holds no outline (docs/model.md, "The base model").
+    AblationRow("latent-dino-sl-base-init", "dino", init="base", net=_SCALED_LINEAR,
+                note="scaled-linear schedule, starts from the base model (same schedule)"),
+    AblationRow("latent-self-sl-base-init", "self", init="base", net=_SCALED_LINEAR,
+                note="scaled-linear schedule, starts from the base model (same schedule)"),
+    AblationRow("latent-dino-sl", "dino", net=_SCALED_LINEAR, note="scaled-linear schedule, random init"),
+    AblationRow("latent-self-sl", "self", net=_SCALED_LINEAR, note="scaled-linear schedule, random init"),
     AblationRow("latent-dino-64x128", "dino", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
                 note="U-Net widths 64/128 (4.2 M parameters) instead of 32/64 (1.1 M)"),
     AblationRow("latent-self-64x128", "self", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},

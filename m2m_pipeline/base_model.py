@@ -40,6 +40,8 @@ MetricsFn = Callable[[dict[str, float], int], None]
 @dataclass(frozen=True)
 class BaseModelConfig:
     net_preset: str = "demo"          # the M2MConfig preset whose U-Net (and noise schedule) this model is
+    schedule: str = ""                # a NOISE_SCHEDULES name instead of the preset's ("": the preset's); M2M
+                                      # models started from it must use the same one
     text_layers: int = 2              # the random CLIP text encoder; its width is the preset's cross_attention_dim
     text_heads: int = 4
     steps: int = 20_000               # a ceiling; max_seconds stops the demo first
@@ -61,14 +63,19 @@ class BaseModelConfig:
         for name in ("steps", "batch_size", "train_images", "sample_captions", "sample_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BaseModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        from m2m_pipeline.network.config import NOISE_SCHEDULES
+
+        if self.schedule and self.schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"BaseModelConfig.schedule {self.schedule!r}: choose one of {sorted(NOISE_SCHEDULES)} or ''")
         if self.lr <= 0 or self.max_seconds < 0 or not 0 <= self.caption_drop < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError("BaseModelConfig: lr must be > 0, max_seconds >= 0, caption_drop and ema_decay in [0, 1)")
 
     @property
     def net_config(self):
         from m2m_pipeline.network import M2MConfig
+        from m2m_pipeline.network.config import NOISE_SCHEDULES
 
-        return M2MConfig.preset(self.net_preset)
+        return M2MConfig.preset(self.net_preset, **NOISE_SCHEDULES.get(self.schedule, {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,7 +12,7 @@ import click
 from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
 from m2m_pipeline.base_model import BASE_MODEL_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
-from m2m_pipeline.network.config import PRESETS
+from m2m_pipeline.network.config import NOISE_SCHEDULES, PRESETS
 from m2m_pipeline.sampling import SCHEDULERS
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
@@ -200,13 +200,15 @@ def train_autoencoder_cmd(preset: str, out_dir: Path, steps: int | None, max_sec
 @click.option("--steps", type=POSITIVE_INT, default=None, help="Optimizer steps (default: the preset's).")
 @click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=None,
               help="Wall-clock budget (default: the preset's; 0: none).")
+@click.option("--schedule", type=click.Choice(sorted(NOISE_SCHEDULES)), default=None,
+              help="Noise schedule instead of the network preset's (M2M started from it must use the same).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's).")
 @click.option("--oracle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="An attribute-oracle folder: report its accuracy on samples of held-out captions.")
 @click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log the run there.")
 def train_base_model_cmd(preset: str, autoencoder: Path, out_dir: Path, steps: int | None, max_seconds: float | None,
-                         seed: int, threads: int | None, oracle: Path | None, mlflow_uri: str | None) -> None:
+                         schedule: str | None, seed: int, threads: int | None, oracle: Path | None, mlflow_uri: str | None) -> None:
     """Train the CPU presets' text-to-image model (SD-2.1-base's role; M2M starts from it, Sec. 6.1)."""
     import torch
 
@@ -214,7 +216,8 @@ def train_base_model_cmd(preset: str, autoencoder: Path, out_dir: Path, steps: i
 
     if threads:
         torch.set_num_threads(threads)
-    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds}.items() if v is not None}
+    overrides = {k: v for k, v in {"steps": steps, "max_seconds": max_seconds, "schedule": schedule}.items()
+                 if v is not None}
     cfg = BaseModelConfig.preset(preset, seed=seed, **overrides)
     judge = None
     if oracle is not None:

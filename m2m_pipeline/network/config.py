@@ -166,6 +166,13 @@ class M2MConfig:
 
 _PAPER = M2MConfig()
 
+# Named noise schedules (the beta fields of M2MConfig): DDPM's linear one, which the CPU presets started
+# from, and SD's scaled-linear one (the paper's). docs/model.md ("The base model") measures them at demo size.
+NOISE_SCHEDULES: dict[str, dict[str, Any]] = {
+    "linear": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+}
+
 PRESETS: dict[str, M2MConfig] = {
     # Tests: seconds on a CPU. Pixel space, 16 px, Image-Set Attention at every resolution.
     "tiny": M2MConfig(
