@@ -264,7 +264,7 @@ def test_patchified_network_runs_the_unet_on_space_to_depth_patches(variant):
         z2[:, 1:] += torch.randn_like(z2[:, 1:])
         assert (net(z2, t, context)[:, 0] - eps[:, 0]).abs().max() <= 1e-6
     assert eps.shape == z_t.shape
-    torch.testing.assert_close(first[:, 0], eps[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(first[:, 0], eps[:, 0], atol=1e-5, rtol=0)
     patches = torch.nn.functional.pixel_unshuffle(z_t[:, 0], 2)
     assert torch.equal(torch.nn.functional.pixel_shuffle(patches, 2), z_t[:, 0])
     with pytest.raises(ValueError, match="patch_size"):
