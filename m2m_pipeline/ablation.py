@@ -50,47 +50,44 @@ _PATCH4: dict[str, Any] = {"patch_size": 4, "block_out_channels": (32, 64), "att
                            "down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
 _PATCH2: dict[str, Any] = {"patch_size": 2, "block_out_channels": (32, 64, 64), "attention_head_dim": (2, 4, 4)}
 
-_SCALED_LINEAR: dict[str, Any] = NOISE_SCHEDULES["scaled_linear"]
+_LINEAR: dict[str, Any] = NOISE_SCHEDULES["linear"]  # the demo preset's schedule before the base model
 
 ROWS: tuple[AblationRow, ...] = (
-    AblationRow("latent-dino", "dino", note="the demo (retrained, or make demo's checkpoint via --trained)"),
-    AblationRow("latent-self", "self", note="the demo"),
+    # The demo: SD's scaled-linear schedule (the demo preset's), both variants start from the base model
+    # (Sec. 6.1, m2m_pipeline/base_model.py, SD-2.1-base's role); --trained takes make demo's checkpoints.
+    AblationRow("latent-dino", "dino", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
+    AblationRow("latent-self", "self", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
+    # What the base model adds: the same schedule from random weights.
+    AblationRow("latent-dino-sl", "dino", note="scaled-linear schedule, random init (no base model)"),
+    AblationRow("latent-self-sl", "self", note="scaled-linear schedule, random init (no base model)"),
+    # The demo before the base model: random init, DDPM's linear schedule. Every row below with _LINEAR varies
+    # that demo ("make demo's steps": the 2664 / 1652 steps its 15 minutes gave M2M-DINO / M2M-Self).
+    AblationRow("latent-dino-linear", "dino", net=_LINEAR, note="the demo before the base model: random init, linear schedule"),
+    AblationRow("latent-self-linear", "self", net=_LINEAR, note="the demo before the base model: random init, linear schedule"),
     AblationRow("pixel-dino", "dino", "demo-pixel", note="32 px pixel space, the demo before the autoencoder"),
     AblationRow("pixel-self", "self", "demo-pixel", note="32 px pixel space"),
-    # Sec. 6.1's recipe at demo size: every U-Net weight but the Image-Set Attention from the text-to-image base
-    # model (m2m_pipeline/base_model.py, SD-2.1-base's role), then the demo's 15 minutes.
-    AblationRow("latent-dino-base-init", "dino", init="base", note="starts from the base model (Sec. 6.1)"),
-    AblationRow("latent-self-base-init", "self", init="base", note="starts from the base model (Sec. 6.1)"),
-    # The same with SD's scaled-linear noise schedule (base model and M2M): less of training at noise levels
-    # where an 8x8 latent holds no outline (docs/model.md, "The base model").
-    AblationRow("latent-dino-sl-base-init", "dino", init="base", net=_SCALED_LINEAR,
-                note="scaled-linear schedule, starts from the base model (same schedule)"),
-    AblationRow("latent-self-sl-base-init", "self", init="base", net=_SCALED_LINEAR,
-                note="scaled-linear schedule, starts from the base model (same schedule)"),
-    AblationRow("latent-dino-sl", "dino", net=_SCALED_LINEAR, note="scaled-linear schedule, random init"),
-    AblationRow("latent-self-sl", "self", net=_SCALED_LINEAR, note="scaled-linear schedule, random init"),
-    AblationRow("latent-dino-64x128", "dino", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
+    AblationRow("latent-dino-64x128", "dino", net={**_LINEAR, "block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
                 note="U-Net widths 64/128 (4.2 M parameters) instead of 32/64 (1.1 M)"),
-    AblationRow("latent-self-64x128", "self", net={"block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
+    AblationRow("latent-self-64x128", "self", net={**_LINEAR, "block_out_channels": (64, 128), "attention_head_dim": (4, 8)},
                 note="U-Net widths 64/128"),
     # A fixed step count instead of the wall-clock budget (max_seconds 0): twice the steps make demo's
     # 15 minutes gave each variant, so the row answers "does more training reach shape?" whatever the load.
-    AblationRow("latent-dino-2x-steps", "dino", train={"steps": 5328, "max_seconds": 0.0},
+    AblationRow("latent-dino-2x-steps", "dino", net=_LINEAR, train={"steps": 5328, "max_seconds": 0.0},
                 note="2x make demo's steps (5328 instead of 2664), no time limit"),
-    AblationRow("latent-self-2x-steps", "self", train={"steps": 3304, "max_seconds": 0.0},
+    AblationRow("latent-self-2x-steps", "self", net=_LINEAR, train={"steps": 3304, "max_seconds": 0.0},
                 note="2x make demo's steps (3304 instead of 1652), no time limit"),
     # The demo's step counts with the learning rate annealed to 0 by a cosine (100 warm-up steps) instead of constant.
-    AblationRow("latent-dino-cosine", "dino", train={"steps": 2664, "max_seconds": 0.0, "lr_scheduler": "cosine",
+    AblationRow("latent-dino-cosine", "dino", net=_LINEAR, train={"steps": 2664, "max_seconds": 0.0, "lr_scheduler": "cosine",
                                                       "lr_warmup_steps": 100},
                 note="make demo's 2664 steps, cosine learning-rate decay to 0"),
-    AblationRow("latent-self-cosine", "self", train={"steps": 1652, "max_seconds": 0.0, "lr_scheduler": "cosine",
+    AblationRow("latent-self-cosine", "self", net=_LINEAR, train={"steps": 1652, "max_seconds": 0.0, "lr_scheduler": "cosine",
                                                       "lr_warmup_steps": 100},
                 note="make demo's 1652 steps, cosine learning-rate decay to 0"),
-    AblationRow("latent-dino-batch24", "dino", train={"batch_size": 24}, note="twice the batch, half the steps"),
-    AblationRow("latent-dino-batch6", "dino", train={"batch_size": 6}, note="half the batch, ~twice the steps"),
-    AblationRow("latent-dino-lr3e-4", "dino", train={"lr": 3e-4}, note="lower learning rate"),
-    AblationRow("latent-dino-eps", "dino", net={"prediction_type": "epsilon"}, note="eps instead of v prediction"),
-    AblationRow("latent-self-n3", "self", train={"n_images": 3}, note="N = 3 images per example (paper: 5)"),
+    AblationRow("latent-dino-batch24", "dino", net=_LINEAR, train={"batch_size": 24}, note="twice the batch, half the steps"),
+    AblationRow("latent-dino-batch6", "dino", net=_LINEAR, train={"batch_size": 6}, note="half the batch, ~twice the steps"),
+    AblationRow("latent-dino-lr3e-4", "dino", net=_LINEAR, train={"lr": 3e-4}, note="lower learning rate"),
+    AblationRow("latent-dino-eps", "dino", net={**_LINEAR, "prediction_type": "epsilon"}, note="eps instead of v prediction"),
+    AblationRow("latent-self-n3", "self", net=_LINEAR, train={"n_images": 3}, note="N = 3 images per example (paper: 5)"),
     # The cheapest latent: 32 px pixels cut into 4x4 patches (space-to-depth, 8x8x48), the latent demo's U-Net
     # on the same 8x8 grid. Tests whether the learned autoencoder's code is what keeps the U-Net from drawing
     # outlines (shape_diagnostic: generated images read "square" 67-78 %).
@@ -102,13 +99,13 @@ ROWS: tuple[AblationRow, ...] = (
     # 2x2 patches (16x16x12): the U-Net draws on a grid twice as fine, levels 16/8/4, Image-Set Attention at 8 and 4.
     AblationRow("patch2-dino", "dino", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
     AblationRow("patch2-self", "self", "demo-pixel", net=_PATCH2, note="pixels in 2x2 patches (16x16x12), 15 minutes"),
-    AblationRow("latent-dino-minsnr5", "dino", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting, 15 minutes"),
-    AblationRow("latent-dino-minsnr5-2664", "dino", train={"snr_gamma": 5.0, "steps": 2664, "max_seconds": 0.0},
+    AblationRow("latent-dino-minsnr5", "dino", net=_LINEAR, train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting, 15 minutes"),
+    AblationRow("latent-dino-minsnr5-2664", "dino", net=_LINEAR, train={"snr_gamma": 5.0, "steps": 2664, "max_seconds": 0.0},
                 note="Min-SNR-5 loss weighting, make demo's 2664 steps"),
-    AblationRow("latent-dino-minsnr5-2x-steps", "dino", train={"snr_gamma": 5.0, "steps": 5328, "max_seconds": 0.0},
+    AblationRow("latent-dino-minsnr5-2x-steps", "dino", net=_LINEAR, train={"snr_gamma": 5.0, "steps": 5328, "max_seconds": 0.0},
                 note="Min-SNR-5 loss weighting, 2x make demo's steps (5328)"),
-    AblationRow("latent-self-minsnr5", "self", train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
-    AblationRow("latent-self-minsnr5-1652", "self", train={"snr_gamma": 5.0, "steps": 1652, "max_seconds": 0.0},
+    AblationRow("latent-self-minsnr5", "self", net=_LINEAR, train={"snr_gamma": 5.0}, note="Min-SNR-5 loss weighting"),
+    AblationRow("latent-self-minsnr5-1652", "self", net=_LINEAR, train={"snr_gamma": 5.0, "steps": 1652, "max_seconds": 0.0},
                 note="Min-SNR-5 loss weighting, make demo's 1652 steps"),
 )
 ROWS_BY_NAME = {r.name: r for r in ROWS}
