@@ -142,13 +142,13 @@ def build_pixel_features(inputs: AblationInputs, progress: bool = True) -> Path:
 
 def train_row(row: AblationRow, inputs: AblationInputs, seconds: float) -> dict[str, Any]:
     """Train one row for `seconds` of wall-clock time (the caller sets the thread count)."""
-    from m2m_pipeline.network import M2MConfig, M2MUNet
-    from m2m_pipeline.training import TrainConfig, train
+    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.training import TrainConfig, initial_network, train
 
     net_cfg = M2MConfig.preset(row.net_preset, row.variant, **row.net)
     tc = TrainConfig.preset("demo", **{"checkpoint_every": 0, "max_seconds": seconds, **row.train})
     shards = sorted(str(s) for s in (inputs.features(row.space) / "train").glob("mis-*.tar"))
-    net = M2MUNet.from_stable_diffusion(inputs.base_model, net_cfg) if row.init == "base" else None
+    net = initial_network(inputs.base_model if row.init == "base" else None, net_cfg)
     result = train(net_cfg, tc, shards, inputs.out / row.name, net=net, progress=False)
     return {"steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
 

@@ -162,8 +162,8 @@ def train_base_model(config: BaseModelConfig, autoencoder_dir: str | os.PathLike
     parts = build_components(config, out_dir.parent / f".{out_dir.name}.tokenizer")
     unet, tokenizer, text_encoder = parts["unet"].train(), parts["tokenizer"], parts["text_encoder"]
     latents, captions = rendered_training_set(config, autoencoder, progress)
-    text_of = {c: h for c, h in zip(sorted(set(captions) | {""}),
-                                     encode_captions(tokenizer, text_encoder, sorted(set(captions) | {""})))}
+    distinct = sorted(set(captions) | {""})  # "" is the dropped caption (guidance's unconditional branch)
+    text_of = dict(zip(distinct, encode_captions(tokenizer, text_encoder, distinct)))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=2 / 3)

@@ -105,8 +105,8 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
           gradient_checkpointing: bool | None, checkpoint_every: int | None, mlflow_uri: str | None) -> None:
     """Train M2M on MIS feature shards. For several processes/GPUs: `accelerate launch [--num_processes P]
     -m m2m_pipeline.cli train ...` (docs/training.md)."""
-    from m2m_pipeline.network import M2MConfig, M2MUNet
-    from m2m_pipeline.training import TrainConfig
+    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.training import TrainConfig, initial_network
     from m2m_pipeline.training import train as run_training
 
     net_cfg = M2MConfig.preset(preset, variant)
@@ -118,7 +118,7 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
         overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
     train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
     shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
-    net = M2MUNet.from_stable_diffusion(init_from, net_cfg) if init_from else None
+    net = initial_network(init_from, net_cfg)
     with _tracked(mlflow_uri, f"m2m-{variant}-{preset}",
                   {"preset": preset, "variant": variant, **train_cfg.to_dict()}) as run:
         result = run_training(net_cfg, train_cfg, shards, out_dir, net=net, on_metrics=run.metrics_logger("train"),

@@ -132,6 +132,11 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
+def initial_network(init_from: str | os.PathLike | None, net_config: M2MConfig) -> M2MUNet | None:
+    """Sec. 6.1: every U-Net weight but the Image-Set Attention from an SD-style folder, or None (random weights)."""
+    return M2MUNet.from_stable_diffusion(init_from, net_config) if init_from else None
+
+
 def context_of(batch: dict[str, Any], variant: str) -> torch.Tensor:
     """What the network attends to: the clean latents themselves (self) or their DINO tokens (dino)."""
     return batch["latents"] if variant == "self" else batch["dino"]

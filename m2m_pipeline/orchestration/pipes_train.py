@@ -17,10 +17,10 @@ def main() -> None:
     with open_dagster_pipes() as pipes:
         rank = int(os.environ.get("RANK", "0"))
         extras = pipes.extras
-        from m2m_pipeline.network import M2MConfig, M2MUNet
+        from m2m_pipeline.network import M2MConfig
         from m2m_pipeline.orchestration.training_launch import summarise
         from m2m_pipeline.tracking import MlflowRun, NullRun
-        from m2m_pipeline.training import TrainConfig, train
+        from m2m_pipeline.training import TrainConfig, initial_network, train
 
         tracked = extras.get("tracking_uri") and extras.get("mlflow_run_id") and rank == 0
         log_train = (MlflowRun.attach(extras["tracking_uri"], extras["mlflow_run_id"]) if tracked
@@ -33,8 +33,7 @@ def main() -> None:
 
         net_config = M2MConfig.preset(extras["net_preset"], variant=extras["variant"])
         train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"])
-        # Sec. 6.1: the same initial weights as the in-process path (training_launch.initial_network)
-        net = M2MUNet.from_stable_diffusion(extras["init_from"], net_config) if extras.get("init_from") else None
+        net = initial_network(extras.get("init_from"), net_config)  # the in-process path's initial weights
         result = train(net_config, train_config, extras["shards"], Path(extras["out"]), net=net, on_metrics=on_metrics,
                        device=extras["device"], progress=False)
         if rank == 0:

@@ -27,14 +27,6 @@ def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[
     return net_config, train_config
 
 
-def initial_network(r: Resolved, net_config: Any) -> Any:
-    """Sec. 6.1: every U-Net weight but the Image-Set Attention from the profile's SD-style folder, or None
-    (random weights) when the profile names none."""
-    from m2m_pipeline.network import M2MUNet
-
-    return M2MUNet.from_stable_diffusion(r.init_from, net_config) if r.init_from is not None else None
-
-
 def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out: Path, compute: ComputeResource,
                  run: MlflowRun) -> dict[str, Any]:
     """Train one model into `out` from the profile's initial weights (the previous run's checkpoints are removed
@@ -47,12 +39,12 @@ def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if compute.launcher == "inprocess":
-        from m2m_pipeline.training import train
+        from m2m_pipeline.training import initial_network, train
 
         def on_metrics(metrics: dict[str, float], step: int) -> None:
             run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
-        result = train(net_config, train_config, shards, out, net=initial_network(r, net_config), on_metrics=on_metrics,
+        result = train(net_config, train_config, shards, out, net=initial_network(r.init_from, net_config), on_metrics=on_metrics,
                        device=compute.resolved_device(), progress=False)
         summary = summarise(result, out)
     else:
