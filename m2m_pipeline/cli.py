@@ -85,6 +85,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--lr", type=POSITIVE_FLOAT, default=None, help="AdamW learning rate (default: the preset's).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Local Stable Diffusion folder: initialise from its U-Net (Sec. 6.1).")
+@click.option("--from-scratch", is_flag=True, default=False,
+              help="Train from random weights; required (and warned about) for the paper preset without --init-from.")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seed of data order, noise and drops.")
 @click.option("--resume", "resume_from", default=None,
               help="Continue from a checkpoint folder, or 'latest' (the newest complete one in OUT; none: start).")
@@ -100,7 +102,7 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Steps between checkpoints (0: only the final one; default: preset's).")
 @click.option("--mlflow-uri", default=None, help="MLflow tracking URI: log step-wise metrics there (rank 0).")
 def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None, batch_size: int | None,
-          lr: float | None, init_from: Path | None, seed: int, resume_from: str | None, max_seconds: float | None,
+          lr: float | None, init_from: Path | None, from_scratch: bool, seed: int, resume_from: str | None, max_seconds: float | None,
           grad_accum: int | None, global_batch_size: int | None, ema: bool | None,
           gradient_checkpointing: bool | None, checkpoint_every: int | None, mlflow_uri: str | None) -> None:
     """Train M2M on MIS feature shards. For several processes/GPUs: `accelerate launch [--num_processes P]
@@ -118,7 +120,10 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
         overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
     train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
     shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
-    net = initial_network(init_from, net_cfg)
+    try:
+        net = initial_network(init_from, net_cfg, from_scratch)
+    except ValueError as exn:
+        raise click.UsageError(str(exn)) from exn
     with _tracked(mlflow_uri, f"m2m-{variant}-{preset}",
                   {"preset": preset, "variant": variant, **train_cfg.to_dict()}) as run:
         result = run_training(net_cfg, train_cfg, shards, out_dir, net=net, on_metrics=run.metrics_logger("train"),

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -132,9 +133,27 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
-def initial_network(init_from: str | os.PathLike | None, net_config: M2MConfig) -> M2MUNet | None:
-    """Sec. 6.1: every U-Net weight but the Image-Set Attention from an SD-style folder, or None (random weights)."""
-    return M2MUNet.from_stable_diffusion(init_from, net_config) if init_from else None
+def initial_network(init_from: str | os.PathLike | None, net_config: M2MConfig,
+                    from_scratch: bool = False) -> M2MUNet | None:
+    """Sec. 6.1: every U-Net weight but the Image-Set Attention from an SD-style folder, or None (random weights).
+
+    The one place every front-end (CLI, Dagster in-process and Pipes, ablation) gets its initial weights. An
+    SD-2.1-base-sized U-Net (the paper preset) is only trained from random weights when asked (`from_scratch`,
+    the CLI's --from-scratch, the run config's `train_from_scratch`), with a warning: weeks of GPU time spent
+    on a model that the paper starts from SD's weights should not be a silent default.
+    """
+    if init_from and from_scratch:
+        raise ValueError(f"give either an initial SD folder ({init_from}) or from_scratch, not both")
+    if init_from:
+        return M2MUNet.from_stable_diffusion(init_from, net_config)
+    if net_config.is_sd_sized():
+        if not from_scratch:
+            raise ValueError("this U-Net has SD-2.1-base's shape and the paper initialises it from SD-2.1-base's "
+                             "EMA weights (Sec. 6.1): give the local SD folder (m2m train --init-from DIR; "
+                             "run config settings.sd_model_path), or --from-scratch to train from random weights")
+        warnings.warn("training an SD-2.1-base-sized U-Net from random weights (--from-scratch); the paper "
+                      "initialises it from SD-2.1-base (Sec. 6.1)", UserWarning, stacklevel=2)
+    return None
 
 
 def context_of(batch: dict[str, Any], variant: str) -> torch.Tensor:

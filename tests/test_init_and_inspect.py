@@ -72,3 +72,67 @@ def test_inspect_command_prints_the_counts():
                          capture_output=True, text=True, timeout=300, check=False, env={"PYTHONPATH": str(root), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert "865,157,444" in out.stdout and "878,715,204" in out.stdout
+
+
+# ---------------------------------------------------------------- every front-end starts the paper model from SD
+
+def test_paper_sized_unet_needs_init_or_from_scratch():
+    from m2m_pipeline.training import initial_network
+
+    paper = M2MConfig.preset("paper", "dino")
+    with pytest.raises(ValueError, match="--from-scratch"):
+        initial_network(None, paper)
+    with pytest.warns(UserWarning, match="from random weights"):
+        assert initial_network(None, paper, from_scratch=True) is None
+    assert initial_network(None, M2MConfig.preset("tiny")) is None  # CPU presets: random weights, no warning
+    with pytest.raises(ValueError, match="not both"):
+        initial_network("models/sd", paper, from_scratch=True)
+
+
+def test_cli_train_paper_preset_without_init_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.cli", "train", "--preset", "paper", "--out",
+                           "/nonexistent/out", "--data", "/nonexistent/*.tar"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--from-scratch" in proc.stderr, proc.stderr
+
+
+def _paper_repo(root: Path) -> Path:
+    """A repo with what the paper profile's settings check for: captions, a (tiny, random) SD-2.1-base folder
+    in the real layout, a DINOv2 folder."""
+    from m2m_pipeline.data.tiny_sd import build_tiny_stable_diffusion
+
+    (root / "data" / "cc12m").mkdir(parents=True)
+    (root / "data" / "cc12m" / "part-0.tsv").write_text("u\ta caption\n")
+    build_tiny_stable_diffusion(root / "models" / "stable-diffusion-2-1-base")
+    (root / "models" / "dinov2-giant").mkdir(parents=True)
+    return root / "models" / "stable-diffusion-2-1-base"
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
+def test_dagster_paper_training_starts_from_the_sd_folder(tmp_path, monkeypatch, variant):
+    """The paper profile's training asset path (settings -> Resolved -> training_launch.run_training, in-process)
+    hands train() a network whose every non-Image-Set-Attention tensor is the SD folder's, at step 0."""
+    from safetensors.torch import load_file
+
+    import m2m_pipeline.training as training
+    from m2m_pipeline.orchestration import training_launch
+    from m2m_pipeline.orchestration.profiles import PROFILES
+    from m2m_pipeline.orchestration.resources import ComputeResource, M2MSettings
+    from m2m_pipeline.tracking import NullRun
+
+    sd_dir = _paper_repo(tmp_path)
+    r = M2MSettings(repo_dir=str(tmp_path)).resolve(PROFILES["paper"])
+    assert r.init_from == sd_dir and not r.from_scratch
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda *a, net=None, **k: seen.setdefault("net", net))
+    monkeypatch.setattr(training_launch, "summarise", lambda result, out: {})
+    training_launch.run_training(None, r, variant, [], tmp_path / "out", ComputeResource(), NullRun())
+    ours = seen["net"].unet.state_dict()
+    sd = load_file(str(sd_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    shared = [k for k in sd if ".attn2." not in k]
+    assert shared and all(torch.equal(ours[k], sd[k]) for k in shared)
+    assert seen["net"].config.variant == variant
+
+    scratch = M2MSettings(repo_dir=str(tmp_path), train_from_scratch=True).resolve(PROFILES["paper"])
+    assert scratch.init_from is None and scratch.from_scratch
+    with pytest.warns(UserWarning, match="from random weights"):
+        training_launch.run_training(None, scratch, variant, [], tmp_path / "out2", ComputeResource(), NullRun())

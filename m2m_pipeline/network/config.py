@@ -111,6 +111,11 @@ class M2MConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], variant=variant, **overrides)
 
+    def is_sd_sized(self) -> bool:
+        """Whether this U-Net has SD-2.1-base's architecture (the paper preset's): one meant to start from SD's
+        weights (Sec. 6.1) rather than be trained from random ones."""
+        return self.unet_kwargs() == PRESETS["paper"].unet_kwargs()
+
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Arguments of diffusers' DDPMScheduler / DDIMScheduler for this model's noise schedule."""
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,

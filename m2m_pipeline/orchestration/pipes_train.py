@@ -33,7 +33,7 @@ def main() -> None:
 
         net_config = M2MConfig.preset(extras["net_preset"], variant=extras["variant"])
         train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"])
-        net = initial_network(extras.get("init_from"), net_config)  # the in-process path's initial weights
+        net = initial_network(extras.get("init_from"), net_config, bool(extras.get("from_scratch")))  # the in-process path's initial weights
         result = train(net_config, train_config, extras["shards"], Path(extras["out"]), net=net, on_metrics=on_metrics,
                        device=extras["device"], progress=False)
         if rank == 0:

@@ -40,8 +40,8 @@ class RunProfile:
     # SD's VAE, m2m_pipeline/autoencoder.py); None: the MIS preset names its own (SD's VAE, or pixels).
     autoencoder_preset: str | None = None
     # BaseModelConfig preset the profile trains as its `base_model` asset (the CPU profiles' text-to-image model
-    # in SD-2.1-base's role, m2m_pipeline/base_model.py); both M2M variants start from it (Sec. 6.1). None: M2M
-    # starts from random weights (the smoke chain; the paper profile's SD initialisation is issue 14's).
+    # in SD-2.1-base's role, m2m_pipeline/base_model.py); both M2M variants start from it (Sec. 6.1). None: from
+    # the SD folder that renders the profile's MIS (the paper), see resources.initial_weights.
     base_model_preset: str | None = None
 
     @cached_property

@@ -66,7 +66,7 @@ class Resolved:
     eval: EvalSpec
     caption_source: str
     init_from: Path | None = None  # the SD-style folder both M2M variants start from (Sec. 6.1); None: random
-
+    from_scratch: bool = False     # random initial weights asked for (settings.train_from_scratch)
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
@@ -99,6 +99,9 @@ class M2MSettings(ConfigurableResource):
     train_batch_size: int | None = None
     train_lr: float | None = None
     train_seconds: float | None = None      # wall-clock budget per training run (TrainConfig.max_seconds)
+    # Train M2M from random weights instead of the profile's SD-style folder (the paper: sd_model_path, Sec. 6.1;
+    # the CPU profiles: their base_model asset). Warns; an SD-2.1-base-sized U-Net never does it silently.
+    train_from_scratch: bool = False
     eval_sets: int | None = None            # test sets in the evaluation grid
     eval_generated_images: int | None = None
     eval_steps: int | None = None           # DDIM steps of the evaluation samples
@@ -176,8 +179,18 @@ class M2MSettings(ConfigurableResource):
             generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps)
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
-                        eval=ev, caption_source=source,
-                        init_from=root / profile.base_model_dir if profile.base_model_preset is not None else None)
+                        eval=ev, caption_source=source, from_scratch=self.train_from_scratch,
+                        init_from=None if self.train_from_scratch else initial_weights(profile, mis, root))
+
+
+def initial_weights(profile: RunProfile, mis: MISConfig, root: Path) -> Path | None:
+    """The SD-style folder a profile's M2M models start from (Sec. 6.1): the profile's own base model (CPU
+    profiles), else the Stable Diffusion folder that renders its MIS (the paper: SD-2.1-base), else None."""
+    if profile.base_model_preset is not None:
+        return root / profile.base_model_dir
+    if mis.generator == "stable-diffusion" and mis.model_path:
+        return root / mis.model_path
+    return None
 
 
 # ====================================================================== compute

@@ -44,7 +44,8 @@ def run_training(context: Any, r: Resolved, variant: str, shards: list[str], out
         def on_metrics(metrics: dict[str, float], step: int) -> None:
             run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
-        result = train(net_config, train_config, shards, out, net=initial_network(r.init_from, net_config), on_metrics=on_metrics,
+        net = initial_network(r.init_from, net_config, r.from_scratch)
+        result = train(net_config, train_config, shards, out, net=net, on_metrics=on_metrics,
                        device=compute.resolved_device(), progress=False)
         summary = summarise(result, out)
     else:
@@ -92,6 +93,7 @@ def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], 
     extras = {"net_preset": r.net_preset, "variant": variant, "train_preset": r.train_preset,
               "train_overrides": {**r.train_overrides, "num_workers": compute.workers}, "shards": shards,
               "out": str(out), "device": compute.resolved_device(), "init_from": str(r.init_from or ""),
+              "from_scratch": r.from_scratch,
               "tracking_uri": run.client.tracking_uri if run.client is not None else "", "mlflow_run_id": run.run_id}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(r.root), os.environ.get("PYTHONPATH", "")])}
     PipesSubprocessClient(cwd=str(r.root), env=env).run(command=command, context=context, extras=extras)
