@@ -193,19 +193,26 @@ class TrainingRow:
     ratio_to_baseline: float   # seconds_per_step / the baseline's, measured in the same run
 
 
-def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch.device
+TRAINING_METHODS = ("baseline", "dino", "self")
+
+
+def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch.device,
+                      methods: Sequence[str] = TRAINING_METHODS, gradient_checkpointing: bool = False
                       ) -> dict[str, tuple[torch.nn.Module, Callable[[], object]]]:
-    """One optimizer step per call for the plain U-Net, M2M-DINO and M2M-Self on fixed random batches."""
+    """One optimizer step per call for the plain U-Net, M2M-DINO and M2M-Self (or `methods` of them) on fixed
+    random batches."""
     from m2m_pipeline.objective import M2MObjective
 
     cfg = M2MConfig.preset(preset)
     z = torch.randn(batch_size, n_images, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
     dino = torch.randn(batch_size, n_images, cfg.dino_tokens, cfg.dino_dim, device=device)
-    nets = {"baseline": PlainUNet(cfg), "dino": M2MUNet(M2MConfig.preset(preset, "dino")),
-            "self": M2MUNet(M2MConfig.preset(preset, "self"))}
+    build = {"baseline": lambda: PlainUNet(cfg), "dino": lambda: M2MUNet(M2MConfig.preset(preset, "dino")),
+             "self": lambda: M2MUNet(M2MConfig.preset(preset, "self"))}
     out = {}
-    for name, net in nets.items():
-        net = net.to(device).train()
+    for name in methods:
+        net = build[name]().to(device).train()
+        if gradient_checkpointing:
+            net.unet.enable_gradient_checkpointing()
         objective = M2MObjective(net.config)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         generator = torch.Generator().manual_seed(0)
