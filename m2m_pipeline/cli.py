@@ -468,6 +468,30 @@ def probe_features(preset: str, autoencoder_dir: Path | None, dino_path: Path | 
     click.echo(format_probe_table(results))
 
 
+@main.command("plan")
+@click.option("--preset", type=click.Choice(["paper"]), default="paper", show_default=True,
+              help="The M2MConfig, MISConfig and TrainConfig presets of this name.")
+@click.option("--gpus", type=POSITIVE_INT, default=64, show_default=True)
+@click.option("--gpu-memory", type=POSITIVE_FLOAT, default=80.0, show_default=True, help="GiB per GPU.")
+@click.option("--gpu-tflops", type=POSITIVE_FLOAT, default=312.0, show_default=True,
+              help="Peak dense bf16 TFLOPs per GPU (A100 312, H100 SXM 989).")
+@click.option("--utilisation", type=click.FloatRange(0, 1, min_open=True), default=0.4, show_default=True,
+              help="Achieved fraction of the peak (MFU).")
+@click.option("--sets", type=POSITIVE_INT, default=12_200_000, show_default=True, help="MIS sets (captions).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
+def plan_cmd(preset: str, gpus: int, gpu_memory: float, gpu_tflops: float, utilisation: float, sets: int,
+             as_json: bool) -> None:
+    """Storage, per-GPU training memory and micro-batch, FLOPs and GPU-hours per stage, counted on the real
+    architectures (meta device, seconds; m2m_pipeline/plan.py)."""
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.plan import Cluster, PlanInputs, format_plan, make_plan
+    from m2m_pipeline.training import TrainConfig
+
+    cluster = Cluster(gpus=gpus, gpu_memory_gib=gpu_memory, gpu_tflops=gpu_tflops, utilisation=utilisation)
+    result = make_plan(preset, get_preset(preset), TrainConfig.preset(preset), cluster, PlanInputs(num_sets=sets))
+    click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
+
+
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
 from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
     evaluate_task_cmd,

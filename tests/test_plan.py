@@ -1,0 +1,59 @@
+"""`m2m plan`: FLOPs and activation memory counted on the meta device, micro-batch arithmetic, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from m2m_pipeline.network import M2MConfig, M2MUNet
+from m2m_pipeline.plan import Cluster, SavedBytes, checkpointed_blocks, count_flops, micro_batch, training_profile
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits():
+    gib = 2**30
+    cluster = Cluster(gpus=8, gpu_memory_gib=80, headroom_gib=4)
+    params = int(16 * gib / 20)  # 16 GiB of weights, grads, AdamW, EMA
+    mb = micro_batch(int(4.4 * gib), params, cluster, global_batch=256)
+    assert mb["fits"] == 13 and mb["micro_batch"] == 8 and mb["grad_accum"] == 4 and mb["global_batch"] == 256
+    assert micro_batch(int(100 * gib), params, cluster, 256)["micro_batch"] == 0  # nothing fits: said, not hidden
+    with pytest.raises(ValueError, match="utilisation"):
+        Cluster(utilisation=0)
+
+
+def test_meta_counts_equal_real_counts_on_a_tiny_network():
+    """The planner's meta-device figures are those of real tensors (same FLOPs, same saved tensors)."""
+    torch.manual_seed(0)
+    cfg = M2MConfig.preset("tiny-latent", "dino")
+    real = M2MUNet(cfg).train()
+    with torch.device("meta"):
+        meta = M2MUNet(cfg).train()
+    shapes = ((1, 3, cfg.in_channels, cfg.sample_size, cfg.sample_size), (1, 3, cfg.dino_tokens, cfg.dino_dim))
+    counts = []
+    for net, device in ((real, "cpu"), (meta, "meta")):
+        z, ctx = (torch.randn(s, device=device) for s in shapes)
+        t = torch.zeros(1, 3, dtype=torch.long, device=device)
+        with sdpa_kernel(SDPBackend.MATH):  # the kernel meta tensors dispatch to; CPU would pick a fused one
+            with SavedBytes(checkpointed_blocks(net)) as saved:
+                net(z, t, ctx)
+            counts.append((count_flops(lambda: net(z, t, ctx)), saved.total(), saved.block_max))
+    assert counts[0] == counts[1] and counts[0][0] > 0 and 0 < counts[0][2] < counts[0][1]
+
+
+def test_training_profile_orders_the_variants():
+    self_, dino = (training_profile(M2MConfig.preset("tiny-latent", v), 5) for v in ("self", "dino"))
+    for p in (self_, dino):
+        assert 0 < p["activation_bytes_checkpointed"] < p["activation_bytes"]
+        assert p["train_flops"] == 4 * p["forward_flops"] > 0
+    assert self_["forward_flops"] > dino["forward_flops"]  # M2M-Self runs its context through the U-Net
+
+
+@pytest.mark.slow
+def test_plan_cli_on_the_paper_preset():
+    proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.cli", "plan", "--gpus", "8"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 x 4 -> 256" in proc.stdout and "240.8 TB" in proc.stdout and "MIS generation" in proc.stdout
