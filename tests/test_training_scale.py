@@ -206,7 +206,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
 
 def test_global_batch_size_derives_accumulation():
     tc = TrainConfig.preset("paper")
-    assert (tc.accumulation(8), tc.accumulation(1), tc.global_batch(2)) == (1, 8, 256)
+    assert (tc.accumulation(8), tc.accumulation(1), tc.global_batch(2)) == (4, 32, 256)  # 8 per process x 8 GPUs x 4
     assert tc.lr == 1e-5 and tc.lr_scheduler == "constant" and tc.lr_warmup_steps == 0
     with pytest.raises(ValueError, match="not a multiple"):
         tc.accumulation(3)
