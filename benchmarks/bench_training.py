@@ -50,7 +50,8 @@ def main() -> None:
     print(format_training_table(rows))
     by = {r.method: r for r in rows}
     print(f"DINO / baseline = {by['dino'].ratio_to_baseline:.2f} (target <= 1.15); "
-          f"Self / baseline = {by['self'].ratio_to_baseline:.2f} (target <= 2.2)")
+          f"Self / baseline = {by['self'].ratio_to_baseline:.2f} (target <= 2.2); online DINO store: "
+          f"DINO-online / DINO = {by['dino-online'].seconds_per_step / by['dino'].seconds_per_step:.2f}")
     if args.profile_rows:
         profile_step(args.preset, b, n, args.device, args.profile_rows)
 

@@ -206,7 +206,8 @@ def storage(mis: Any, net_cfg: M2MConfig, parameters: int, inputs: PlanInputs) -
     image = jpeg_bytes_per_image(mis.resolution, mis.jpeg_quality) if mis.image_format == "jpeg" else \
         mis.resolution ** 2 * 3 / 2                                        # PNG of a photo: ~half the raw bytes
     return {"mis_set": k * (image + (latent if mis.keep_latents else 0)), "features_set_latents": k * latent,
-            "features_set_dino": k * dino, "image": image, "latent": latent, "dino_image": dino,
+            "features_set_dino": k * dino, "features_set_images": k * image,  # an online DINO store's images
+            "image": image, "latent": latent, "dino_image": dino,
             "checkpoint": parameters * (4 + 4 + 8), "checkpoints": inputs.checkpoints_kept * parameters * 16}
 
 
@@ -247,11 +248,19 @@ def make_plan(net_preset: str, mis: Any, train: Any, cluster: Cluster, inputs: P
             "train_gpu_hours": gpu_hours(train.steps * train.global_batch_size * prof["train_flops"], cluster),
             "sampling_gpu_hours_per_1000_images": gpu_hours(1000 * sampling["cached"], cluster)}
     st = storage(mis, M2MConfig.preset(net_preset), out["variants"]["dino"]["parameters"], inputs)
-    read_all, read_used = (train.global_batch_size * (st["features_set_latents"] + st["features_set_dino"]) * f
-                           for f in (1, train.n_images / mis.images_per_set))
+    stores = {"cache": st["features_set_latents"] + st["features_set_dino"],
+              "online": st["features_set_latents"] + st["features_set_images"]}  # bytes per feature sample
     out["storage"] = {**st, "mis_total": sets * st["mis_set"], "features_total_latents": sets * st["features_set_latents"],
                       "features_total_dino": sets * st["features_set_dino"],
-                      "read_bytes_per_step_whole_sample": read_all, "read_bytes_per_step_used_images": read_used}
+                      "features_total_images": sets * st["features_set_images"],
+                      # every byte of a shard is read (and hashed); "used" counts the N images an example draws
+                      "read_bytes_per_step": {m: train.global_batch_size * b for m, b in stores.items()},
+                      "read_bytes_per_step_used_images": train.global_batch_size * stores["cache"] * train.n_images
+                      / mis.images_per_set}
+    online_flops = (train.n_images - 1) * dino  # the N - 1 context images of a set, in the training step
+    out["dino_store"] = {"chosen": mis.dino_features, "online_flops_per_set": online_flops,
+                         "online_fraction_of_training": online_flops / out["variants"]["dino"]["train_flops"],
+                         "online_gpu_hours": gpu_hours(train.steps * train.global_batch_size * online_flops, cluster)}
     out["flops_per_image"] = {"mis_generation": sd["total"], "dino_encode": dino}
     out["gpu_hours"] = {"mis_generation": gpu_hours(images * sd["total"], cluster),
                         "dino_features": gpu_hours(images * dino, cluster)}
@@ -266,7 +275,7 @@ def _size(n: float) -> str:
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    c, st, v = plan["cluster"], plan["storage"], plan["variants"]
+    c, st, v, d = plan["cluster"], plan["storage"], plan["variants"], plan["dino_store"]
     lines = [f"cluster: {c['gpus']} GPUs x {c['gpu_memory_gib']:g} GiB, {c['gpu_tflops']:g} TFLOPs peak at "
              f"{100 * c['utilisation']:.0f} % utilisation; {plan['inputs']['num_sets']:,} sets of 25 images",
              "", "| storage | per set | total |", "|---|---|---|",
@@ -274,12 +283,17 @@ def format_plan(plan: dict[str, Any]) -> str:
              f"{_size(st['mis_total'])} |",
              f"| feature cache: latents (fp16 {_size(st['latent'])} / image) | {_size(st['features_set_latents'])} | "
              f"{_size(st['features_total_latents'])} |",
-             f"| feature cache: DINO tokens (fp16 {_size(st['dino_image'])} / image) | "
+             f"| feature cache: DINO tokens, store 'cache' (fp16 {_size(st['dino_image'])} / image) | "
              f"{_size(st['features_set_dino'])} | {_size(st['features_total_dino'])} |",
+             f"| feature cache: the images, store 'online' (copied from MIS) | "
+             f"{_size(st['features_set_images'])} | {_size(st['features_total_images'])} |",
              f"| checkpoints (EMA + raw + AdamW, {plan['inputs']['checkpoints_kept']} kept) | "
              f"{_size(st['checkpoint'])} each | {_size(st['checkpoints'])} |",
-             f"| read per optimizer step (whole feature sample / only the N used images) | | "
-             f"{_size(st['read_bytes_per_step_whole_sample'])} / {_size(st['read_bytes_per_step_used_images'])} |",
+             f"| read per optimizer step: store 'cache' / 'online' (whole samples, every byte hashed) | | "
+             f"{_size(st['read_bytes_per_step']['cache'])} / {_size(st['read_bytes_per_step']['online'])} |",
+             f"| DINO store chosen: {d['chosen']}; online encoding of the N - 1 context images | "
+             f"{d['online_flops_per_set'] / 1e12:.2f} TFLOPs / set | {100 * d['online_fraction_of_training']:.0f} % "
+             f"of M2M-DINO's training FLOPs, {d['online_gpu_hours']:,.0f} GPU-hours |",
              "", "| training (per GPU) | M2M-Self | M2M-DINO |", "|---|---|---|"]
     row = lambda label, f: lines.append(f"| {label} | {f(v['self'])} | {f(v['dino'])} |")  # noqa: E731
     row("parameters", lambda x: f"{x['parameters'] / 1e6:.0f} M")
@@ -298,6 +312,6 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += ["", "| data stage | TFLOPs per image | GPU-hours |", "|---|---|---|",
               f"| MIS generation (SD-2.1-base, CFG, VAE decode) | {f['mis_generation'] / 1e12:.1f} | "
               f"{g['mis_generation']:,.0f} |",
-              f"| DINOv2-giant features (latents reused from MIS) | {f['dino_encode'] / 1e12:.2f} | "
+              f"| DINOv2-giant features, store 'cache' only (latents reused from MIS) | {f['dino_encode'] / 1e12:.2f} | "
               f"{g['dino_features']:,.0f} |"]
     return "\n".join(lines)

@@ -193,7 +193,25 @@ class TrainingRow:
     ratio_to_baseline: float   # seconds_per_step / the baseline's, measured in the same run
 
 
-TRAINING_METHODS = ("baseline", "dino", "self")
+TRAINING_METHODS = ("baseline", "dino", "dino-online", "self")
+
+
+def online_dino_encoder(preset: str) -> tuple[DinoEncoder, int]:
+    """The DINO encoder an online store of `preset` runs in the training step, and its input resolution: the
+    MIS preset's random stand-in, or (a preset naming a DINOv2 folder) random weights of DINOv2-giant's shape."""
+    from m2m_pipeline.data.config import MIS_PRESETS
+    from m2m_pipeline.data.features import encoder_spec
+
+    mis = MIS_PRESETS.get(preset, MIS_PRESETS["tiny"])
+    if mis.dino_path is None:
+        return encoder_spec(mis).build_dino(), mis.resolution
+    from transformers import Dinov2Config, Dinov2Model
+
+    from m2m_pipeline.reference_layouts import DINOV2_GIANT, DINOV2_PROCESSOR
+
+    crop = DINOV2_PROCESSOR["crop_size"]["height"]
+    model = Dinov2Model(Dinov2Config(**DINOV2_GIANT))
+    return DinoEncoder(model, image_size=crop, resize_size=DINOV2_PROCESSOR["size"]["shortest_edge"]), mis.resolution
 
 
 def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch.device,
@@ -202,12 +220,14 @@ def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch
     """One optimizer step per call for the plain U-Net, M2M-DINO and M2M-Self (or `methods` of them) on fixed
     random batches."""
     from m2m_pipeline.objective import M2MObjective
+    from m2m_pipeline.training import context_of
 
     cfg = M2MConfig.preset(preset)
     z = torch.randn(batch_size, n_images, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
     dino = torch.randn(batch_size, n_images, cfg.dino_tokens, cfg.dino_dim, device=device)
     build = {"baseline": lambda: PlainUNet(cfg), "dino": lambda: M2MUNet(M2MConfig.preset(preset, "dino")),
              "self": lambda: M2MUNet(M2MConfig.preset(preset, "self"))}
+    build["dino-online"] = build["dino"]
     out = {}
     for name in methods:
         net = build[name]().to(device).train()
@@ -216,10 +236,17 @@ def training_step_fns(preset: str, batch_size: int, n_images: int, device: torch
         objective = M2MObjective(net.config)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         generator = torch.Generator().manual_seed(0)
-        context = dino if name == "dino" else z
+        if name == "dino-online":  # M2M-DINO with its DINO forward on the N - 1 context images (online store)
+            encoder, size = online_dino_encoder(preset)
+            encoder = encoder.to(device)
+            images = torch.rand(batch_size, max(1, n_images - 1), 3, size, size, device=device) * 2 - 1
+            context = lambda images=images, encoder=encoder: context_of(  # noqa: E731
+                {"images": images}, "dino", encoder, device)
+        else:
+            context = (lambda: dino) if name == "dino" else (lambda: z)
 
         def step(net=net, objective=objective, optimizer=optimizer, context=context, generator=generator):
-            loss = objective(net, z, context, generator=generator)
+            loss = objective(net, z, context(), generator=generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from m2m_pipeline import checkpointing as ckpt
@@ -158,9 +159,20 @@ def initial_network(init_from: str | os.PathLike | None, net_config: M2MConfig,
     return None
 
 
-def context_of(batch: dict[str, Any], variant: str) -> torch.Tensor:
-    """What the network attends to: the clean latents themselves (self) or their DINO tokens (dino)."""
-    return batch["latents"] if variant == "self" else batch["dino"]
+def context_of(batch: dict[str, Any], variant: str, dino: Any = None, device: Any = "cpu") -> torch.Tensor:
+    """What the network attends to, on `device`: the clean latents themselves (self) or DINO tokens (dino) —
+    cached in the batch, or encoded here from its context images (an online DINO store) by the frozen `dino`."""
+    if variant == "self":
+        return batch["latents"].to(device)
+    if "dino" in batch:
+        return batch["dino"].to(device)
+    if dino is None or "images" not in batch:
+        raise ValueError("an M2M-DINO batch needs 'dino' tokens, or 'images' and the DINO encoder of an online store")
+    images = batch["images"].to(device)  # (B, N - 1, 3, H, W): only the context images (data/loader.py)
+    b = images.shape[0]
+    with torch.no_grad():
+        tokens = dino.encode(rearrange(images, "b n c h w -> (b n) c h w"))  # (B * (N - 1), S, D)
+    return rearrange(tokens, "(b n) s d -> b n s d", b=b)
 
 
 def data_refs(batch: dict[str, Any]) -> list[str]:
@@ -226,6 +238,7 @@ class _Trainer:
         from diffusers.training_utils import EMAModel
 
         self.acc, self.tc, self.out = accelerator, tc, out
+        self.dino: Any = None  # the frozen DINO encoder of an online DINO store (run)
         self.rank = accelerator.process_index
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(tc.seed)  # the same fresh weights on every rank
@@ -345,6 +358,23 @@ class _Trainer:
                                  f"shards ({problem}); rebuild the cache with the network's encoders")
         self.net.encoder_spec = spec.to_dict()
 
+    def _online_dino(self, shards: Any) -> Any:
+        """The frozen DINO encoder of an online DINO store (M2M-DINO only; the spec its manifests record)."""
+        from m2m_pipeline.data.features import cache_dino_features, cache_encoder_spec
+        from m2m_pipeline.data.loader import expand_shards
+
+        urls = expand_shards(shards)
+        if self.net.variant != "dino" or cache_dino_features(urls) != "online":
+            return None
+        spec = cache_encoder_spec(urls)
+        if spec is None:
+            raise ValueError(f"feature shards {urls[0]}...: an online DINO store must record its encoder_spec")
+        encoder = spec.build_dino()
+        if encoder.hidden_size != self.net.config.dino_dim:
+            raise ValueError(f"the network expects DINO width {self.net.config.dino_dim}, the store's DINO encoder "
+                             f"({spec.describe()}) has {encoder.hidden_size}")
+        return encoder.to(self.acc.device)  # frozen and in eval mode (DinoEncoder)
+
     # ------------------------------------------------------------------ the loop
     def run(self, data: Any, *, on_metrics: MetricsFn | None, progress: bool,
             resume_from: str | os.PathLike | None) -> TrainResult:
@@ -363,6 +393,7 @@ class _Trainer:
                              seed=tc.seed, epoch=position["epoch"], consumed=position["consumed"])
         if stream.kind == "shards":
             self._record_encoders(data)
+            self.dino = self._online_dino(data)
         if reader is not None:
             self.restore(reader)
         step = int(prior.get("step", 0))
@@ -439,7 +470,7 @@ class _Trainer:
             sync = acc.no_sync(self.ddp_net) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    loss = self.objective(self.ddp_net, z_0, context_of(batch, net.variant).to(acc.device),
+                    loss = self.objective(self.ddp_net, z_0, context_of(batch, net.variant, self.dino, acc.device),
                                           None if task_cond is None else task_cond.to(acc.device),
                                           generator=self.generator)
                 # A non-finite loss is still back-propagated (its gradient is discarded below): every rank

@@ -57,3 +57,17 @@ def test_plan_cli_on_the_paper_preset():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "8 x 4 -> 256" in proc.stdout and "240.8 TB" in proc.stdout and "MIS generation" in proc.stdout
+    assert "5.3 GB / 771.6 MB" in proc.stdout and "DINO store chosen: online" in proc.stdout and "14 %" in proc.stdout
+
+
+def test_the_online_dino_store_reads_images_not_tokens():
+    """Storage arithmetic of the two DINO stores on the tiny-latent shapes (no FLOP counting of SD needed)."""
+    from m2m_pipeline.data.config import get_preset
+    from m2m_pipeline.plan import PlanInputs, storage
+
+    mis = get_preset("paper")
+    cfg = M2MConfig.preset("paper", "dino")
+    st = storage(mis, cfg, 1000, PlanInputs())
+    assert st["dino_image"] == 257 * 1536 * 2 and st["latent"] == 4 * 64 * 64 * 2
+    assert st["features_set_images"] == 25 * st["image"] and st["features_set_images"] < st["features_set_dino"] / 8
+    assert mis.dino_features == "online" and get_preset("demo").dino_features == "cache"

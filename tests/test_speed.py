@@ -24,7 +24,7 @@ def test_training_throughput_rows_and_a_baseline_without_image_set_attention():
 
     rows = measure_training_throughput("tiny", batch_size=1, n_images=2, repeats=1, device="cpu")
     by = {r.method: r for r in rows}
-    assert set(by) == {"baseline", "dino", "self"} and by["baseline"].ratio_to_baseline == 1.0
+    assert set(by) == {"baseline", "dino", "dino-online", "self"} and by["baseline"].ratio_to_baseline == 1.0
     assert all(r.seconds_per_step > 0 and r.images_per_second > 0 for r in rows)
     # the baseline is the same U-Net less every cross-attention sub-layer, so it is strictly smaller
     assert by["baseline"].parameters < by["self"].parameters
@@ -51,7 +51,7 @@ def test_gpu_check_runs_its_small_shape_path(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert [r["method"] for r in report["training"]] == ["baseline", "dino", "self"]
+    assert [r["method"] for r in report["training"]] == ["baseline", "dino", "dino-online", "self"]
     assert all(r["flops_per_step"] > 0 and r["seconds_per_step"] > 0 for r in report["training"])
     # M2M-Self runs its context through the U-Net too: more FLOPs than the plain U-Net per step
     assert report["training"][2]["flops_per_step"] > report["training"][0]["flops_per_step"]

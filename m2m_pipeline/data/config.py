@@ -49,6 +49,10 @@ class MISConfig:
     dino_patch_size: int = 8                        # random DinoEncoder patch size in pixels
     feature_batch_size: int = 64                    # images per encoder forward pass
     reuse_generation_latents: bool = False          # take VAE latents from the MIS shard when it stored them
+    # How DINO tokens reach M2M-DINO's training (docs/data.md "The DINO feature store"): "cache" stores them in
+    # the feature shard (fp16, 25 x S x D per set); "online" stores the set's encoded images instead and the
+    # training step encodes the N - 1 context images it draws (the paper profile: its cache would be ~241 TB).
+    dino_features: Literal["cache", "online"] = "cache"
     # --- training examples (Sec. 7.1.1; N itself is TrainConfig.n_images, checked against images_per_set by the
     # loader) ---
     shuffle_buffer: int = 1000                      # samples held by the in-memory shuffle buffer
@@ -63,6 +67,8 @@ class MISConfig:
                              f"< 1, got {self.validation_fraction} (test_fraction {self.test_fraction})")
         if self.generator == "stable-diffusion" and self.resolution % 8:
             raise ValueError(f"MISConfig.resolution must be a multiple of 8 for Stable Diffusion, got {self.resolution}")
+        if self.dino_features not in ("cache", "online"):
+            raise ValueError(f"MISConfig.dino_features must be 'cache' or 'online', got {self.dino_features!r}")
         if self.sets_per_shard < 1 or self.captions_per_batch < 1 or self.images_per_set < 1:
             raise ValueError("MISConfig.sets_per_shard, captions_per_batch and images_per_set must be >= 1")
 
@@ -95,7 +101,7 @@ MIS_PRESETS: dict[str, MISConfig] = {
         model_name="stabilityai/stable-diffusion-2-1-base", resolution=512, captions_per_batch=2,
         keep_latents=True, sets_per_shard=100, image_format="jpeg", test_fraction=0.001, validation_fraction=0.001,
         autoencoder="vae", dino_path="models/dinov2-giant", feature_batch_size=64, reuse_generation_latents=True,
-        shuffle_buffer=2000,
+        dino_features="online", shuffle_buffer=2000,
     ),
 }
 

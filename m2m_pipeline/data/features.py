@@ -1,8 +1,12 @@
 """Feature caches (Sec. 5): per MIS shard, a feature shard with the same keys holding the autoencoder
-latents (pixel tensors for pixel-space presets) and DINOv2 last hidden states, both fp16.
+latents (pixel tensors for pixel-space presets) and, for M2M-DINO, what its context tokens come from.
 
-Training reads only feature shards, so each carries the caption and attributes too; images are never
-decoded during training.
+`MISConfig.dino_features` chooses the latter (docs/data.md "The DINO feature store"):
+- "cache": DINOv2 last hidden states, fp16 (`dino.npy`, (K, S, D)); training decodes nothing.
+- "online": the set's images as the MIS shard encoded them (`00.jpg` .. `24.jpg` / `.png`, copied byte for
+  byte, never re-encoded); the training step encodes the N - 1 context images it draws. At paper scale this
+  is 3.0 MB per set instead of 20.6 MB.
+Training reads only feature shards, so each carries the caption and attributes too.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from m2m_pipeline.data.shards import (
     MISSample,
     decode_mis_sample,
     dump_fp16,
+    image_extensions,
     dump_json,
     manifest_path,
     read_manifest,
@@ -53,10 +58,12 @@ def encoder_spec(cfg: MISConfig) -> EncoderSpec:
 
 
 def load_feature_encoders(cfg: MISConfig, device: str | None = None) -> tuple[Any, Any]:
-    """The (autoencoder, DINO encoder) pair a preset names (its `encoder_spec`)."""
+    """The (autoencoder, DINO encoder) pair a preset names (its `encoder_spec`); no DINO encoder (None) when
+    the preset encodes DINO online, in training."""
     target = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec = encoder_spec(cfg)
-    autoencoder, dino = spec.build_autoencoder(), spec.build_dino()
+    autoencoder = spec.build_autoencoder()
+    dino = spec.build_dino() if cfg.dino_features == "cache" else None
     for module in (autoencoder, dino):
         if isinstance(module, torch.nn.Module):
             module.to(target)
@@ -67,7 +74,18 @@ def encoder_tag(cfg: MISConfig, spec: EncoderSpec | None = None) -> str:
     """Names the encoders a cache was built with; a cache built with other encoders is stale (a retrained
     autoencoder, the demo's `autoencoder` asset, makes every feature shard built with the old one stale).
     `spec`: `encoder_spec(cfg)` when the caller has it (computing it hashes the VAE weights)."""
-    return f"{(spec or encoder_spec(cfg)).tag()}|reuse={cfg.reuse_generation_latents}"
+    online = "|dino=online" if cfg.dino_features == "online" else ""  # absent for "cache": older caches stay fresh
+    return f"{(spec or encoder_spec(cfg)).tag()}|reuse={cfg.reuse_generation_latents}{online}"
+
+
+def cache_dino_features(shards: list[str | os.PathLike]) -> str:
+    """"cache" or "online": how the feature shards hold M2M-DINO's context (their manifests; mixed is refused)."""
+    modes = {os.fspath(s): (read_manifest(s) or {}).get("dino_features", "cache") for s in shards}
+    if len(set(modes.values())) > 1:
+        first = {mode: shard for shard, mode in modes.items()}
+        raise ShardError(os.fspath(shards[0]), None, f"feature shards mix DINO stores ({first}); rebuild them "
+                                                     f"with one MISConfig.dino_features")
+    return next(iter(modes.values()), "cache")
 
 
 def cache_encoder_spec(shards: list[str | os.PathLike]) -> EncoderSpec | None:
@@ -125,7 +143,7 @@ def _check_features(array: np.ndarray, shard: str, key: str, what: str) -> None:
 
 
 def build_feature_shard(
-    mis_shard: str | os.PathLike, out_dir: str | os.PathLike, autoencoder: ImageEncoder, dino: ImageEncoder,
+    mis_shard: str | os.PathLike, out_dir: str | os.PathLike, autoencoder: ImageEncoder, dino: ImageEncoder | None,
     cfg: MISConfig, progress: bool = True, samples_per_chunk: int = 16,
 ) -> dict[str, Any]:
     """Encode every image of `mis_shard` into `out_dir/<same name>`; skips if already built from it.
@@ -152,32 +170,46 @@ def build_feature_shard(
     bar = tqdm(total=total, desc=f"features {shard.name}", unit=" img", disable=not progress)
     keys: list[str] = []
     shapes: dict[str, list[int]] = {}
+    online = cfg.dino_features == "online"
+    if not online and dino is None:
+        raise ValueError(f"MISConfig {cfg.name!r} caches DINO features (dino_features='cache'): pass a DINO encoder")
     with atomic_open(shard) as handle, DeterministicTarWriter(handle) as writer:
         chunk: list[MISSample] = []
+        raws: list[dict[str, Any]] = []
 
         def flush() -> None:
-            dino_features = encode_images(dino, chunk, cfg.feature_batch_size, bar)
+            if online:  # the images travel as the MIS shard encoded them; training encodes them
+                contexts: list[dict[str, Any]] = [{name: raw[name] for name in image_extensions(raw)} for raw in raws]
+                bar.update(sum(len(s.images) for s in chunk))
+            else:
+                contexts = [{"dino.npy": v} for v in encode_images(dino, chunk, cfg.feature_batch_size, bar)]
             reuse = cfg.reuse_generation_latents and all(s.latents is not None for s in chunk)
             if reuse:
                 latents = [s.latents.astype(np.float32) for s in chunk]  # type: ignore[union-attr]
             else:
                 latents = encode_images(autoencoder, chunk, cfg.feature_batch_size, _NullBar())
-            for sample, z, v in zip(chunk, latents, dino_features):
+            for sample, z, context in zip(chunk, latents, contexts):
                 _check_features(z, os.fspath(mis_shard), sample.key, "latents")
-                _check_features(v, os.fspath(mis_shard), sample.key, "DINO features")
                 shapes.setdefault("latents", list(z.shape))
-                shapes.setdefault("dino", list(v.shape))
                 record: dict[str, Any] = {"__key__": sample.key, "caption.txt": sample.caption.encode("utf-8"),
-                                          "latents.npy": dump_fp16(z), "dino.npy": dump_fp16(v)}
+                                          "latents.npy": dump_fp16(z)}
+                if online:
+                    record.update(context)
+                else:
+                    _check_features(context["dino.npy"], os.fspath(mis_shard), sample.key, "DINO features")
+                    shapes.setdefault("dino", list(context["dino.npy"].shape))
+                    record["dino.npy"] = dump_fp16(context["dino.npy"])
                 if sample.attributes is not None:
                     record["attributes.json"] = dump_json(sample.attributes)
                 writer.write(record)
                 keys.append(sample.key)
             chunk.clear()
+            raws.clear()
 
         read: dict[str, dict[str, Any]] = {}  # what the reader hashed while streaming the MIS shard
         for raw in read_samples([mis_shard], digests=read):  # raises at the end if bytes or keys differ
             chunk.append(decode_mis_sample(raw, source["images_per_set"]))
+            raws.append(raw)
             if len(chunk) == samples_per_chunk:
                 flush()
         if chunk:
@@ -190,7 +222,7 @@ def build_feature_shard(
     extra = {"kind": "features", "source": mis_shard.name, "source_sha256": read[os.fspath(mis_shard)]["sha256"],
              "encoders": tag, "encoder_spec": spec.to_dict(), "images_per_set": source["images_per_set"],
              "latents_shape": shapes.get("latents"), "dino_shape": shapes.get("dino"), "dtype": "float16",
-             "preset": cfg.name}
+             "dino_features": cfg.dino_features, "preset": cfg.name}
     return {**write_manifest(shard, source["index"], keys, request, extra), "skipped": False}
 
 

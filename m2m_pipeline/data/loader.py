@@ -21,7 +21,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from m2m_pipeline.data.errors import ShardError
 from m2m_pipeline.io import sha256_file
-from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, read_manifest, samples_from_shards
+from m2m_pipeline.data.shapes import uint8_to_images
+from m2m_pipeline.data.shards import (
+    decode_image,
+    decode_json,
+    decode_npy,
+    decode_text,
+    image_extensions,
+    read_manifest,
+    samples_from_shards,
+)
 
 
 def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -47,9 +56,20 @@ def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> 
     caption = decode_text(sample, "caption.txt", url, key) if "caption.txt" in sample else ""
     attributes = decode_json(sample, "attributes.json", url, key) if "attributes.json" in sample else None
     latents = decode_npy(sample, "latents.npy", url, key)  # (25, C, H, W) fp16
-    dino = decode_npy(sample, "dino.npy", url, key)        # (25, S, D) fp16
-    if latents.ndim != 4 or dino.ndim != 3 or len(latents) != len(dino):
-        raise ShardError(url, key, f"feature shapes {latents.shape} / {dino.shape} are not (K, C, H, W) / (K, S, D)")
+    online = "dino.npy" not in sample  # an online DINO store: the set's encoded images instead (data/features.py)
+    if online:
+        names = image_extensions(sample)
+        if not names:
+            raise ShardError(url, key, "sample has neither 'dino.npy' nor images ('00.jpg' ...) for M2M-DINO's context")
+        sizes = (len(latents), len(names))
+    else:
+        dino = decode_npy(sample, "dino.npy", url, key)    # (25, S, D) fp16
+        if dino.ndim != 3:
+            raise ShardError(url, key, f"feature shape {dino.shape} of 'dino.npy' is not (K, S, D)")
+        sizes = (len(latents), len(dino))
+    if latents.ndim != 4 or sizes[0] != sizes[1]:
+        raise ShardError(url, key, f"latents {latents.shape} are not (K, C, H, W) with one entry per image of the "
+                                   f"set ({sizes[1]} {'images' if online else 'DINO entries'})")
     if len(latents) < n_images:
         raise ShardError(url, key, f"set has {len(latents)} images, fewer than the {n_images} an example needs")
     indices = rng.sample(range(len(latents)), n_images)  # random subset, random order
@@ -60,8 +80,13 @@ def to_example(sample: Mapping[str, Any], n_images: int, rng: random.Random) -> 
         "caption": caption,
         "indices": torch.tensor(indices, dtype=torch.long),                    # (N,)
         "latents": torch.from_numpy(latents[indices].astype(np.float32)),      # (N, C, H, W)
-        "dino": torch.from_numpy(dino[indices].astype(np.float32)),            # (N, S, D)
     }
+    if online:
+        # Only the N - 1 context images are decoded (image N is nobody's context): (N - 1, 3, H, W) in [-1, 1].
+        context = indices[: max(1, n_images - 1)]
+        example["images"] = uint8_to_images(np.stack([decode_image(sample, names[i], url, key) for i in context]))
+    else:
+        example["dino"] = torch.from_numpy(dino[indices].astype(np.float32))  # (N, S, D)
     if attributes is not None:
         if not isinstance(attributes, dict):
             raise ShardError(url, key, f"'attributes.json' is a {type(attributes).__name__}, expected an object")

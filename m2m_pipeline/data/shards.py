@@ -351,6 +351,16 @@ def image_extensions(sample: Mapping[str, Any]) -> list[str]:
     return sorted(ext for ext in sample if ext.split(".")[-1] in ("png", "jpg") and ext.split(".")[0].isdigit())
 
 
+def decode_image(sample: Mapping[str, Any], name: str, url: str, key: str) -> np.ndarray:
+    """One image member -> (H, W, 3) uint8; an undecodable one raises ShardError(shard, key)."""
+    try:
+        with Image.open(io.BytesIO(sample[name])) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as exn:
+        raise ShardError(url, key, f"image {name!r} does not decode: {exn}") from exn
+
+
 def decode_mis_sample(sample: Mapping[str, Any], images_per_set: int | None = None) -> MISSample:
     """Decode one raw MIS sample; any missing or undecodable member raises ShardError(shard, key)."""
     url, key = sample.get("__url__", "<unknown shard>"), sample["__key__"]
@@ -360,14 +370,7 @@ def decode_mis_sample(sample: Mapping[str, Any], images_per_set: int | None = No
     expected = images_per_set if images_per_set is not None else len(params.get("seeds", names))
     if len(names) != expected:
         raise ShardError(url, key, f"sample has {len(names)} images, expected {expected}")
-    pixels = []
-    for name in names:
-        try:
-            with Image.open(io.BytesIO(sample[name])) as image:
-                image.load()
-                pixels.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError, SyntaxError) as exn:
-            raise ShardError(url, key, f"image {name!r} does not decode: {exn}") from exn
+    pixels = [decode_image(sample, name, url, key) for name in names]
     if len({p.shape for p in pixels}) > 1:
         raise ShardError(url, key, f"images differ in size: {sorted({p.shape for p in pixels})}")
     latents = decode_npy(sample, "latents.npy", url, key) if "latents.npy" in sample else None

@@ -16,7 +16,14 @@ import numpy as np
 
 from m2m_pipeline.data.captions import SPLITS, read_caption_table
 from m2m_pipeline.data.errors import MISDataError, ShardError
-from m2m_pipeline.data.shards import decode_mis_sample, decode_npy, read_manifest, read_samples
+from m2m_pipeline.data.shards import (
+    decode_image,
+    decode_mis_sample,
+    decode_npy,
+    image_extensions,
+    read_manifest,
+    read_samples,
+)
 from m2m_pipeline.data.tokens import clip_token_count
 
 MAX_ERRORS = 20
@@ -109,6 +116,19 @@ def validate_mis_shard(shard: str | os.PathLike, images_per_set: int = 25, max_t
     return result
 
 
+def _check_online_images(result: ValidationResult, raw: dict[str, Any], url: str, key: str,
+                         latents_shape: tuple[int, ...] | None) -> None:
+    """An online DINO store's sample: one decodable image per latent (the DINO encoder's input in training)."""
+    names = image_extensions(raw)
+    if latents_shape is not None and len(names) != latents_shape[0]:
+        result.fail(f"{url}: sample {key!r}: {len(names)} images for {latents_shape[0]} latents")
+    for name in names:
+        try:
+            decode_image(raw, name, url, key)
+        except ShardError as exn:
+            result.fail(str(exn))
+
+
 def validate_feature_shard(
     shard: str | os.PathLike, latents_shape: Iterable[int] | None = None, dino_shape: Iterable[int] | None = None,
 ) -> ValidationResult:
@@ -121,13 +141,16 @@ def validate_feature_shard(
     if manifest is not None:
         expected = {"latents.npy": expected["latents.npy"] or tuple(manifest.get("latents_shape") or ()) or None,
                     "dino.npy": expected["dino.npy"] or tuple(manifest.get("dino_shape") or ()) or None}
+    online = manifest is not None and manifest.get("dino_features") == "online"  # images instead of dino.npy
     keys: list[str] = []
     digests: dict[str, dict[str, Any]] = {}
     try:
         for raw in read_samples([shard], verify=False, digests=digests):
             url, key = os.fspath(shard), raw["__key__"]
             keys.append(key)
-            for ext in ("latents.npy", "dino.npy"):
+            if online:
+                _check_online_images(result, raw, url, key, expected["latents.npy"])
+            for ext in ("latents.npy",) if online else ("latents.npy", "dino.npy"):
                 try:
                     array = decode_npy(raw, ext, url, key)
                 except ShardError as exn:
