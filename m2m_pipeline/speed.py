@@ -270,8 +270,8 @@ def measure_training_throughput(preset: str, *, batch_size: int, n_images: int, 
 
 
 def format_training_table(rows: Sequence[TrainingRow]) -> str:
-    lines = [f"{'method':>9} | {'params':>8} | {'s / step':>8} | {'images / s':>10} | {'ratio to baseline':>17}"]
+    lines = [f"{'method':>11} | {'params':>8} | {'s / step':>8} | {'images / s':>10} | {'ratio to baseline':>17}"]
     for r in rows:
-        lines.append(f"{r.method:>9} | {r.parameters / 1e6:7.2f}M | {r.seconds_per_step:8.3f} | "
+        lines.append(f"{r.method:>11} | {r.parameters / 1e6:7.2f}M | {r.seconds_per_step:8.3f} | "
                      f"{r.images_per_second:10.1f} | {r.ratio_to_baseline:17.2f}")
     return "\n".join(lines)
