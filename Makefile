@@ -11,7 +11,7 @@ DAGSTER_HOME ?= $(CURDIR)/.state/dagster
 export DAGSTER_HOME
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test smoke ui state bench cli-demo clean
+.PHONY: venv demo test smoke ui state bench cli-demo clean paper-dryrun
 
 venv: $(STAMP)
 
@@ -47,6 +47,13 @@ ui: $(STAMP) state
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py --preset demo
+
+# Every stage of the Dagster paper job on random weights in the released SD-2.1-base / DINOv2-giant layouts
+# (in-process executor, one caption per split): seconds and peak memory per stage. ~20 GiB; not in CI (its
+# small-shape twin is tests/orchestration/test_paper_dryrun.py). DRYRUN_SCALE=small for the narrow networks.
+DRYRUN_SCALE ?= full
+paper-dryrun: $(STAMP)
+	$(BIN)/python -m m2m_pipeline.orchestration.dryrun --out runs/paper-dryrun-$(DRYRUN_SCALE) --scale $(DRYRUN_SCALE)
 
 cli-demo: $(STAMP)
 	$(BIN)/m2m demo --preset demo --variant self --steps 300 --out runs/demo

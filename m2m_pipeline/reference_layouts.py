@@ -81,8 +81,8 @@ def build_dinov2_giant(path: str | os.PathLike, scale: Scale = "full", seed: int
 
     path = Path(path)
     kw = dict(DINOV2_GIANT)
-    if scale == "small":
-        kw.update(hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
+    if scale == "small":  # one layer, giant's width: the tokens M2M-DINO's paper preset expects (257 x 1536)
+        kw.update(num_hidden_layers=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Dinov2Model(Dinov2Config(**kw))

@@ -37,4 +37,4 @@ def test_small_dinov2_folder_gives_257_tokens(tmp_path):
     assert json.loads((path / "config.json").read_text())["use_swiglu_ffn"] is True
     encoder = DinoEncoder.from_pretrained(path)
     tokens = encoder.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
-    assert tokens.shape == (2, 257, 48)  # resize 256, crop 224, patch 14: CLS + 16 x 16
+    assert tokens.shape == (2, 257, 1536)  # resize 256, crop 224, patch 14: CLS + 16 x 16; giant's width

@@ -58,6 +58,13 @@ EVAL_PRESETS: dict[str, EvalSpec] = {
                       drift_sets=12, benchmark_images=2, benchmark_steps=20, sweep=SamplingSweep()),
     "paper": EvalSpec(num_sets=10_000, context_images=4, generated_images=10, steps=50, guidance_scale=7.5,
                       drift_sets=64, benchmark_images=2, benchmark_steps=50),
+    # `make paper-dryrun`: every evaluation step once at the paper's shapes, two sets (FID needs two), one DDIM step
+    # (orchestration/dryrun.py); nothing it reports is a result.
+    "dryrun": EvalSpec(num_sets=2, context_images=4, generated_images=1, steps=1, guidance_scale=7.5,
+                       drift_images=2, drift_sets=1, context_counts=(1,), zero_shot_images=1, benchmark_contexts=(1,),
+                       benchmark_images=1, benchmark_steps=1, benchmark_repeats=1,
+                       oracle_overrides={"train_images": 64, "heldout_images": 16, "epochs": 1, "min_accuracy": None},
+                       autoencoder_min_accuracy=None),
 }
 
 

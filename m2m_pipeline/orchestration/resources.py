@@ -22,8 +22,8 @@ from dagster import ConfigurableResource, Failure, InitResourceContext
 from filelock import FileLock
 from pydantic import PrivateAttr, model_validator
 
-from m2m_pipeline.data.config import MIS_PRESETS, MISConfig
-from m2m_pipeline.evaluation.report import EvalSpec
+from m2m_pipeline.data.config import MIS_PRESETS, MISConfig, get_preset
+from m2m_pipeline.evaluation.report import EVAL_PRESETS, EvalSpec
 from m2m_pipeline.orchestration.profiles import RunProfile, caption_files
 from m2m_pipeline.tracking import MlflowRun, NullRun
 
@@ -95,8 +95,12 @@ class M2MSettings(ConfigurableResource):
     sd_model_path: str | None = None        # local Stable Diffusion 2.1-base folder (MIS generator + VAE)
     dino_path: str | None = None            # local DINOv2 folder (dinov2-giant for the paper)
     mis_seed: int | None = None             # base seed of every image's noise
+    mis_inference_steps: int | None = None  # MISConfig.num_inference_steps (SD sampling steps; `make paper-dryrun`: 1)
+    mis_images_per_set: int | None = None   # MISConfig.images_per_set (Sec. 4: 25; at least TrainConfig.n_images)
+    eval_preset: str | None = None          # EVAL_PRESETS key replacing the profile's EvalSpec (before eval_* below)
     train_steps: int | None = None
     train_batch_size: int | None = None
+    train_global_batch_size: int | None = None  # TrainConfig.global_batch_size (the paper: 256)
     train_lr: float | None = None
     train_seconds: float | None = None      # wall-clock budget per training run (TrainConfig.max_seconds)
     # Train M2M from random weights instead of the profile's SD-style folder (the paper: sd_model_path, Sec. 6.1;
@@ -124,8 +128,12 @@ class M2MSettings(ConfigurableResource):
             if value is not None and value not in known:
                 raise ValueError(f"resources.settings.config.{name}: unknown preset {value!r}; "
                                  f"choose one of {sorted(known)}")
-        _positive(self, "settings", ("train_steps", "train_batch_size", "train_lr", "train_seconds", "eval_sets",
-                                     "eval_generated_images", "eval_steps"))
+        _positive(self, "settings", ("train_steps", "train_batch_size", "train_global_batch_size", "train_lr", "train_seconds", "eval_sets",
+                                     "eval_generated_images", "eval_steps", "mis_inference_steps",
+                                     "mis_images_per_set"))
+        if self.eval_preset is not None and self.eval_preset not in EVAL_PRESETS:
+            raise ValueError(f"resources.settings.config.eval_preset: unknown preset {self.eval_preset!r}; "
+                             f"choose one of {sorted(EVAL_PRESETS)}")
         if self.mis_seed is not None and self.mis_seed < 0:
             raise ValueError(f"resources.settings.config.mis_seed must be >= 0, got {self.mis_seed}")
         return self
@@ -140,14 +148,21 @@ class M2MSettings(ConfigurableResource):
         if not root.is_dir():
             raise Failure(f"{field}.repo_dir: {root} is not a directory")
         mis_overrides = dict(profile.mis_overrides)
-        if self.mis_seed is not None:
-            mis_overrides["seed"] = self.mis_seed
+        for name, key in (("mis_seed", "seed"), ("mis_inference_steps", "num_inference_steps"),
+                          ("mis_images_per_set", "images_per_set")):
+            if getattr(self, name) is not None:
+                mis_overrides[key] = getattr(self, name)
         if self.sd_model_path is not None:
             mis_overrides["model_path"] = self.sd_model_path
         if self.dino_path is not None:
             mis_overrides["dino_path"] = self.dino_path
         if profile.autoencoder_preset is not None:  # trained by the profile's autoencoder asset
             mis_overrides["autoencoder_path"] = str(root / profile.autoencoder_dir)
+        base = get_preset(self.mis_preset or profile.mis_preset).replace(**mis_overrides)
+        for key in ("model_path", "dino_path", "autoencoder_path"):  # relative to repo_dir, not to the cwd
+            value = getattr(base, key)
+            if value is not None and not Path(value).is_absolute():
+                mis_overrides[key] = str(root / value)
         changed = profile.replace(mis_preset=self.mis_preset or profile.mis_preset, mis_overrides=mis_overrides)
         try:
             mis = changed.mis_config
@@ -160,20 +175,21 @@ class M2MSettings(ConfigurableResource):
         # weights and data paths must exist before anything runs
         if mis.generator == "stable-diffusion" or (mis.autoencoder == "vae" and profile.autoencoder_preset is None):
             which = "sd_model_path"
-            if not mis.model_path or not (root / mis.model_path).is_dir():
+            if not mis.model_path or not Path(mis.model_path).is_dir():
                 raise Failure(f"{field}.{which}: Stable Diffusion weights not found at "
-                              f"{root / (mis.model_path or '')!s} (the {profile.name!r} profile needs them)")
-        if mis.dino_path is not None and not (root / mis.dino_path).is_dir():
-            raise Failure(f"{field}.dino_path: DINOv2 weights not found at {root / mis.dino_path}")
+                              f"{mis.model_path or root} (the {profile.name!r} profile needs them)")
+        if mis.dino_path is not None and not Path(mis.dino_path).is_dir():
+            raise Failure(f"{field}.dino_path: DINOv2 weights not found at {mis.dino_path}")
         source = self.caption_source or profile.caption_source
         if source != "shapes" and not caption_files(str(root / source)):
             raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
         train_overrides = dict(profile.train_overrides)
-        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"), ("train_lr", "lr"),
+        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"),
+                          ("train_global_batch_size", "global_batch_size"), ("train_lr", "lr"),
                           ("train_seconds", "max_seconds")):
             if getattr(self, name) is not None:
                 train_overrides[key] = getattr(self, name)
-        ev = profile.eval
+        ev = profile.eval if self.eval_preset is None else EVAL_PRESETS[self.eval_preset]
         ev = dataclasses.replace(
             ev, num_sets=self.eval_sets or ev.num_sets,
             generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps)

@@ -1,0 +1,172 @@
+"""`make paper-dryrun`: every stage of the Dagster paper job, through the job's own code path, on random weights
+in the released folder layouts, for a handful of captions (issue 14).
+
+    python -m m2m_pipeline.orchestration.dryrun --out runs/paper-dryrun               # full scale, ~20 GiB
+    python -m m2m_pipeline.orchestration.dryrun --out /tmp/dry --scale small          # CI's small shapes
+
+What it does:
+1. writes random-weight folders laid out like stabilityai/stable-diffusion-2-1-base and facebook/dinov2-giant
+   (`m2m_pipeline.reference_layouts`; "small": the same layouts and the paper's 512 px, narrow networks);
+2. writes a CC12M-style caption TSV of four captions (train 1, validation 1, test 2);
+3. runs each op of `m2m_paper_job` (captions -> MIS -> features -> both checkpoints -> oracle -> both
+   evaluation reports -> learnability -> sampling benchmark) with `execute_in_process(op_selection=[op])` —
+   Dagster's in-process executor instead of the k8s one, the paper run config's resources otherwise — each in
+   its own child process, so its peak memory is its own;
+4. prints one table: stage, seconds, peak resident memory (and peak CUDA memory on a GPU).
+
+What the run config changes for a dry run (`dryrun_run_config`): one SD sampling step and 6 images per set
+(N = 5 must fit), one training step of one set (global batch 1), the `dryrun` EvalSpec (one set, one DDIM
+step), MLflow in a local SQLite store under `--out`, DVC off (the paper profile versions nothing yet). Nothing
+it prints is a result: the weights are random. The run's events stay in `--out/.state/dagster` (`dagster dev`
+with DAGSTER_HOME there shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROFILE = "paper"
+JOB = f"m2m_{PROFILE}_job"
+# The job's ops in dependency order (asset keys paper/<name>; the feature caches are one multi-asset op).
+STAGES = ("raw_captions", "filtered_captions", "mis_shards", "feature_caches", "m2m_self_checkpoint",
+          "m2m_dino_checkpoint", "attribute_oracle", "m2m_self_evaluation_report", "m2m_dino_evaluation_report",
+          "learnability", "sampling_benchmark")
+SD_DIR, DINO_DIR, CAPTIONS = "models/stable-diffusion-2-1-base", "models/dinov2-giant", "data/cc12m/*.tsv"
+
+
+# Captions per split: FID needs two sets a side, so the test split gets two.
+SPLIT_SIZES = {"train": 1, "validation": 1, "test": 2}
+
+
+def split_captions(test_fraction: float, validation_fraction: float) -> list[str]:
+    """SPLIT_SIZES captions per split, found by the same hash the caption filter splits on. Shapes-world
+    captions: the paper profile's evaluation assets judge with the shapes attribute oracle, which parses them."""
+    from m2m_pipeline.data.captions import caption_hash, split_of
+    from m2m_pipeline.data.shapes import random_captions
+    from m2m_pipeline.data.tokens import normalise_caption
+
+    found: dict[str, list[str]] = {split: [] for split in SPLIT_SIZES}
+    for _, text in random_captions(200_000, seed=0):
+        split = split_of(caption_hash(normalise_caption(text)), test_fraction, validation_fraction)
+        if text not in found[split] and len(found[split]) < SPLIT_SIZES[split]:
+            found[split].append(text)
+        if all(len(found[s]) == n for s, n in SPLIT_SIZES.items()):
+            return [text for split in SPLIT_SIZES for text in found[split]]
+    raise RuntimeError(f"too few captions per split in 200,000 draws: {found}")
+
+
+def prepare(root: Path, scale: str) -> None:
+    """The weight folders and the caption TSV under `root` (kept if already there)."""
+    from m2m_pipeline.data.config import get_preset
+    from m2m_pipeline.reference_layouts import build_dinov2_giant, build_sd21_base
+
+    if not (root / SD_DIR / "model_index.json").exists():
+        build_sd21_base(root / SD_DIR, scale=scale)
+    if not (root / DINO_DIR / "config.json").exists():
+        build_dinov2_giant(root / DINO_DIR, scale=scale)
+    mis = get_preset(PROFILE)
+    tsv = root / "data" / "cc12m" / "part-00000.tsv"
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"https://example.invalid/{i}.jpg\t{text}\n"
+             for i, text in enumerate(split_captions(mis.test_fraction, mis.validation_fraction))]
+    tsv.write_text("".join(lines))
+
+
+def dryrun_run_config(root: Path, device: str) -> dict[str, Any]:
+    """The paper run config's resources, sized for a dry run (module docstring); no k8s execution block."""
+    return {"resources": {
+        "settings": {"config": {
+            "profile": PROFILE, "repo_dir": str(root), "caption_source": CAPTIONS, "sd_model_path": SD_DIR,
+            "dino_path": DINO_DIR, "train_from_scratch": False, "mis_inference_steps": 1, "mis_images_per_set": 6,
+            "train_steps": 1, "train_batch_size": 1, "train_global_batch_size": 1, "eval_preset": "dryrun"}},
+        "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess"}},
+        "mlflow": {"config": {"mode": "local", "repo_dir": str(root), "experiment": "m2m-paper-dryrun"}},
+        "dvc": {"config": {"mode": "off"}},
+    }}
+
+
+def run_stage(root: Path, stage: str, device: str) -> dict[str, Any]:
+    """One op of the paper job, in this process (the child's side of `main`)."""
+    from dagster import DagsterInstance
+
+    from m2m_pipeline.definitions import defs
+    from m2m_pipeline.orchestration.jobs import range_tags
+    from m2m_pipeline.orchestration.profiles import PROFILES
+
+    job = defs.resolve_job_def(JOB)
+    (root / ".state" / "dagster").mkdir(parents=True, exist_ok=True)
+    instance = DagsterInstance.local_temp(tempdir=str(root / ".state" / "dagster"))
+    start = time.perf_counter()
+    result = job.execute_in_process(run_config=dryrun_run_config(root, device), instance=instance,
+                                    op_selection=[f"{PROFILE}__{stage}"], tags=range_tags(PROFILES[PROFILE]),
+                                    raise_on_error=True)
+    seconds = time.perf_counter() - start
+    row = {"stage": stage, "success": result.success, "seconds": round(seconds, 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    import torch
+
+    if torch.cuda.is_available():
+        row["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def format_rows(rows: list[dict[str, Any]], scale: str) -> str:
+    cuda = any("peak_cuda_gib" in r for r in rows)
+    head = "| stage | seconds | peak RSS GiB |" + (" peak CUDA GiB |" if cuda else "")
+    lines = [f"paper-dryrun ({scale} scale, random weights in the released layouts)", head,
+             "|---|---|---|" + ("---|" if cuda else "")]
+    for r in rows:
+        status = "" if r.get("success", False) else " (failed)"
+        lines.append(f"| {r['stage']}{status} | {r.get('seconds', '-')} | {r.get('peak_rss_gib', '-')} |"
+                     + (f" {r.get('peak_cuda_gib', '-')} |" if cuda else ""))
+    lines.append(f"| total | {sum(r.get('seconds', 0) for r in rows):.1f} | "
+                 f"{max((r.get('peak_rss_gib', 0) for r in rows), default=0)} |" + (" |" if cuda else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/paper-dryrun"), help="the dry run's repo root")
+    ap.add_argument("--scale", choices=("full", "small"), default="full")
+    ap.add_argument("--device", default="auto", help="compute.device of the run config (auto, cpu, cuda)")
+    ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES, metavar="STAGE")
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # the child: run one op, print its row
+    args = ap.parse_args(argv)
+    root = args.out.resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stage:
+        print("DRYRUN-ROW " + json.dumps(run_stage(root, args.stage, args.device)), flush=True)
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    prepare(root, args.scale)
+    rows: list[dict[str, Any]] = [{"stage": "weights + captions (random, released layouts)", "success": True,
+                                   "seconds": round(time.perf_counter() - start, 1),
+                                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}]
+    for stage in args.stages:
+        print(f"--- {stage}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.orchestration.dryrun", "--out", str(root),
+                               "--scale", args.scale, "--device", args.device, "--stage", stage],
+                              capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("DRYRUN-ROW ")]
+        if proc.returncode != 0 or not found:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            rows.append({"stage": stage, "success": False})
+            print(format_rows(rows, args.scale))
+            print(f"paper-dryrun: stage {stage} failed (exit {proc.returncode}); its log is above", file=sys.stderr)
+            return 1
+        rows.append(json.loads(found[-1].removeprefix("DRYRUN-ROW ")))
+    print(format_rows(rows, args.scale))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
