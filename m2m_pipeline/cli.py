@@ -492,6 +492,50 @@ def plan_cmd(preset: str, gpus: int, gpu_memory: float, gpu_tflops: float, utili
     click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
 
 
+@main.command("drift")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="M2M checkpoint folder (its encoders come from what it records).")
+@click.option("--test-shards", required=True, help="Test feature shards: folder, glob or brace pattern.")
+@click.option("--oracle", "oracle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Shapes-world attribute oracle folder (the judge and the FID feature network).")
+@click.option("--policy", "policies", multiple=True, default=("window-4", "anchors-1", "anchors-2", "anchors-4", "all"),
+              show_default=True, help="Context policies to compare (repeat; m2m_pipeline/evaluation/drift.py).")
+@click.option("--images", type=POSITIVE_INT, default=25, show_default=True, help="Images generated per set.")
+@click.option("--sets", type=POSITIVE_INT, default=32, show_default=True, help="Test sets.")
+@click.option("--steps", type=POSITIVE_INT, default=25, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=POSITIVE_FLOAT, default=3.0, show_default=True,
+              help="Guidance scale s (choose it on the validation split: the evaluation report's sweep).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch intra-op threads.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="drift.json, drift.md and the plots go here.")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI: metrics by position (step = n) there.")
+def drift_cmd(checkpoint: Path, test_shards: str, oracle_dir: Path, policies: tuple[str, ...], images: int, sets: int,
+              steps: int, guidance: float, seed: int, threads: int | None, out_dir: Path, mlflow_uri: str | None
+              ) -> None:
+    """Drift over a long run per context policy: oracle consistency and FID by position, seconds per image."""
+    import torch
+
+    from m2m_pipeline.evaluation.drift import DriftSpec, drift_metrics, drift_table, policies_named, run_drift
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        policies_named(policies)
+    except ValueError as exn:
+        raise click.BadParameter(str(exn), param_hint="--policy") from None
+    spec = DriftSpec(num_images=images, steps=steps, guidance_scale=guidance, seed=seed)
+    with _tracked(mlflow_uri, f"drift-{checkpoint.name}", {"checkpoint": str(checkpoint), "sets": sets,
+                                                           "policies": ",".join(policies), **spec.to_dict()}) as run:
+        result = run_drift(checkpoint, test_shards, oracle_dir, out_dir, policies, spec, sets, progress=True)
+        for step, metrics in drift_metrics(result).items():
+            run.log_metrics(metrics, step=step)
+        for path in result["files"].values():
+            run.log_artifact(path)
+    click.echo(drift_table(result))
+    click.echo(f"wrote {out_dir}/drift.json, drift.md and the plots")
+
+
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
 from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
     evaluate_task_cmd,
