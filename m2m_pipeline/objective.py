@@ -52,9 +52,19 @@ class M2MObjective:
     writes a single t; with N images this is the same expectation, with lower variance).
     """
 
-    def __init__(self, config: M2MConfig, drops: DropConfig = DropConfig(), snr_gamma: float = 0.0):
+    def __init__(self, config: M2MConfig, drops: DropConfig = DropConfig(), snr_gamma: float = 0.0,
+                 context_noise: int = 0):
         self.scheduler = DDPMScheduler(**config.scheduler_kwargs())
         self.drops = drops
+        # Context-noise augmentation (Diffusion Forcing / CausVid's context_noise; issue 15), M2M-Self only: each
+        # set's context latents are noised to t_c ~ U{0..context_noise} and the clean stream is told t_c, so the
+        # network learns to read imperfect context, as it gets from its own generations. 0: off (the paper).
+        if context_noise < 0 or context_noise >= self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"context_noise must be in [0, {self.scheduler.config.num_train_timesteps}), "
+                             f"got {context_noise}")
+        if context_noise and config.variant != "self":
+            raise ValueError("context_noise is defined for M2M-Self only (M2M-DINO attends to DINO tokens)")
+        self.context_noise = context_noise
         if snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0 (0: unweighted), got {snr_gamma}")
         self.snr_gamma = snr_gamma
@@ -77,8 +87,11 @@ class M2MObjective:
         # Image N is nobody's context (image i sees images j < i): its clean stream would be wasted work.
         context = context[:, : max(1, n - 1)]
         drop_image, drop_task = sample_drops(b, self.with_task and task_cond is not None, self.drops, generator)
+        extra = {}
+        if self.context_noise:  # drawn after everything else: with context_noise = 0 the RNG stream is today's
+            context, extra["context_t"] = self.noise_context(context, generator)
         pred = net(z_t, t, context, task_cond, drop_image=drop_image.to(device),
-                   drop_task=None if drop_task is None else drop_task.to(device))
+                   drop_task=None if drop_task is None else drop_task.to(device), **extra)
         target = eps
         if self.scheduler.config.prediction_type == "v_prediction":
             target = rearrange(self.scheduler.get_velocity(
@@ -88,6 +101,17 @@ class M2MObjective:
             return F.mse_loss(pred.float(), target.float())
         per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(2, 3, 4))  # (B, N)
         return (per_image * self.min_snr_weights(t)).mean()
+
+    def noise_context(self, context: torch.Tensor, generator: torch.Generator | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, C, H, W) clean context latents -> (noised to t_c per set, t_c (B,)); t_c = 0 leaves a set clean."""
+        b, n = context.shape[:2]
+        t_c = torch.randint(0, self.context_noise + 1, (b,), generator=generator).to(context.device)
+        eps = torch.randn(context.shape, generator=generator, device="cpu").to(context.device)
+        noised = self.scheduler.add_noise(rearrange(context, "b n c h w -> (b n) c h w"),
+                                          rearrange(eps, "b n c h w -> (b n) c h w"), t_c.repeat_interleave(n))
+        noised = rearrange(noised, "(b n) c h w -> b n c h w", b=b)
+        return torch.where((t_c > 0).view(b, 1, 1, 1, 1), noised, context), t_c
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma loss weights of timesteps t (any shape); see `_min_snr_table`."""

@@ -194,6 +194,7 @@ def generate(
     sampler: SchedulerSpec = "ddim",
     progress: bool = True,
     callback: Callback | None = None,
+    context_noise: int = 0,
 ) -> torch.Tensor:
     """Generate `num_images` latents after the given context images, one at a time (Fig. 1).
 
@@ -212,6 +213,8 @@ def generate(
     eta:                 DDIM eta (0: deterministic).
     sampler:             "ddim" (the paper's), "dpm++" (DPM-Solver++), or a factory (config, steps) -> scheduler.
     callback:            called after every denoising step with (image k, step i, timestep t, z_t).
+    context_noise:       M2M-Self trained with context noise: every context image (given or generated) is noised
+                         to this fixed timestep t_c before the network reads it (seeded per image); 0: clean.
     Returns (B, num_images, C, H, W) latents.
     """
     cfg = net.config
@@ -223,13 +226,24 @@ def generate(
     reps: list[torch.Tensor] = []   # per image: what the network attends to, (B, 1, ...)
     cache: list[ContextKV] = []     # per image: keys/values of every layer (use_cache)
 
+    context_t = None
+    if context_noise:
+        if cfg.variant != "self":
+            raise ValueError("context_noise is defined for M2M-Self only")
+        noiser = make_ddim(cfg, steps)  # add_noise only: the training schedule's alphas
+        context_t = torch.full((b,), int(context_noise), device=device, dtype=torch.long)
+
     def image_kv(j: int) -> ContextKV:
         # Per image, in both modes: an image's keys/values depend on it alone, and identical shapes make
         # the cached and recomputed paths agree bit for bit.
         cond = None if task_cond is None else task_cond[:, j : j + 1].to(device)
-        return net.encode_context(br.kv_tile(reps[j]), br.kv_tile(cond), br.kv_drop_task)
+        extra = {} if context_t is None else {"context_t": br.kv_tile(context_t)}
+        return net.encode_context(br.kv_tile(reps[j]), br.kv_tile(cond), br.kv_drop_task, **extra)
 
     def add_image(z_0: torch.Tensor) -> None:
+        if context_t is not None:  # seeded per (set, image), apart from the images' own initial noise
+            eps = image_noise(tuple(z_0.shape[1:]), seeds, 50_000 + len(reps), dtype, device)
+            z_0 = noiser.add_noise(z_0.to(device=device, dtype=dtype), eps, context_t)
         reps.append(encode(z_0.to(device=device, dtype=dtype))[:, None])  # (B, 1, ...)
         if use_cache:
             cache.append(image_kv(len(reps) - 1))

@@ -44,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0            # max global grad norm
     snr_gamma: float = 0.0            # > 0: Min-SNR-gamma loss weighting (objective.py); 0: the plain Eq. 5 loss
+    context_noise: int = 0            # > 0: M2M-Self context noised to t_c ~ U{0..context_noise} (objective.py)
     use_ema: bool = True              # keep an EMA of the weights (diffusers EMAModel); inference weights = EMA
     ema_decay: float = 0.9999         # upper bound of the EMA decay
     ema_power: float = 2 / 3          # EMA warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-power)
@@ -255,7 +256,7 @@ class _Trainer:
         self.ema = None
         if tc.use_ema:
             self.ema = EMAModel(self.net.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power)
-        self.objective = M2MObjective(self.net.config, tc.drops, tc.snr_gamma)
+        self.objective = M2MObjective(self.net.config, tc.drops, tc.snr_gamma, tc.context_noise)
         self.generator = torch.Generator().manual_seed(tc.seed + RANK_SEED_STRIDE * self.rank)
 
     def _inference_state(self) -> dict[str, torch.Tensor] | None:

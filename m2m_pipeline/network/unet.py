@@ -114,14 +114,19 @@ class M2MUNet(nn.Module):
 
     # ------------------------------------------------------------------ context (keys / values)
     def encode_context(self, context: torch.Tensor, task_cond: torch.Tensor | None = None,
-                       drop_task: torch.Tensor | None = None) -> ContextKV:
+                       drop_task: torch.Tensor | None = None, context_t: torch.Tensor | None = None) -> ContextKV:
         """Keys/values of every Image-Set Attention layer for clean context images.
 
         context: (B, n, C, H, W) clean latents (self) or (B, n, S, D) DINO tokens (dino). n may be 0.
+        context_t: (B,) timestep the context latents were noised to (context-noise augmentation, M2M-Self: the
+        clean stream runs at clean_timestep + context_t; None or 0: clean, exactly as without it).
         Each image's entries depend on that image and its own task condition only.
         """
         self._check_context(context)
         b, n = context.shape[:2]
+        if context_t is not None and self.variant != "self" and bool((context_t != 0).any()):
+            raise ValueError("context noise (context_t) is defined for M2M-Self only: M2M-DINO attends to DINO "
+                             "tokens, not to latents a timestep describes")
         if n == 0:
             empty = [context.new_zeros(b, 0, 1, a.inner_dim) for a in self.isa_layers]
             return ContextKV(empty, list(empty))
@@ -135,6 +140,8 @@ class M2MUNet(nn.Module):
         record = ContextKV([None] * len(self.isa_layers), [None] * len(self.isa_layers))  # type: ignore[list-item]
         z_0 = rearrange(context, "b n c h w -> (b n) c h w").to(self.dtype)
         t_clean = torch.full((b * n,), self.config.clean_timestep, device=z_0.device, dtype=torch.long)
+        if context_t is not None:  # (B,) -> every image of set b at its set's level
+            t_clean = t_clean + context_t.to(z_0.device, torch.long).repeat_interleave(n)
         self.unet(self._patchify(z_0), t_clean,
                   encoder_hidden_states=ImageSetCall("record", n, record=record, kv_cond=cond))
         return record
@@ -176,7 +183,7 @@ class M2MUNet(nn.Module):
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 task_cond: torch.Tensor | None = None, *, context_task_cond: torch.Tensor | None = None,
                 drop_image: torch.Tensor | None = None, drop_task: torch.Tensor | None = None,
-                first_position: int = 0) -> torch.Tensor:
+                first_position: int = 0, context_t: torch.Tensor | None = None) -> torch.Tensor:
         """eps_theta(z_t, z_0, t[, c]) -> (B, N, C, H, W).
 
         z_t: (B, N, C, H, W) noisy latents; t: (B,) or (B, N); context: (B, n_c, C, H, W) clean latents
@@ -184,6 +191,7 @@ class M2MUNet(nn.Module):
         (B, N, ...) target conditions of z_t's images; context_task_cond: the context images' conditions
         (default: task_cond when the context is the same set, first_position == 0).
         drop_image / drop_task: (B,) bool, classifier-free-guidance drops of each set's conditions.
+        context_t: (B,) noise timestep of each set's context latents (M2M-Self context noise; None: clean).
         Output for image i depends only on z_t[:, i], t and context[:, :first_position + i].
         """
         b, n, *_ = self._check_latents(z_t, "z_t")
@@ -206,9 +214,12 @@ class M2MUNet(nn.Module):
                 if context_task_cond is not None:
                     context_task_cond = context_task_cond.index_select(0, keep.to(context_task_cond.device))
                 ctx_drop_task = None if drop_task is None else drop_task.index_select(0, keep.to(drop_task.device))
+                if context_t is not None:
+                    context_t = context_t.index_select(0, keep.to(context_t.device))
             else:
                 ctx_drop_task = drop_task
-            context_kv = self.encode_context(context, context_task_cond, ctx_drop_task) if context.shape[0] else None
+            context_kv = self.encode_context(context, context_task_cond, ctx_drop_task, context_t) \
+                if context.shape[0] else None
         return self.denoise(z_t, t, context_kv, ctx_index=ctx_index, task_cond=task_cond, drop_task=drop_task,
                             first_position=first_position)
 
