@@ -57,6 +57,9 @@ ROWS: tuple[AblationRow, ...] = (
     # (Sec. 6.1, m2m_pipeline/base_model.py, SD-2.1-base's role); --trained takes make demo's checkpoints.
     AblationRow("latent-dino", "dino", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
     AblationRow("latent-self", "self", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
+    # Issue 15: context-noise augmentation (M2M-Self's context noised to t_c ~ U{0..200}, the clean stream told t_c)
+    AblationRow("latent-self-ctxnoise200", "self", init="base", train={"context_noise": 200},
+                note="the demo + context noise t_c ~ U{0..200} in training (issue 15)"),
     # What the base model adds: the same schedule from random weights.
     AblationRow("latent-dino-sl", "dino", note="scaled-linear schedule, random init (no base model)"),
     AblationRow("latent-self-sl", "self", note="scaled-linear schedule, random init (no base model)"),

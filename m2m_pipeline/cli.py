@@ -506,13 +506,15 @@ def plan_cmd(preset: str, gpus: int, gpu_memory: float, gpu_tflops: float, utili
 @click.option("--guidance", type=POSITIVE_FLOAT, default=3.0, show_default=True,
               help="Guidance scale s (choose it on the validation split: the evaluation report's sweep).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--context-noise", type=NON_NEGATIVE_INT, default=0, show_default=True,
+              help="M2M-Self trained with context noise: the fixed timestep t_c every context image is noised to.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch intra-op threads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="drift.json, drift.md and the plots go here.")
 @click.option("--mlflow-uri", default=None, help="MLflow tracking URI: metrics by position (step = n) there.")
 def drift_cmd(checkpoint: Path, test_shards: str, oracle_dir: Path, policies: tuple[str, ...], images: int, sets: int,
-              steps: int, guidance: float, seed: int, threads: int | None, out_dir: Path, mlflow_uri: str | None
-              ) -> None:
+              steps: int, guidance: float, seed: int, context_noise: int, threads: int | None, out_dir: Path,
+              mlflow_uri: str | None) -> None:
     """Drift over a long run per context policy: oracle consistency and FID by position, seconds per image."""
     import torch
 
@@ -524,7 +526,7 @@ def drift_cmd(checkpoint: Path, test_shards: str, oracle_dir: Path, policies: tu
         policies_named(policies)
     except ValueError as exn:
         raise click.BadParameter(str(exn), param_hint="--policy") from None
-    spec = DriftSpec(num_images=images, steps=steps, guidance_scale=guidance, seed=seed)
+    spec = DriftSpec(num_images=images, steps=steps, guidance_scale=guidance, seed=seed, context_noise=context_noise)
     with _tracked(mlflow_uri, f"drift-{checkpoint.name}", {"checkpoint": str(checkpoint), "sets": sets,
                                                            "policies": ",".join(policies), **spec.to_dict()}) as run:
         result = run_drift(checkpoint, test_shards, oracle_dir, out_dir, policies, spec, sets, progress=True)

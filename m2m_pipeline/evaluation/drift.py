@@ -58,6 +58,7 @@ class DriftSpec:
     steps: int = 25              # DDIM steps
     guidance_scale: float = 3.0  # s of Eq. 6
     seed: int = 0                # set b uses seed + b (the same for every policy)
+    context_noise: int = 0       # M2M-Self trained with context noise: the fixed t_c of every context image
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +102,7 @@ def drift_study(net: Any, autoencoder: Any, context_encoder: Callable | None, la
         start = time.perf_counter()
         z = generate(net, context, spec.num_images, context_encoder=context_encoder, steps=spec.steps,
                      guidance_scale=spec.guidance_scale, window=policy.window, anchors=policy.anchors,
-                     seed=[spec.seed + i for i in range(b)], progress=progress)
+                     seed=[spec.seed + i for i in range(b)], progress=progress, context_noise=spec.context_noise)
         seconds = time.perf_counter() - start
         images = decode(z)  # (B, num_images, 3, H, W)
         feats = extract_features(images.flatten(0, 1), fid_network).reshape(b, spec.num_images, -1)
