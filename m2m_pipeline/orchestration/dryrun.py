@@ -39,6 +39,7 @@ JOB = f"m2m_{PROFILE}_job"
 STAGES = ("raw_captions", "filtered_captions", "mis_shards", "feature_caches", "m2m_self_checkpoint",
           "m2m_dino_checkpoint", "attribute_oracle", "m2m_self_evaluation_report", "m2m_dino_evaluation_report",
           "learnability", "sampling_benchmark")
+PREPARE = "weights + captions"  # the random-weight folders in the released layouts and the caption TSV
 SD_DIR, DINO_DIR, CAPTIONS = "models/stable-diffusion-2-1-base", "models/dinov2-giant", "data/cc12m/*.tsv"
 
 
@@ -110,12 +111,16 @@ def run_stage(root: Path, stage: str, device: str) -> dict[str, Any]:
                                     raise_on_error=True)
     seconds = time.perf_counter() - start
     row = {"stage": stage, "success": result.success, "seconds": round(seconds, 1),
-           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+           "peak_rss_gib": _peak_rss_gib()}
     import torch
 
     if torch.cuda.is_available():
         row["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row
+
+
+def _peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
 def format_rows(rows: list[dict[str, Any]], scale: str) -> str:
@@ -138,20 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", choices=("full", "small"), default="full")
     ap.add_argument("--device", default="auto", help="compute.device of the run config (auto, cpu, cuda)")
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES, metavar="STAGE")
-    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # the child: run one op, print its row
+    # the child: run one op (or write the folders) and print its row
+    ap.add_argument("--stage", choices=(PREPARE, *STAGES), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = args.out.resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stage == PREPARE:
+        start = time.perf_counter()
+        prepare(root, args.scale)
+        print("DRYRUN-ROW " + json.dumps({"stage": PREPARE, "success": True,
+                                          "seconds": round(time.perf_counter() - start, 1),
+                                          "peak_rss_gib": _peak_rss_gib()}), flush=True)
+        return 0
     if args.stage:
         print("DRYRUN-ROW " + json.dumps(run_stage(root, args.stage, args.device)), flush=True)
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    prepare(root, args.scale)
-    rows: list[dict[str, Any]] = [{"stage": "weights + captions (random, released layouts)", "success": True,
-                                   "seconds": round(time.perf_counter() - start, 1),
-                                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}]
-    for stage in args.stages:
+    rows: list[dict[str, Any]] = []
+    for stage in (PREPARE, *args.stages):  # each in its own process: its peak memory is its own
         print(f"--- {stage}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.orchestration.dryrun", "--out", str(root),
                                "--scale", args.scale, "--device", args.device, "--stage", stage],
