@@ -120,6 +120,14 @@ def run_stage(root: Path, stage: str, device: str) -> dict[str, Any]:
 
 
 def _peak_rss_gib() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image (reset by exec), unlike
+    getrusage's ru_maxrss, which a child inherits from its parent at fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 2)  # kB
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
 
 
