@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from m2m_pipeline import checkpointing as ckpt
 from m2m_pipeline.network import M2MConfig, M2MUNet
 from m2m_pipeline.objective import DropConfig, M2MObjective
+from m2m_pipeline.rollout import RolloutConfig, rollout_context
 
 MetricsFn = Callable[[dict[str, float], int], None]
 RANK_SEED_STRIDE = 1_000_003  # objective generator of rank r: seed + r * stride (rank 0 keeps `seed`)
@@ -45,6 +46,7 @@ class TrainConfig:
     grad_clip: float = 1.0            # max global grad norm
     snr_gamma: float = 0.0            # > 0: Min-SNR-gamma loss weighting (objective.py); 0: the plain Eq. 5 loss
     context_noise: int = 0            # > 0: M2M-Self context noised to t_c ~ U{0..context_noise} (objective.py)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # M2M-Self own-generation context
     use_ema: bool = True              # keep an EMA of the weights (diffusers EMAModel); inference weights = EMA
     ema_decay: float = 0.9999         # upper bound of the EMA decay
     ema_power: float = 2 / 3          # EMA warm-up: decay_t = min(ema_decay, 1 - (1 + t)^-power)
@@ -62,6 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.drops, dict):  # from to_dict() / JSON
             object.__setattr__(self, "drops", DropConfig(**self.drops))
+        if isinstance(self.rollout, dict):
+            object.__setattr__(self, "rollout", RolloutConfig(**self.rollout))
         for name in ("steps", "batch_size", "grad_accum", "n_images", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -257,6 +261,9 @@ class _Trainer:
         if tc.use_ema:
             self.ema = EMAModel(self.net.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.ema_power)
         self.objective = M2MObjective(self.net.config, tc.drops, tc.snr_gamma, tc.context_noise)
+        if tc.rollout.fraction and self.net.variant != "self":
+            raise ValueError("TrainConfig.rollout is defined for M2M-Self only (M2M-DINO's context would need the "
+                             "decoder and DINO inside the step)")
         self.generator = torch.Generator().manual_seed(tc.seed + RANK_SEED_STRIDE * self.rank)
 
     def _inference_state(self) -> dict[str, torch.Tensor] | None:
@@ -467,11 +474,14 @@ class _Trainer:
             refs.append(data_refs(batch))
             z_0 = batch["latents"].to(acc.device)  # (B, N, C, H, W)
             task_cond = batch.get("task_cond")
+            context = context_of(batch, net.variant, self.dino, acc.device)
+            if self.tc.rollout.fraction:  # M2M-Self: part of the context from the model's own generations
+                context = rollout_context(net, context, self.tc.rollout, self.generator)
             # Gradients are all-reduced on the last micro-batch only.
             sync = acc.no_sync(self.ddp_net) if micro < accum - 1 else nullcontext()
             with sync:
                 with acc.autocast():
-                    loss = self.objective(self.ddp_net, z_0, context_of(batch, net.variant, self.dino, acc.device),
+                    loss = self.objective(self.ddp_net, z_0, context,
                                           None if task_cond is None else task_cond.to(acc.device),
                                           generator=self.generator)
                 # A non-finite loss is still back-propagated (its gradient is discarded below): every rank
