@@ -81,20 +81,21 @@ def prepare(root: Path, scale: str) -> None:
     tsv.write_text("".join(lines))
 
 
-def dryrun_run_config(root: Path, device: str) -> dict[str, Any]:
+def dryrun_run_config(root: Path, device: str, threads: int = 0) -> dict[str, Any]:
     """The paper run config's resources, sized for a dry run (module docstring); no k8s execution block."""
     return {"resources": {
         "settings": {"config": {
             "profile": PROFILE, "repo_dir": str(root), "caption_source": CAPTIONS, "sd_model_path": SD_DIR,
             "dino_path": DINO_DIR, "train_from_scratch": False, "mis_inference_steps": 1, "mis_images_per_set": 6,
             "train_steps": 1, "train_batch_size": 1, "train_global_batch_size": 1, "eval_preset": "dryrun"}},
-        "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess"}},
+        "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess",
+                               "torch_threads": threads}},
         "mlflow": {"config": {"mode": "local", "repo_dir": str(root), "experiment": "m2m-paper-dryrun"}},
         "dvc": {"config": {"mode": "off"}},
     }}
 
 
-def run_stage(root: Path, stage: str, device: str) -> dict[str, Any]:
+def run_stage(root: Path, stage: str, device: str, threads: int = 0) -> dict[str, Any]:
     """One op of the paper job, in this process (the child's side of `main`)."""
     from dagster import DagsterInstance
 
@@ -106,7 +107,7 @@ def run_stage(root: Path, stage: str, device: str) -> dict[str, Any]:
     (root / ".state" / "dagster").mkdir(parents=True, exist_ok=True)
     instance = DagsterInstance.local_temp(tempdir=str(root / ".state" / "dagster"))
     start = time.perf_counter()
-    result = job.execute_in_process(run_config=dryrun_run_config(root, device), instance=instance,
+    result = job.execute_in_process(run_config=dryrun_run_config(root, device, threads), instance=instance,
                                     op_selection=[f"{PROFILE}__{stage}"], tags=range_tags(PROFILES[PROFILE]),
                                     raise_on_error=True)
     seconds = time.perf_counter() - start
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/paper-dryrun"), help="the dry run's repo root")
     ap.add_argument("--scale", choices=("full", "small"), default="full")
     ap.add_argument("--device", default="auto", help="compute.device of the run config (auto, cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=0, help="compute.torch_threads (0: torch's default)")
     ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES, metavar="STAGE")
     # the child: run one op (or write the folders) and print its row
     ap.add_argument("--stage", choices=(PREPARE, *STAGES), help=argparse.SUPPRESS)
@@ -164,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                                           "peak_rss_gib": _peak_rss_gib()}), flush=True)
         return 0
     if args.stage:
-        print("DRYRUN-ROW " + json.dumps(run_stage(root, args.stage, args.device)), flush=True)
+        print("DRYRUN-ROW " + json.dumps(run_stage(root, args.stage, args.device, args.threads)), flush=True)
         return 0
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for stage in (PREPARE, *args.stages):  # each in its own process: its peak memory is its own
         print(f"--- {stage}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.orchestration.dryrun", "--out", str(root),
-                               "--scale", args.scale, "--device", args.device, "--stage", stage],
+                               "--scale", args.scale, "--device", args.device, "--threads", str(args.threads),
+                               "--stage", stage],
                               capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("DRYRUN-ROW ")]
         if proc.returncode != 0 or not found:
