@@ -58,8 +58,9 @@ ROWS: tuple[AblationRow, ...] = (
     AblationRow("latent-dino", "dino", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
     AblationRow("latent-self", "self", init="base", note="the demo: starts from the base model (Sec. 6.1)"),
     # Issue 15: context-noise augmentation (M2M-Self's context noised to t_c ~ U{0..200}, the clean stream told t_c)
-    AblationRow("latent-self-ctxnoise200", "self", init="base", train={"context_noise": 200},
-                note="the demo + context noise t_c ~ U{0..200} in training (issue 15)"),
+    AblationRow("latent-self-ctxnoise200", "self", init="base",
+                train={"context_noise": 200, "steps": 2245, "max_seconds": 0.0},
+                note="make demo's M2M-Self (2245 steps) + context noise t_c ~ U{0..200} in training (issue 15)"),
     # What the base model adds: the same schedule from random weights.
     AblationRow("latent-dino-sl", "dino", note="scaled-linear schedule, random init (no base model)"),
     AblationRow("latent-self-sl", "self", note="scaled-linear schedule, random init (no base model)"),
