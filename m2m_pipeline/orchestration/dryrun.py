@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paper-dryrun: stage {stage} failed (exit {proc.returncode}); its log is above", file=sys.stderr)
             return 1
         rows.append(json.loads(found[-1].removeprefix("DRYRUN-ROW ")))
+        print(f"    {rows[-1]['seconds']} s, peak {rows[-1]['peak_rss_gib']} GiB", flush=True)  # kept if cut off
     print(format_rows(rows, args.scale))
     return 0
 
