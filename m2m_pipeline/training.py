@@ -348,15 +348,21 @@ class _Trainer:
         reader.verify_rest()
         return state
 
-    def _record_encoders(self, shards: Any) -> None:
+    def _record_encoders(self, shards: Any) -> Any:
         """Every checkpoint names the encoders of the features it was trained on (feature manifests); a network
-        that already names others (fine-tuning a checkpoint on a cache built with other encoders) is refused."""
-        from m2m_pipeline.data.features import cache_encoder_spec
+        that already names others (fine-tuning a checkpoint on a cache built with other encoders) is refused.
+        Returns the frozen DINO encoder of an online DINO store (M2M-DINO only), else None."""
+        from m2m_pipeline.bundle import context_dino
+        from m2m_pipeline.data.features import cache_dino_features, cache_encoder_spec
         from m2m_pipeline.data.loader import expand_shards
 
-        spec = cache_encoder_spec(expand_shards(shards))
+        urls = expand_shards(shards)  # the manifests are read once for both questions
+        spec = cache_encoder_spec(urls)
+        online = self.net.variant == "dino" and cache_dino_features(urls) == "online"
         if spec is None:
-            return
+            if online:
+                raise ValueError(f"feature shards {urls[0]}...: an online DINO store must record its encoder_spec")
+            return None
         if self.net.encoder_spec is not None:
             from m2m_pipeline.encoders import EncoderSpec
 
@@ -365,23 +371,8 @@ class _Trainer:
                 raise ValueError(f"the network was trained on features of other encoders than these feature "
                                  f"shards ({problem}); rebuild the cache with the network's encoders")
         self.net.encoder_spec = spec.to_dict()
-
-    def _online_dino(self, shards: Any) -> Any:
-        """The frozen DINO encoder of an online DINO store (M2M-DINO only; the spec its manifests record)."""
-        from m2m_pipeline.data.features import cache_dino_features, cache_encoder_spec
-        from m2m_pipeline.data.loader import expand_shards
-
-        urls = expand_shards(shards)
-        if self.net.variant != "dino" or cache_dino_features(urls) != "online":
-            return None
-        spec = cache_encoder_spec(urls)
-        if spec is None:
-            raise ValueError(f"feature shards {urls[0]}...: an online DINO store must record its encoder_spec")
-        encoder = spec.build_dino()
-        if encoder.hidden_size != self.net.config.dino_dim:
-            raise ValueError(f"the network expects DINO width {self.net.config.dino_dim}, the store's DINO encoder "
-                             f"({spec.describe()}) has {encoder.hidden_size}")
-        return encoder.to(self.acc.device)  # frozen and in eval mode (DinoEncoder)
+        # context_dino: the same build and width check the samplers' bundle uses; frozen, in eval mode
+        return context_dino(self.net, spec).to(self.acc.device) if online else None
 
     # ------------------------------------------------------------------ the loop
     def run(self, data: Any, *, on_metrics: MetricsFn | None, progress: bool,
@@ -400,8 +391,7 @@ class _Trainer:
         stream = BatchStream(data, acc, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
                              seed=tc.seed, epoch=position["epoch"], consumed=position["consumed"])
         if stream.kind == "shards":
-            self._record_encoders(data)
-            self.dino = self._online_dino(data)
+            self.dino = self._record_encoders(data)
         if reader is not None:
             self.restore(reader)
         step = int(prior.get("step", 0))
