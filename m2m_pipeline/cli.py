@@ -13,7 +13,7 @@ from m2m_pipeline.autoencoder import AUTOENCODER_PRESETS
 from m2m_pipeline.base_model import BASE_MODEL_PRESETS
 from m2m_pipeline.data.config import MIS_PRESETS
 from m2m_pipeline.network.config import NOISE_SCHEDULES, PRESETS
-from m2m_pipeline.sampling import SCHEDULERS
+from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, SCHEDULERS
 from m2m_pipeline.cli_types import (
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -309,9 +309,13 @@ def _read_images(paths: list[Path], size: int):
               help="ddim: the paper's DDIM (eta 0); dpm++: DPM-Solver++ (2nd order), ~10-20 steps.")
 @click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=7.5, show_default=True, help="Image guidance s (Eq. 6) / s_I (Eq. 7).")
 @click.option("--task-guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Task guidance s_C (Eq. 7), task models only.")
+@click.option("--policy", type=click.Choice(sorted(CONTEXT_POLICIES)), default=DEFAULT_POLICY, show_default=True,
+              help="Which earlier images each new image sees: anchors-4 keeps the first 4 images + the 4 most "
+                   "recent (against drift, issue 15); window-4 is the paper's sliding window; all: every one.")
 @click.option("--window", type=NON_NEGATIVE_INT, default=None,
-              help="Context window W (0: no context; default: all preceding images).")
-@click.option("--anchors", type=NON_NEGATIVE_INT, default=0, show_default=True, help="First images always kept in the window.")
+              help="Context window W, overriding --policy's (0: no context).")
+@click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window, "
+                                                                    "overriding --policy's.")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True,
               help="Seed; image k depends on (seed, k) only.")
 @click.option("--no-cache", is_flag=True, help="Recompute context keys/values at every step (slower, same images).")
@@ -322,10 +326,14 @@ def _read_images(paths: list[Path], size: int):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder for generated PNGs and grid.png.")
 def generate(checkpoint: Path, context: tuple[Path, ...], num_images: int, steps: int, sampler: str, guidance: float,
-             task_guidance: float | None, window: int | None, anchors: int, seed: int, no_cache: bool,
-             vae: Path | None, dino: Path | None, out_dir: Path) -> None:
+             task_guidance: float | None, policy: str, window: int | None, anchors: int | None, seed: int,
+             no_cache: bool, vae: Path | None, dino: Path | None, out_dir: Path) -> None:
     """Continue a set of images with a trained M2M checkpoint."""
     import torch
+
+    chosen = CONTEXT_POLICIES[policy]
+    window = chosen.window if window is None else window
+    anchors = chosen.anchors if anchors is None else anchors
 
     from m2m_pipeline.bundle import load_bundle
     from m2m_pipeline.sampling import generate_images
@@ -498,7 +506,7 @@ def plan_cmd(preset: str, gpus: int, gpu_memory: float, gpu_tflops: float, utili
 @click.option("--test-shards", required=True, help="Test feature shards: folder, glob or brace pattern.")
 @click.option("--oracle", "oracle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Shapes-world attribute oracle folder (the judge and the FID feature network).")
-@click.option("--policy", "policies", multiple=True, default=("window-4", "anchors-1", "anchors-2", "anchors-4", "all"),
+@click.option("--policy", "policies", multiple=True, default=tuple(CONTEXT_POLICIES),
               show_default=True, help="Context policies to compare (repeat; m2m_pipeline/evaluation/drift.py).")
 @click.option("--images", type=POSITIVE_INT, default=25, show_default=True, help="Images generated per set.")
 @click.option("--sets", type=POSITIVE_INT, default=32, show_default=True, help="Test sets.")

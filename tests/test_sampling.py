@@ -111,6 +111,25 @@ def _dino_encoder(cfg):
 
 
 @pytest.mark.parametrize("variant", ["self", "dino"])
+def test_default_policy_leaves_the_first_image_as_the_papers_and_changes_later_ones(variant):
+    """Issue 15, deliverable 5: the default (anchors-4) differs from the paper's W = 4 only once the paper's
+    window slides past the real images: image 1 sees the same 4 real images under both."""
+    from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY
+
+    net = _net(variant)
+    enc = _dino_encoder(net.config) if variant == "dino" else None
+    ctx = torch.randn(2, 4, 3, 16, 16)
+    out = {}
+    for name in (DEFAULT_POLICY, PAPER_POLICY):
+        p = CONTEXT_POLICIES[name]
+        out[name] = generate(net, ctx, 6, context_encoder=enc, steps=2, window=p.window, anchors=p.anchors,
+                             seed=[3, 4], progress=False)
+    same, paper = out[DEFAULT_POLICY], out[PAPER_POLICY]
+    assert torch.equal(same[:, 0], paper[:, 0])  # position 1: the same 4 real images, bit for bit
+    assert not torch.allclose(same[:, 5], paper[:, 5])  # position 6: anchors-4 still sees the real images
+
+
+@pytest.mark.parametrize("variant", ["self", "dino"])
 def test_cache_equals_recompute(variant):
     net = _net(variant)
     enc = _dino_encoder(net.config) if variant == "dino" else None

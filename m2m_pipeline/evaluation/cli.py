@@ -8,7 +8,7 @@ import click
 
 from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from m2m_pipeline.evaluation.report import EVAL_PRESETS
-from m2m_pipeline.sampling import SCHEDULERS
+from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY, SCHEDULERS
 
 
 @click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")
@@ -26,8 +26,13 @@ from m2m_pipeline.sampling import SCHEDULERS
 @click.option("--sets", "num_sets", type=POSITIVE_INT, default=None, help="Test sets to evaluate (default: all).")
 @click.option("--context-images", type=POSITIVE_INT, default=None, help="Preceding images per set (protocol: 4).")
 @click.option("--generated-images", type=POSITIVE_INT, default=None, help="Images generated per set (protocol: 10).")
-@click.option("--window", type=click.IntRange(min=-1), default=None, help="Context window W (protocol: 4); -1: all preceding images.")
-@click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window (protocol: 0).")
+@click.option("--policy", type=click.Choice(sorted(CONTEXT_POLICIES)), default=DEFAULT_POLICY, show_default=True,
+              help=f"Context policy: {DEFAULT_POLICY} (the default, issue 15) or {PAPER_POLICY} (the paper's Sec. 8.4 "
+                   f"protocol, W = 4, no anchors).")
+@click.option("--window", type=click.IntRange(min=-1), default=None,
+              help="Context window W, overriding --policy's; -1: all preceding images.")
+@click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window, "
+                                                                    "overriding --policy's.")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="Denoising steps (protocol: 50).")
 @click.option("--sampler", type=click.Choice(sorted(SCHEDULERS)), default=None,
               help="Scheduler (protocol: ddim); dpm++: DPM-Solver++.")
@@ -50,7 +55,8 @@ from m2m_pipeline.sampling import SCHEDULERS
               show_default=True, help="With --report: output folder.")
 def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_features: str,
              inception_weights: Path | None, clip_model: str | None, clip_pretrained: str | None,
-             num_sets: int | None, context_images: int | None, generated_images: int | None, window: int | None,
+             num_sets: int | None, context_images: int | None, generated_images: int | None, policy: str,
+             window: int | None,
              anchors: int | None, steps: int | None, sampler: str | None, guidance: float | None, seed: int | None,
              batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
              quiet: bool, report_preset: str | None, validation_shards: Path | None, report_dir: Path) -> None:
@@ -73,7 +79,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     if window is not None:
         overrides["window"] = None if window < 0 else window
     try:
-        config = ProtocolConfig(unconditional=unconditional, **overrides)
+        config = ProtocolConfig.with_policy(policy, unconditional=unconditional, **overrides)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
 

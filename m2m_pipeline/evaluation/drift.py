@@ -24,31 +24,11 @@ import numpy as np
 import torch
 
 from m2m_pipeline.io import atomic_write_bytes
+from m2m_pipeline.sampling import CONTEXT_POLICIES, PAPER_POLICY, ContextPolicy  # noqa: F401 - re-exported
 
 ATTRIBUTES = ("colour", "background", "shape")  # what the drift table and plots show (background: pattern + colour)
 
 
-@dataclass(frozen=True)
-class ContextPolicy:
-    name: str
-    window: int | None      # at most this many earlier images (None: all of them)
-    anchors: int = 0        # of which the first `anchors` of the sequence (real preceding images) are always kept
-    label: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Anchored policies keep k real images *and* the 4 most recent ones (window 4 + k), so each adds to the paper
-# window instead of displacing recent images.
-CONTEXT_POLICIES: dict[str, ContextPolicy] = {p.name: p for p in (
-    ContextPolicy("window-4", 4, 0, "sliding window W = 4 (the paper protocol, Sec. 8.4)"),
-    ContextPolicy("anchors-1", 5, 1, "the first real image kept + the 4 most recent"),
-    ContextPolicy("anchors-2", 6, 2, "the first 2 real images kept + the 4 most recent"),
-    ContextPolicy("anchors-4", 8, 4, "all 4 real images kept + the 4 most recent"),
-    ContextPolicy("all", None, 0, "every preceding image"),
-)}
-PAPER_POLICY = "window-4"
 
 
 @dataclass(frozen=True)

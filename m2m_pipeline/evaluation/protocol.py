@@ -41,14 +41,17 @@ from m2m_pipeline.evaluation.fid import (
     inception_score,
 )
 from m2m_pipeline.evaluation.oracle import attribute_targets
+from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY, context_policy
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
     context_images: int = 4           # preceding images per set (Sec. 8.4: 4)
     generated_images: int = 10        # generated autoregressively after them (Sec. 8.4: 10)
-    window: int | None = 4            # context window W: the 4 most recent images, as many as training saw (N=5)
-    anchors: int = 0                  # first images always kept in the window (0: plain sliding window)
+    # Context window W and anchors: sampling.DEFAULT_POLICY, anchors-4 (the 4 preceding real images kept + the
+    # 4 most recent; issue 15, chosen on validation). The paper's W = 4 without anchors: ProtocolConfig.paper().
+    window: int | None = CONTEXT_POLICIES[DEFAULT_POLICY].window
+    anchors: int = CONTEXT_POLICIES[DEFAULT_POLICY].anchors
     steps: int = 50                   # denoising steps (Appendix A: DDIM, 50)
     sampler: str = "ddim"             # m2m_pipeline.sampling.SCHEDULERS name (the paper: DDIM)
     guidance_scale: float = 7.5       # s of Eq. 6 (Appendix A: 7.5)
@@ -58,11 +61,26 @@ class ProtocolConfig:
     unconditional: bool = False       # drop the image condition (window 0): consistency should sit at chance
     is_splits: int = 1                # Inception Score splits per position
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> ProtocolConfig:
+        """Sec. 8.4 as the paper ran it: a sliding window of the 4 most recent images, no anchors."""
+        return cls.with_policy(PAPER_POLICY, **overrides)
+
+    @classmethod
+    def with_policy(cls, name: str, **overrides: Any) -> ProtocolConfig:
+        policy = context_policy(name)
+        return cls(**{"window": policy.window, "anchors": policy.anchors, **overrides})
+
     def __post_init__(self):
         if self.context_images < 1 or self.generated_images < 1:
             raise ValueError("context_images and generated_images must be >= 1 (FID needs a first preceding image)")
         if self.window is not None and self.window < 0:
             raise ValueError(f"window must be >= 0 or None, got {self.window}")
+
+
+def _anchors_text(provenance: dict[str, Any]) -> str:
+    k = provenance.get("anchors", 0)  # reports written before anchors were recorded had none
+    return f" with the first {k} anchored" if k else " (no anchors: the paper protocol)" if provenance["window"] == 4 else ""
 
 
 @dataclass
@@ -145,7 +163,7 @@ class EvaluationReport:
         p = self.provenance
         lines.append("")
         lines.append(f"sets {p['num_sets']}, {p['context_images']} preceding + {p['generated_images']} generated, "
-                     f"W={p['window']}, {p['sampler']} {p['steps']} steps, guidance {p['guidance_scale']}, "
+                     f"W={p['window']}{_anchors_text(p)}, {p['sampler']} {p['steps']} steps, guidance {p['guidance_scale']}, "
                      f"{'UNCONDITIONAL, ' if p['unconditional'] else ''}seeds {p['seeds']}")
         if "fid" in p:
             lines.append(f"FID/IS: {p['fid']['network']} ({p['fid'].get('resize', '')})")

@@ -489,7 +489,7 @@ def report_asset(g: ProfileGraph, variant: str) -> Any:
 
         params = lambda r: {"num_sets": r.eval.num_sets, "context_images": r.eval.context_images,  # noqa: E731
                             "generated_images": r.eval.generated_images, "steps": r.eval.steps,
-                            "guidance_scale": r.eval.guidance_scale, "window": r.eval.window,
+                            "guidance_scale": r.eval.guidance_scale, "context_policy": r.eval.context_policy,
                             "drift_images": r.eval.drift_images, "drift_sets": r.eval.drift_sets, "seed": config.seed}
         with tracked_step(g.profile, context, settings, mlflow, dvc, name, params, tags={"m2m.variant": variant}) as step:
             r, out = step.r, step.r.path(g.paths[name])

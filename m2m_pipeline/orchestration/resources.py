@@ -24,6 +24,7 @@ from pydantic import PrivateAttr, model_validator
 
 from m2m_pipeline.data.config import MIS_PRESETS, MISConfig, get_preset
 from m2m_pipeline.evaluation.report import EVAL_PRESETS, EvalSpec
+from m2m_pipeline.sampling import CONTEXT_POLICIES
 from m2m_pipeline.orchestration.profiles import RunProfile, caption_files
 from m2m_pipeline.tracking import MlflowRun, NullRun
 
@@ -109,6 +110,7 @@ class M2MSettings(ConfigurableResource):
     eval_sets: int | None = None            # test sets in the evaluation grid
     eval_generated_images: int | None = None
     eval_steps: int | None = None           # DDIM steps of the evaluation samples
+    eval_context_policy: str | None = None  # sampling.CONTEXT_POLICIES name (window-4: the paper protocol)
 
     @model_validator(mode="after")
     def _check_fields(self) -> M2MSettings:
@@ -134,6 +136,9 @@ class M2MSettings(ConfigurableResource):
         if self.eval_preset is not None and self.eval_preset not in EVAL_PRESETS:
             raise ValueError(f"resources.settings.config.eval_preset: unknown preset {self.eval_preset!r}; "
                              f"choose one of {sorted(EVAL_PRESETS)}")
+        if self.eval_context_policy is not None and self.eval_context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"resources.settings.config.eval_context_policy: unknown policy "
+                             f"{self.eval_context_policy!r}; choose one of {sorted(CONTEXT_POLICIES)}")
         if self.mis_seed is not None and self.mis_seed < 0:
             raise ValueError(f"resources.settings.config.mis_seed must be >= 0, got {self.mis_seed}")
         return self
@@ -192,7 +197,8 @@ class M2MSettings(ConfigurableResource):
         ev = profile.eval if self.eval_preset is None else EVAL_PRESETS[self.eval_preset]
         ev = dataclasses.replace(
             ev, num_sets=self.eval_sets or ev.num_sets,
-            generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps)
+            generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps,
+            context_policy=self.eval_context_policy or ev.context_policy)
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source, from_scratch=self.train_from_scratch,

@@ -22,9 +22,14 @@ from m2m_pipeline.evaluation.protocol import (
 FAST = {"generated_images": 3, "steps": 2, "guidance_scale": 2.0, "batch_size": 2}
 
 
-def test_protocol_defaults_follow_the_paper():
+def test_protocol_defaults_follow_the_paper_with_the_anchored_window():
     cfg = ProtocolConfig()
-    assert (cfg.context_images, cfg.generated_images, cfg.window, cfg.steps, cfg.guidance_scale) == (4, 10, 4, 50, 7.5)
+    assert (cfg.context_images, cfg.generated_images, cfg.steps, cfg.guidance_scale) == (4, 10, 50, 7.5)
+    assert (cfg.window, cfg.anchors) == (8, 4)  # DEFAULT_POLICY anchors-4 (issue 15)
+    paper = ProtocolConfig.paper(steps=3)
+    assert (paper.window, paper.anchors, paper.steps) == (4, 0, 3)
+    with pytest.raises(ValueError, match="unknown context policy 'w4'"):
+        ProtocolConfig.with_policy("w4")
 
 
 def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, quick_oracle_dir, tiny_clip_dir, tmp_path):
@@ -32,7 +37,7 @@ def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, qui
     net, autoencoder, encoder = b.net, b.autoencoder, b.context_encoder
     sets = load_test_sets(tiny_test_split, num_sets=None, context_images=4)
     assert sets.latents.shape[1:] == (4, 3, 16, 16) and sets.attributes is not None
-    cfg = ProtocolConfig(**FAST)
+    cfg = ProtocolConfig.paper(**FAST)
     scorers = Scorers(oracle_feature_network(quick_oracle), ClipScorer(f"local-dir:{tiny_clip_dir}"), quick_oracle,
                       str(quick_oracle_dir))
     report = run_protocol(net, autoencoder, sets, cfg, scorers, encoder, checkpoint=tiny_checkpoint, progress=False)
@@ -56,7 +61,7 @@ def test_protocol_end_to_end(tiny_checkpoint, tiny_test_split, quick_oracle, qui
     assert data["per_position"]["fid"] == report.per_position["fid"]
     assert EvaluationReport.from_json(tmp_path / "report.json").table() == report.table()
     table = report.table()
-    assert "consistency_style" in table and "n=3" in table and "W=4" in table
+    assert "consistency_style" in table and "n=3" in table and "W=4 (no anchors: the paper protocol)" in table
 
 
 def test_protocol_results_do_not_depend_on_batching(tiny_checkpoint, tiny_test_split, quick_oracle):

@@ -40,6 +40,17 @@ def test_definitions_load(defs) -> None:
     assert repo.has_job("m2m_smoke_job") and repo.has_job("m2m_demo_job")
 
 
+def test_every_job_resolves(defs) -> None:
+    """What `dagster dev` / the webserver does on load: resolve every job of every profile. `dagster job execute
+    -j X` resolves only X, so a job selecting an asset its profile lacks (the paper profile's autoencoder job
+    did) passed the smoke run and kept the UI from loading the code location."""
+    from dagster import Definitions
+
+    Definitions.validate_loadable(defs)
+    jobs = {j.name for j in defs.get_repository_def().get_all_jobs()}
+    assert {f"m2m_{p}_autoencoder_job" for p in PROFILES} <= jobs
+
+
 def test_partitions_follow_profile(defs) -> None:
     graph = defs.get_repository_def().asset_graph
     for name, profile in PROFILES.items():
