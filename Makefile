@@ -11,7 +11,7 @@ DAGSTER_HOME ?= $(CURDIR)/.state/dagster
 export DAGSTER_HOME
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test smoke ui state bench cli-demo clean paper-dryrun
+.PHONY: venv demo test smoke ui ui-check state bench cli-demo clean paper-dryrun
 
 venv: $(STAMP)
 
@@ -44,6 +44,16 @@ smoke: $(STAMP) state
 ui: $(STAMP) state
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.state/mlflow/mlflow.db --host 127.0.0.1 --port 5000 & \
 	trap "kill $$!" EXIT; $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The Dagster UI renders every asset page of the profile's latest materializations (CI: after make smoke), in
+# headless Chromium: Debian's package, installed here when missing and run as root (Playwright's own browser
+# download needs the internet). Screenshots land in runs/ui-check-$(UI_PROFILE).
+UI_PROFILE ?= smoke
+ui-check: $(STAMP) state
+	@[ -n "$$M2M_CHROMIUM" ] || command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "ui-check needs Chromium: apt-get install chromium (or set M2M_CHROMIUM=/path/to/chrome)"; exit 1; }
+	$(BIN)/python -m m2m_pipeline.orchestration.ui_check --profile $(UI_PROFILE) --out runs/ui-check-$(UI_PROFILE)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py --preset demo
