@@ -3,7 +3,7 @@
 Every front-end that samples from or fine-tunes a checkpoint (`m2m generate / evaluate / finetune`, the
 evaluation and task assets, the ablation) loads it here, so the encoders come from what the checkpoint records
 (`M2MUNet.encoder_spec`, written by training from the feature manifests) and never from a guess: a demo cache
-built with another `mis_seed` has another random DINO stand-in, and conditioning on it would be silently wrong.
+built with another MIS seed (`settings.mis.seed`) has another random DINO stand-in, and conditioning on it would be silently wrong.
 """
 
 from __future__ import annotations

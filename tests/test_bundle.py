@@ -33,7 +33,7 @@ def _features(root, cfg):
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     """Train feature shards of the tiny preset with the default seed 0 and with mis_seed 7 (another random DINO
-    stand-in, as `settings.mis_seed: 7` builds in Dagster)."""
+    stand-in, as `settings.mis: {seed: 7}` builds in Dagster)."""
     root = tmp_path_factory.mktemp("bundle")
     seeded = get_preset("tiny").replace(seed=7)
     return {"default": _features(root / "s0", get_preset("tiny")), "seeded": _features(root / "s7", seeded),

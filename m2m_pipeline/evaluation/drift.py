@@ -98,19 +98,31 @@ def _at(values: list[float], n: int) -> float | None:
     return values[n - 1] if n <= len(values) else None
 
 
+# What a policy (or a context-noise level) is chosen by, on the validation split: the mean over positions
+# n = 1..K of the colour and background consistency (the issue's targets; shape is barely learned at n = 1).
+SELECTION_ATTRIBUTES = ("colour", "background")
+
+
+def selection_score(policy_result: dict[str, Any]) -> float:
+    """Mean colour + background consistency over every position of one policy's drift result."""
+    values = [v for a in SELECTION_ATTRIBUTES for v in policy_result["consistency"][a]]
+    return float(np.mean(values))
+
+
 def drift_table(result: dict[str, Any], positions: Sequence[int] = (1, 10, 25)) -> str:
-    """Markdown: per policy, consistency at n = positions, FID at n = 1 and 10, seconds per image."""
+    """Markdown: per policy, consistency at n = positions, FID at n = 1 and 10, seconds per image, and the
+    selection score (mean colour + background over n = 1..K, what a policy is chosen by on validation)."""
     fmt = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
     head = " | ".join(f"{a} n={n}" for a in ATTRIBUTES for n in positions)
-    lines = [f"| policy | {head} | FID n=1 | FID n=10 | s / image |",
-             "|---|" + "---|" * (len(ATTRIBUTES) * len(positions) + 3)]
+    lines = [f"| policy | {head} | FID n=1 | FID n=10 | s / image | mean c+b |",
+             "|---|" + "---|" * (len(ATTRIBUTES) * len(positions) + 4)]
     for name, p in result["policies"].items():
         cells = " | ".join(fmt(_at(p["consistency"][a], n)) for a in ATTRIBUTES for n in positions)
         lines.append(f"| {name} | {cells} | {fmt(_at(p['fid'], 1), 1)} | {fmt(_at(p['fid'], 10), 1)} | "
-                     f"{p['seconds_per_image']:.3f} |")
+                     f"{p['seconds_per_image']:.3f} | {selection_score(p):.3f} |")
     ceiling = " | ".join(fmt(result["ceiling"][a]) for a in ATTRIBUTES for _ in positions)
     chance = " | ".join(fmt(result["chance"][a], 3) for a in ATTRIBUTES for _ in positions)
-    lines += [f"| real images (ceiling) | {ceiling} | | | |", f"| chance | {chance} | | | |"]
+    lines += [f"| real images (ceiling) | {ceiling} | | | | |", f"| chance | {chance} | | | | |"]
     return "\n".join(lines)
 
 

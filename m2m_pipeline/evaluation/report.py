@@ -50,6 +50,13 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         context_policy(self.context_policy)  # an unknown name fails here, naming the choices
+        for name in ("num_sets", "context_images", "generated_images", "steps", "drift_images", "drift_sets",
+                     "zero_shot_images", "benchmark_images", "benchmark_steps", "benchmark_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance_scale < 0 or not self.context_counts or min(self.context_counts) < 1:
+            raise ValueError(f"EvalSpec: guidance_scale >= 0 and context_counts >= 1, got {self.guidance_scale}, "
+                             f"{self.context_counts}")
 
     @property
     def window(self) -> int | None:

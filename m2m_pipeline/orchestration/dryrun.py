@@ -86,8 +86,9 @@ def dryrun_run_config(root: Path, device: str, threads: int = 0) -> dict[str, An
     return {"resources": {
         "settings": {"config": {
             "profile": PROFILE, "repo_dir": str(root), "caption_source": CAPTIONS, "sd_model_path": SD_DIR,
-            "dino_path": DINO_DIR, "train_from_scratch": False, "mis_inference_steps": 1, "mis_images_per_set": 6,
-            "train_steps": 1, "train_batch_size": 1, "train_global_batch_size": 1, "eval_preset": "dryrun"}},
+            "dino_path": DINO_DIR, "train_from_scratch": False,
+            "mis": {"num_inference_steps": 1, "images_per_set": 6},
+            "train": {"steps": 1, "batch_size": 1, "global_batch_size": 1}, "eval_preset": "dryrun"}},
         "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess",
                                "torch_threads": threads}},
         "mlflow": {"config": {"mode": "local", "repo_dir": str(root), "experiment": "m2m-paper-dryrun"}},

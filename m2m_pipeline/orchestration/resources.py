@@ -24,7 +24,6 @@ from pydantic import PrivateAttr, model_validator
 
 from m2m_pipeline.data.config import MIS_PRESETS, MISConfig, get_preset
 from m2m_pipeline.evaluation.report import EVAL_PRESETS, EvalSpec
-from m2m_pipeline.sampling import CONTEXT_POLICIES
 from m2m_pipeline.orchestration.profiles import RunProfile, caption_files
 from m2m_pipeline.tracking import MlflowRun, NullRun
 
@@ -44,13 +43,6 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _positive(model: Any, key: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(model, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"resources.{key}.config.{name} must be positive, got {value}")
 
 
 # ====================================================================== settings
@@ -95,22 +87,16 @@ class M2MSettings(ConfigurableResource):
     caption_source: str | None = None       # "shapes" or a CC12M TSV glob
     sd_model_path: str | None = None        # local Stable Diffusion 2.1-base folder (MIS generator + VAE)
     dino_path: str | None = None            # local DINOv2 folder (dinov2-giant for the paper)
-    mis_seed: int | None = None             # base seed of every image's noise
-    mis_inference_steps: int | None = None  # MISConfig.num_inference_steps (SD sampling steps; `make paper-dryrun`: 1)
-    mis_images_per_set: int | None = None   # MISConfig.images_per_set (Sec. 4: 25; at least TrainConfig.n_images)
-    eval_preset: str | None = None          # EVAL_PRESETS key replacing the profile's EvalSpec (before eval_* below)
-    train_steps: int | None = None
-    train_batch_size: int | None = None
-    train_global_batch_size: int | None = None  # TrainConfig.global_batch_size (the paper: 256)
-    train_lr: float | None = None
-    train_seconds: float | None = None      # wall-clock budget per training run (TrainConfig.max_seconds)
+    eval_preset: str | None = None          # EVAL_PRESETS key replacing the profile's EvalSpec (before `eval` below)
+    # Field overrides of the library's own config classes, checked against their fields (an unknown key is
+    # refused naming the class's fields) and validated by the class itself when resolved; nothing is
+    # re-declared here. E.g. `mis: {seed: 7}`, `train: {steps: 30, lr: 1e-4}`, `eval: {context_policy: window-4}`.
+    mis: dict[str, Any] = {}                # MISConfig fields (seed, num_inference_steps, images_per_set, ...)
+    train: dict[str, Any] = {}              # TrainConfig fields (steps, batch_size, global_batch_size, lr, max_seconds, ...)
+    eval: dict[str, Any] = {}               # EvalSpec fields (num_sets, generated_images, steps, context_policy, ...)
     # Train M2M from random weights instead of the profile's SD-style folder (the paper: sd_model_path, Sec. 6.1;
     # the CPU profiles: their base_model asset). Warns; an SD-2.1-base-sized U-Net never does it silently.
     train_from_scratch: bool = False
-    eval_sets: int | None = None            # test sets in the evaluation grid
-    eval_generated_images: int | None = None
-    eval_steps: int | None = None           # DDIM steps of the evaluation samples
-    eval_context_policy: str | None = None  # sampling.CONTEXT_POLICIES name (window-4: the paper protocol)
 
     @model_validator(mode="after")
     def _check_fields(self) -> M2MSettings:
@@ -123,24 +109,24 @@ class M2MSettings(ConfigurableResource):
             raise ValueError(f"resources.settings.config.mis_preset: unknown MIS preset {self.mis_preset!r}; "
                              f"choose one of {sorted(MIS_PRESETS)}")
         from m2m_pipeline.network.config import PRESETS as NET_PRESETS
-        from m2m_pipeline.training import TRAIN_PRESETS
+        from m2m_pipeline.training import TRAIN_PRESETS, TrainConfig
 
         for name, known in (("net_preset", NET_PRESETS), ("train_preset", TRAIN_PRESETS)):
             value = getattr(self, name)
             if value is not None and value not in known:
                 raise ValueError(f"resources.settings.config.{name}: unknown preset {value!r}; "
                                  f"choose one of {sorted(known)}")
-        _positive(self, "settings", ("train_steps", "train_batch_size", "train_global_batch_size", "train_lr", "train_seconds", "eval_sets",
-                                     "eval_generated_images", "eval_steps", "mis_inference_steps",
-                                     "mis_images_per_set"))
+        for name, cls in (("mis", MISConfig), ("train", TrainConfig), ("eval", EvalSpec)):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(getattr(self, name)) - fields)
+            if unknown:
+                raise ValueError(f"resources.settings.config.{name}.{unknown[0]}: not a {cls.__name__} field; "
+                                 f"choose from {sorted(fields)}")
+        if "name" in self.mis:
+            raise ValueError("resources.settings.config.mis.name: choose the MIS preset with mis_preset")
         if self.eval_preset is not None and self.eval_preset not in EVAL_PRESETS:
             raise ValueError(f"resources.settings.config.eval_preset: unknown preset {self.eval_preset!r}; "
                              f"choose one of {sorted(EVAL_PRESETS)}")
-        if self.eval_context_policy is not None and self.eval_context_policy not in CONTEXT_POLICIES:
-            raise ValueError(f"resources.settings.config.eval_context_policy: unknown policy "
-                             f"{self.eval_context_policy!r}; choose one of {sorted(CONTEXT_POLICIES)}")
-        if self.mis_seed is not None and self.mis_seed < 0:
-            raise ValueError(f"resources.settings.config.mis_seed must be >= 0, got {self.mis_seed}")
         return self
 
     def resolve(self, profile: RunProfile) -> Resolved:
@@ -152,18 +138,17 @@ class M2MSettings(ConfigurableResource):
         root = repo_root(self.repo_dir)
         if not root.is_dir():
             raise Failure(f"{field}.repo_dir: {root} is not a directory")
-        mis_overrides = dict(profile.mis_overrides)
-        for name, key in (("mis_seed", "seed"), ("mis_inference_steps", "num_inference_steps"),
-                          ("mis_images_per_set", "images_per_set")):
-            if getattr(self, name) is not None:
-                mis_overrides[key] = getattr(self, name)
+        mis_overrides = {**profile.mis_overrides, **self.mis}
         if self.sd_model_path is not None:
             mis_overrides["model_path"] = self.sd_model_path
         if self.dino_path is not None:
             mis_overrides["dino_path"] = self.dino_path
         if profile.autoencoder_preset is not None:  # trained by the profile's autoencoder asset
             mis_overrides["autoencoder_path"] = str(root / profile.autoencoder_dir)
-        base = get_preset(self.mis_preset or profile.mis_preset).replace(**mis_overrides)
+        try:
+            base = get_preset(self.mis_preset or profile.mis_preset).replace(**mis_overrides)
+        except (ValueError, TypeError) as exn:
+            raise Failure(f"{field}.mis: {exn}") from exn
         for key in ("model_path", "dino_path", "autoencoder_path"):  # relative to repo_dir, not to the cwd
             value = getattr(base, key)
             if value is not None and not Path(value).is_absolute():
@@ -172,7 +157,7 @@ class M2MSettings(ConfigurableResource):
         try:
             mis = changed.mis_config
         except (ValueError, TypeError) as exn:
-            raise Failure(f"{field}: {exn}") from exn
+            raise Failure(f"{field}.mis: {exn}") from exn
         if profile.shard_groups is None and changed.num_partitions != profile.num_partitions:
             raise Failure(f"{field}.mis_preset: {mis.name!r} gives {changed.num_partitions} MIS shard partitions, "
                           f"profile {profile.name!r} has {profile.num_partitions}; partitions are fixed by the "
@@ -188,19 +173,21 @@ class M2MSettings(ConfigurableResource):
         source = self.caption_source or profile.caption_source
         if source != "shapes" and not caption_files(str(root / source)):
             raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
-        train_overrides = dict(profile.train_overrides)
-        for name, key in (("train_steps", "steps"), ("train_batch_size", "batch_size"),
-                          ("train_global_batch_size", "global_batch_size"), ("train_lr", "lr"),
-                          ("train_seconds", "max_seconds")):
-            if getattr(self, name) is not None:
-                train_overrides[key] = getattr(self, name)
-        ev = profile.eval if self.eval_preset is None else EVAL_PRESETS[self.eval_preset]
-        ev = dataclasses.replace(
-            ev, num_sets=self.eval_sets or ev.num_sets,
-            generated_images=self.eval_generated_images or ev.generated_images, steps=self.eval_steps or ev.steps,
-            context_policy=self.eval_context_policy or ev.context_policy)
+        from m2m_pipeline.training import TrainConfig
+
+        train_overrides = {**profile.train_overrides, **self.train}
+        train_preset = self.train_preset or profile.train_preset
+        base_eval = profile.eval if self.eval_preset is None else EVAL_PRESETS[self.eval_preset]
+        try:
+            TrainConfig.preset(train_preset, **train_overrides)  # the class checks its values; fail before any step
+        except (ValueError, TypeError) as exn:
+            raise Failure(f"{field}.train: {exn}") from exn
+        try:
+            ev = dataclasses.replace(base_eval, **self.eval)
+        except (ValueError, TypeError) as exn:
+            raise Failure(f"{field}.eval: {exn}") from exn
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
-                        train_preset=self.train_preset or profile.train_preset, train_overrides=train_overrides,
+                        train_preset=train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source, from_scratch=self.train_from_scratch,
                         init_from=None if self.train_from_scratch else initial_weights(profile, mis, root))
 

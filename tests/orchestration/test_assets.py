@@ -35,7 +35,7 @@ def test_smoke_chain_materializes(project: Path, smoke_assets) -> None:
     from m2m_pipeline.orchestration.assets import build_profile_assets
 
     every = build_profile_assets(PROFILES["smoke"])  # assets and the separately defined checks
-    result = materialize(every, resources=resources_for(project, train_steps=4, eval_steps=2),
+    result = materialize(every, resources=resources_for(project, train={"steps": 4}, eval={"steps": 2}),
                          instance=instance, tags=range_tags())
     assert result.success
     mats = {m.asset_key.path[-1]: m.metadata
@@ -116,7 +116,7 @@ def test_training_through_dagster_pipes(project: Path, smoke_assets) -> None:
     """launcher: subprocess trains in a child process via Dagster Pipes (the accelerate path's twin)."""
     from m2m_pipeline.orchestration.resources import ComputeResource
 
-    res = resources_for(project, dvc_on=False, train_steps=2)
+    res = resources_for(project, dvc_on=False, train={"steps": 2})
     tags = range_tags()
     first = [smoke_assets[n] for n in ("raw_captions", "filtered_captions", "autoencoder", "mis_shards",
                                          "latent_cache", "attribute_oracle", "base_model")]

@@ -25,10 +25,23 @@ def test_unknown_preset_names_the_field(field: str, value: str) -> None:
         M2MSettings(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["train_steps", "train_batch_size", "eval_sets", "eval_steps"])
-def test_negative_sizes_name_the_field(field: str) -> None:
-    with pytest.raises(Exception, match=f"config.{field} must be positive"):
-        M2MSettings(**{field: -3})
+@pytest.mark.parametrize("group,field,cls", [("train", "steps", "TrainConfig"), ("train", "batch_size", "TrainConfig"),
+                                             ("eval", "num_sets", "EvalSpec"), ("eval", "steps", "EvalSpec"),
+                                             ("mis", "images_per_set", "MISConfig")])
+def test_bad_overrides_name_the_field(group: str, field: str, cls: str, tmp_path: Path) -> None:
+    """The settings' overrides are the library classes' own fields: an unknown one is refused at once naming
+    the class's fields, a bad value when the profile is resolved, by the class's own check."""
+    with pytest.raises(Exception, match=f"config.{group}.{field}x: not a {cls} field; choose from .*'{field}'"):
+        M2MSettings(**{group: {f"{field}x": 3}})
+    with pytest.raises(Failure, match=f"config.{group}: .*{field}"):
+        M2MSettings(repo_dir=str(tmp_path), **{group: {field: -3}}).resolve(PROFILES["smoke"])
+
+
+def test_overrides_reach_the_resolved_configs(tmp_path: Path) -> None:
+    r = M2MSettings(repo_dir=str(tmp_path), train={"steps": 7, "lr": 2e-4}, eval={"context_policy": "window-4"},
+                    mis={"seed": 5}).resolve(PROFILES["smoke"])
+    assert r.train_overrides["steps"] == 7 and r.train_overrides["lr"] == 2e-4
+    assert (r.eval.window, r.eval.anchors) == (4, 0) and r.mis.seed == 5
 
 
 def test_other_resources_validate() -> None:
@@ -80,9 +93,9 @@ def test_bad_run_config_fails_before_work(tmp_path: Path, smoke_assets) -> None:
     res["settings"] = M2MSettings.configure_at_launch()
     result = materialize([smoke_assets["raw_captions"], smoke_assets["filtered_captions"]], resources=res,
                          run_config={"resources": {"settings": {"config": {"repo_dir": str(tmp_path),
-                                                                           "train_steps": -1}}}},
+                                                                           "train": {"steps": -1}}}}},
                          raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure or e.is_failure)
-    assert "train_steps" in str(failure.event_specific_data) or "train_steps" in str(result.all_events)
+    assert "config.train: TrainConfig.steps must be >= 1" in str(failure.event_specific_data)
     assert not (tmp_path / "assets").exists()

@@ -26,8 +26,8 @@ def test_dryrun_settings_are_checked():
 
     with pytest.raises(ValueError, match="eval_preset: unknown preset 'nope'"):
         M2MSettings(eval_preset="nope")
-    with pytest.raises(ValueError, match="mis_images_per_set"):
-        M2MSettings(mis_images_per_set=0)
+    with pytest.raises(ValueError, match="mis.images: not a MISConfig field"):
+        M2MSettings(mis={"images": 6})
 
 
 @pytest.mark.slow

@@ -94,8 +94,8 @@ def test_dvc_checkout_restores_previous_revision(project: Path, smoke_assets) ->
         run(["git", "commit", "-q", "-m", commit_message], project)
         return sha(shard), sha(model)
 
-    first = version("v1", train_steps=2, mis_seed=0)
-    second = version("v2: new image seed, more steps", train_steps=3, mis_seed=1)
+    first = version("v1", train={"steps": 2}, mis={"seed": 0})
+    second = version("v2: new image seed, more steps", train={"steps": 3}, mis={"seed": 1})
     assert first[0] != second[0] and first[1] != second[1]
 
     shutil.rmtree(project / ".dvc" / "cache")  # restore from the remote the assets pushed to
