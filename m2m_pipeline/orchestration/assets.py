@@ -27,11 +27,13 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
+    Backoff,
     BackfillPolicy,
     BetaWarning,
     Config,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
     StaticPartitionsDefinition,
     asset,
     asset_check,
@@ -49,6 +51,10 @@ from m2m_pipeline.orchestration.resources import (
 )
 from m2m_pipeline.tracking import MlflowRun
 
+CELERY_GPU_QUEUE = "gpu"  # the Celery queue of GPU steps (cluster profile); other steps go to "dagster"
+# Partitioned data steps are resumable (finished shards are skipped, partial ones removed), so a failed or
+# lost attempt is retried: on the Celery executor a killed worker's step goes back to its queue.
+DATA_RETRY = RetryPolicy(max_retries=2, delay=2, backoff=Backoff.EXPONENTIAL)
 GPU_POOL = "gpu"  # instance concurrency pool of the steps that hold a GPU (dagster instance concurrency set gpu N)
 VARIANTS = ("self", "dino")
 
@@ -174,6 +180,8 @@ class ProfileGraph:
     @classmethod
     def of(cls, profile: RunProfile) -> "ProfileGraph":
         gpu_tags = {"m2m/gpu": "1"}
+        if profile.executor == "celery":  # dagster-celery routes the step to the workers of queue `gpu`
+            gpu_tags["dagster-celery/queue"] = CELERY_GPU_QUEUE
         if profile.gpu:  # read by dagster-k8s' k8s_job_executor: one GPU per step pod
             gpu_tags["dagster-k8s/config"] = json.dumps(
                 {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}})
@@ -297,7 +305,7 @@ def filtered_captions_asset(g: ProfileGraph) -> Any:
 def mis_shards_asset(g: ProfileGraph) -> Any:
     @asset(key=g.key("mis_shards"), group_name="mis", deps=[g.key("filtered_captions")], partitions_def=g.partitions,
            backfill_policy=BackfillPolicy.single_run(), kinds={"python", "webdataset"}, op_tags=g.gpu_tags,
-           pool=g.pool,
+           pool=g.pool, retry_policy=DATA_RETRY,
            check_specs=[AssetCheckSpec("mis_shards_valid", asset=g.key("mis_shards"), blocking=True,
                                        description="25 decodable images per set, captions within the token "
                                                    "limit, bytes and keys match the manifest")],
@@ -373,7 +381,7 @@ def feature_caches_asset(g: ProfileGraph) -> Any:
                                      "in the same feature shards.")],
         check_specs=[feature_check("latent_cache"), feature_check("dino_features")],
         partitions_def=g.partitions, backfill_policy=BackfillPolicy.single_run(), op_tags=g.gpu_tags,
-        pool=g.pool, name=f"{g.name}__feature_caches")
+        pool=g.pool, name=f"{g.name}__feature_caches", retry_policy=DATA_RETRY)
     def feature_caches(context: AssetExecutionContext, settings: M2MSettings, compute: ComputeResource,
                        mlflow: MLflowResource, dvc: DVCResource):
         mine = [int(k) for k in context.partition_keys]

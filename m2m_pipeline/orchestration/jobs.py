@@ -30,6 +30,16 @@ def production_executor() -> ExecutorDefinition:
     return k8s_job_executor
 
 
+def profile_executor(profile: RunProfile) -> ExecutorDefinition:
+    if profile.executor == "k8s":
+        return production_executor()
+    if profile.executor == "celery":
+        from m2m_pipeline.orchestration.celery_executor import m2m_celery_executor
+
+        return m2m_celery_executor
+    return multiprocess_executor
+
+
 def range_tags(profile: RunProfile) -> dict[str, str]:
     keys = profile.partition_keys
     return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
@@ -38,7 +48,7 @@ def range_tags(profile: RunProfile) -> dict[str, str]:
 def profile_jobs(profile: RunProfile) -> list[Any]:
     p = profile.name
     prefix = AssetSelection.key_prefixes([p])
-    executor = production_executor() if profile.gpu else multiprocess_executor
+    executor = profile_executor(profile)
     tags = {"m2m/profile": p}
     key = lambda *names: AssetSelection.assets(*[[p, n] for n in names])
     return [

@@ -36,6 +36,9 @@ class RunProfile:
     shard_groups: int | None = None       # partitions when shards are too many to list (paper); None: one per shard
     eval: EvalSpec = EvalSpec()
     gpu: bool = False                     # steps ask the production executor for nvidia.com/gpu
+    # Which executor its jobs run on: "multiprocess" (one host), "celery" (m2m_pipeline/orchestration/
+    # celery_executor.py: workers on queues `gpu` and `default`, a broker), "k8s" (a pod per step).
+    executor: str = "multiprocess"
     # AutoencoderConfig preset the profile trains as its `autoencoder` asset (the CPU presets' stand-in for
     # SD's VAE, m2m_pipeline/autoencoder.py); None: the MIS preset names its own (SD's VAE, or pixels).
     autoencoder_preset: str | None = None
@@ -96,6 +99,10 @@ class RunProfile:
     def partition_keys(self) -> list[str]:
         return [str(p) for p in range(self.num_partitions)]
 
+    def __post_init__(self) -> None:
+        if self.executor not in ("multiprocess", "celery", "k8s"):
+            raise ValueError(f"RunProfile {self.name}: executor must be multiprocess, celery or k8s, got {self.executor!r}")
+
     def replace(self, **changes: Any) -> RunProfile:
         return dataclasses.replace(self, **changes)
 
@@ -117,8 +124,16 @@ PROFILES: dict[str, RunProfile] = {
     # The paper: SD-2.1-base MIS from CC12M on GPUs; partitions are groups of shards (~122 k shards in all).
     "paper": RunProfile(
         name="paper", mis_preset="paper", net_preset="paper", train_preset="paper",
-        caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True,
+        caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True, executor="k8s",
         eval=EVAL_PRESETS["paper"],
+    ),
+    # The scale-out path exercised on one machine (issue 16, `make cluster-smoke`): smoke's sizes on the Celery
+    # executor, a broker on 127.0.0.1 and several workers; 96 captions make 4 MIS partitions of 16-set shards.
+    "cluster": RunProfile(
+        name="cluster", mis_preset="tiny", net_preset="tiny-latent", train_preset="tiny", autoencoder_preset="tiny",
+        base_model_preset="tiny", mis_overrides={"num_captions": 96, "sets_per_shard": 16},
+        train_overrides={"steps": 30}, executor="celery",
+        eval=EVAL_PRESETS["smoke"],
     ),
 }
 

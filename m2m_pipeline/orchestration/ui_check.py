@@ -110,8 +110,10 @@ def check_page(page, url: str, asset: str, keys: list[str], png: Path, open_dial
     text = table.first.inner_text()
     missing = [k for k in keys if k not in text]
     if open_dialog and not missing:
-        page.get_by_text("[Show Markdown]").first.click()  # the sample grid, a Markdown image
-        page.get_by_role("dialog").locator("img").first.wait_for(timeout=KEY_TIMEOUT_MS)
+        key_cell = page.locator("td").get_by_text(open_dialog, exact=True)  # the metadata row named open_dialog
+        page.locator("tr").filter(has=key_cell).get_by_text("[Show Markdown]").first.click()
+        page.locator("img[src^='data:image']").first.wait_for(timeout=KEY_TIMEOUT_MS)
+        page.wait_for_timeout(1_500)  # the dialog fades in
     page.screenshot(path=str(png))
     return missing
 
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--out", type=Path, default=Path("runs/ui-check"))
     parser.add_argument("--screenshot", action="append", default=[],
-                        help="asset name (no prefix) whose page is shot with its first Markdown dialog open")
+                        help="ASSET[:KEY]: asset name (no prefix) whose page is shot with its Markdown metadata KEY "
+                             "open (default: grid, the samples)")
     parser.add_argument("--only", action="append", default=[], help="asset name (no prefix) to check; repeat")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             checked += 1
             png = args.out / f"dagster-ui-{name}.png"
-            dialog = "[Show Markdown]" if name in args.screenshot else None
+            shots = dict(s.partition(":")[::2] for s in args.screenshot)  # ASSET[:KEY] -> KEY
+            dialog = (shots[name] or "grid") if name in shots else None  # a Markdown image (default: the samples)
             missing = check_page(page, url, asset, keys, png, dialog)
             print(f"{asset}: {len(keys) - len(missing)}/{len(keys)} metadata keys rendered -> {png}")
             if missing:

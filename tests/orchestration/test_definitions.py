@@ -70,7 +70,7 @@ def test_blocking_checks_guard_training(defs) -> None:
     # Every check is defined beside its asset, except the autoencoder's: it reads a second asset (the oracle)
     # and runs as its own step once both exist.
     separate = {k for k in graph.asset_check_keys if k.name == "reconstructions_keep_attributes"}
-    assert {k.asset_key.path[0] for k in separate} == {"smoke", "demo"}  # the profiles that train one
+    assert {k.asset_key.path[0] for k in separate} == {"smoke", "demo", "cluster"}  # the profiles that train one
     assert {s.key for s in specs} | separate == set(graph.asset_check_keys)
     assert all(s.blocking for s in specs)  # bad data stops the chain before training reads it
     for k in separate:
