@@ -11,7 +11,7 @@ DAGSTER_HOME ?= $(CURDIR)/.state/dagster
 export DAGSTER_HOME
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test smoke ui ui-check state bench cli-demo clean paper-dryrun
+.PHONY: venv demo test smoke ui ui-check cluster-smoke redis state bench cli-demo clean paper-dryrun
 
 venv: $(STAMP)
 
@@ -34,8 +34,20 @@ $(DAGSTER_HOME)/dagster.yaml: m2m_pipeline/orchestration/dagster.yaml | $(STAMP)
 demo: $(STAMP) state
 	$(BIN)/dagster job execute -m m2m_pipeline.definitions -j m2m_demo_job -c m2m_pipeline/configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) redis
 	$(BIN)/python -m pytest -q
+
+# redis-server for the Celery broker of the cluster profile (Debian's package, installed when missing, as root)
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+	  || { echo "the cluster profile needs redis-server: apt-get install redis-server"; exit 1; }
+
+# The scale-out path on this machine (issue 16): Redis on 127.0.0.1, three Celery workers (queues gpu x2,
+# default), one Dagster run per MIS partition, a worker SIGKILLed mid-shard and retried, the broker restarted,
+# shards compared with a single-process run. Report: runs/cluster-smoke/report.json.
+cluster-smoke: $(STAMP) state redis
+	$(BIN)/python -m m2m_pipeline.orchestration.cluster --out runs/cluster-smoke
 
 smoke: $(STAMP) state
 	$(BIN)/dagster job execute -m m2m_pipeline.definitions -j m2m_smoke_job -c m2m_pipeline/configs/smoke.yaml

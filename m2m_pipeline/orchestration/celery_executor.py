@@ -163,7 +163,10 @@ def _execution_loop(job_context, execution_plan, executor_: ResilientCeleryExecu
 def _collect(job_context, active, step_results, step_errors, executor_, revoked_error, lost_error):
     """Events of the finished tasks; a WorkerLostError becomes a failure-or-retry of its step."""
     for step_key, result in list(step_results.items()):
-        if not result.ready():
+        try:
+            if not result.ready():
+                continue
+        except Exception:  # noqa: BLE001 - the result backend is restarting: ask again next tick
             continue
         del step_results[step_key]
         step = active.get_step_by_key(step_key)

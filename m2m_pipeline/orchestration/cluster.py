@@ -1,0 +1,421 @@
+"""The scale-out path run for real on one machine (issue 16, `make cluster-smoke`): a Redis broker on 127.0.0.1,
+Celery workers on the queues `gpu` (two) and `default` (one), the cluster profile's MIS and feature partitions
+fanned out over them by one Dagster run per partition, a worker SIGKILLed in the middle of a MIS shard, the
+broker restarted while runs are between steps, and the shards compared with an uninterrupted single-process run.
+
+    python -m m2m_pipeline.orchestration.cluster --out runs/cluster-smoke      # ~4 minutes on two cores
+
+1. Inputs run: captions and the autoencoder (`m2m_cluster_job -o ...`), on the workers.
+2. One run per MIS partition, all at once (the partition-range tags narrowed to [p, p]: what a multi-run
+   backfill launches): `mis_shards` then `feature_caches` of partition p, each step on a `gpu` worker.
+3. Faults: once worker gpu-a has finished one partition's MIS step and writes a shard of its next one (the
+   temp file exists), its process group is SIGKILLed;
+   the executor (orchestration/celery_executor.py) finds it lost and retries the step under the asset's
+   RetryPolicy on gpu-b. When the first MIS step of any run succeeds, Redis is stopped and started again
+   (append-only file on, so queued tasks survive).
+4. Reference: the same partitions' MIS and feature shards written in one process (execute_in_process, the
+   cluster run's own autoencoder), then every shard's SHA-256 compared, no temp file left, one file per shard.
+
+Prints partitions per worker, the kill, the retry and the hashes; exits non-zero unless all of it holds.
+Each run starts from an empty work folder under --out (settings.repo_dir), so nothing is skipped as done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m2m_pipeline.io import atomic_write_text, sha256_file
+from m2m_pipeline.orchestration.profiles import PROFILES
+from m2m_pipeline.orchestration.resources import repo_root
+
+PROFILE = PROFILES["cluster"]
+JOB = "m2m_cluster_job"
+INPUT_OPS = ["cluster__raw_captions", "cluster__filtered_captions", "cluster__autoencoder"]
+PARTITION_OPS = ["cluster__mis_shards", "cluster__feature_caches"]
+WORKERS = (("gpu-a", "gpu"), ("gpu-b", "gpu"), ("cpu", "default"))
+KILLED = "gpu-a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """redis-server on 127.0.0.1 with an append-only file, so a restart keeps the queued tasks."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, _free_port()
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("cluster: no redis-server on PATH (Debian: apt-get install redis-server)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                                      "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                                     stdout=open(self.folder / "redis.log", "a"), stderr=subprocess.STDOUT)
+        import redis
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"cluster: redis-server did not answer on port {self.port}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def executor_config(broker: Broker) -> dict[str, Any]:
+    """The m2m_celery executor's config: the run config's `execution` block, and the workers' -y file."""
+    from m2m_pipeline.orchestration.celery_executor import CELERY_SETTINGS
+
+    return {"broker": f"{broker.url}/0", "backend": f"{broker.url}/1", "config_source": {
+        **CELERY_SETTINGS, "task_default_queue": "default",
+        # ride over a broker restart: publishing and result writes retry instead of failing the step
+        "broker_transport_options": {"max_retries": 60, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        "result_backend_always_retry": True, "result_backend_max_retries": 60}}
+
+
+class Workers:
+    def __init__(self, out: Path, config_yaml: Path, env: dict[str, str]):
+        self.out, self.config_yaml, self.env = out, config_yaml, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, root: Path) -> None:
+        exe = Path(sys.executable).with_name("dagster-celery")
+        for name, queue in WORKERS:
+            log = open(self.out / f"worker-{name}.log", "w")  # noqa: SIM115 - closed with the process
+            # a session of its own: SIGKILL to its process group takes the worker and its pool child, as a host loss
+            self.procs[name] = subprocess.Popen(
+                [str(exe), "worker", "start", "-A", "dagster_celery.app", "-y", str(self.config_yaml), "-q", queue,
+                 "-n", f"{name}@%h", "--", "--concurrency=1"],
+                cwd=root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, app, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise SystemExit(f"cluster: worker {dead[0]} exited; see {self.out}/worker-{dead[0]}.log")
+            names = {h.split("@")[0] for reply in app.control.ping(timeout=1.0) for h in reply}
+            if names >= {n for n, _ in WORKERS}:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"cluster: workers {sorted({n for n, _ in WORKERS} - names)} did not start; "
+                                 f"see {self.out}/worker-*.log")
+            time.sleep(1)
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def launch(root: Path, env: dict[str, str], configs: list[Path], ops: list[str], tags: dict[str, str],
+           log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("dagster")
+    cmd = [str(exe), "job", "execute", "-m", "m2m_pipeline.definitions", "-j", JOB, "-o", ",".join(ops),
+           "--tags", json.dumps(tags)]
+    for c in configs:
+        cmd += ["-c", str(c)]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+# ---------------------------------------------------------------------- reading the event log
+def _records(instance, run_id: str):
+    return [r.event_log_entry for r in instance.get_records_for_run(run_id).records]
+
+
+def step_workers(instance, run_id: str) -> list[tuple[str, str]]:
+    """(step key, celery worker) for every attempt of every step of a run, in order."""
+    out = []
+    for e in _records(instance, run_id):
+        ev = e.dagster_event
+        if ev is not None and ev.is_engine_event and "in celery worker" in (ev.message or ""):
+            meta = ev.engine_event_data.metadata
+            worker = meta.get("Celery worker")
+            out.append((ev.step_key, str(getattr(worker, "value", worker)).split("@")[0]))
+    return out
+
+
+def retries(instance, run_id: str) -> list[str]:
+    return [f"{e.dagster_event.step_key}: {e.user_message}" for e in _records(instance, run_id)
+            if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def runs_of_cluster(instance) -> list:
+    from dagster import RunsFilter
+
+    return instance.get_runs(filters=RunsFilter(job_name=JOB))
+
+
+# ---------------------------------------------------------------------- faults
+class Faults(threading.Thread):
+    """Kill gpu-a once it writes a MIS shard of a step it runs; restart the broker after the first MIS success."""
+
+    def __init__(self, instance, run_ids: list[str], workers: Workers, broker: Broker, mis_dir: Path,
+                 kill: bool, restart: bool):
+        super().__init__(daemon=True)
+        self.instance, self.run_ids, self.workers, self.broker, self.mis_dir = instance, run_ids, workers, broker, mis_dir
+        self.kill_wanted, self.restart_wanted = kill, restart
+        self.killed: dict[str, Any] | None = None
+        self.restarted: dict[str, Any] | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and (self.kill_wanted and not self.killed
+                                          or self.restart_wanted and not self.restarted):
+            if self.kill_wanted and not self.killed:
+                self._maybe_kill()
+            if self.restart_wanted and not self.restarted and self._mis_succeeded():
+                start = time.monotonic()
+                self.broker.stop()
+                self.broker.start()
+                self.restarted = {"seconds_down": round(time.monotonic() - start, 2), "at": time.time()}
+            time.sleep(0.05)
+
+    def _mis_run_on_killed(self) -> tuple[str, int] | None:
+        """(run id, partition) of a run whose MIS step went to gpu-a after gpu-a finished a partition's MIS step
+        (so the kill hits a worker that has done work, in the middle of its next partition)."""
+        from dagster import DagsterEventType
+
+        on_killed = [r for r in self.run_ids if ("cluster__mis_shards", KILLED) in step_workers(self.instance, r)]
+        done = [r for r in on_killed if any(e.event_log_entry.dagster_event.step_key == "cluster__mis_shards"
+                                            for e in self.instance.get_records_for_run(
+                                                r, of_type=DagsterEventType.STEP_SUCCESS).records)]
+        for run_id in on_killed:
+            if done and run_id not in done:
+                part = self.instance.get_run_by_id(run_id).tags.get("m2m/partition")
+                return (run_id, int(part)) if part is not None else None
+        return None
+
+    def _maybe_kill(self) -> None:
+        found = self._mis_run_on_killed()
+        if found is None:
+            return
+        run_id, part = found
+        # temp files of that partition's shards (shard i belongs to partition i % partitions): gpu-a is in a shard
+        partial = [p for p in sorted(self.mis_dir.glob("*/.mis-*.tmp"))
+                   if int(p.name.split(".")[1].removeprefix("mis-")) % PROFILE.num_partitions == part]
+        if partial:
+            self.workers.kill(KILLED)
+            run = self.instance.get_run_by_id(run_id)
+            self.killed = {"worker": KILLED, "run_id": run_id, "partition": run.tags.get("m2m/partition"),
+                           "partial_files": [str(p.relative_to(self.mis_dir)) for p in partial], "at": time.time()}
+
+    def _mis_succeeded(self) -> bool:
+        from dagster import DagsterEventType
+
+        for run_id in self.run_ids:
+            for r in self.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records:
+                if r.event_log_entry.dagster_event.step_key == "cluster__mis_shards":
+                    return True
+        return False
+
+
+# ---------------------------------------------------------------------- reference and comparison
+def reference_shards(work: Path, reference: Path) -> None:
+    """The same partitions' MIS + feature shards in one process, from the cluster run's captions and autoencoder."""
+    from dagster import DagsterInstance
+
+    from m2m_pipeline.definitions import defs
+    from m2m_pipeline.orchestration.jobs import range_tags
+
+    for sub in ("assets/cluster/captions", "models/cluster/autoencoder"):
+        shutil.copytree(work / sub, reference / sub)
+    cfg = yaml.safe_load((repo_root() / "m2m_pipeline/configs/cluster.yaml").read_text())
+    cfg["resources"]["settings"]["config"]["repo_dir"] = str(reference)
+    result = defs.resolve_job_def(JOB).execute_in_process(run_config=cfg, instance=DagsterInstance.ephemeral(),
+                                                      op_selection=PARTITION_OPS, tags=range_tags(PROFILE))
+    if not result.success:
+        raise SystemExit("cluster: the single-process reference run failed")
+
+
+def shard_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every MIS and feature file (shards and manifests). A feature manifest records the autoencoder
+    by its absolute path, which is the run's own folder: it is hashed with that folder written as <repo>."""
+    import hashlib
+
+    base = root / "assets/cluster"
+    out = {}
+    for kind in ("mis", "features"):
+        for p in sorted((base / kind).glob("*/*")):
+            if p.suffix == ".json":
+                out[str(p.relative_to(base))] = hashlib.sha256(p.read_bytes().replace(str(root).encode(), b"<repo>")
+                                                               ).hexdigest()
+            elif p.is_file():
+                out[str(p.relative_to(base))] = sha256_file(p)
+    return out
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p) for p in (root / "assets/cluster").rglob("*.tmp")]
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/cluster-smoke"))
+    parser.add_argument("--no-kill", action="store_true", help="no worker is killed")
+    parser.add_argument("--no-broker-restart", action="store_true", help="the broker is not restarted")
+    args = parser.parse_args(argv)
+    from dagster import DagsterInstance
+
+    root, out = repo_root(), args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    work, reference = out / "work", out / "reference"
+    work.mkdir(parents=True)
+    # the venv's bin first: dagster-celery starts `celery` from PATH
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    broker = Broker(out / "redis")
+    broker.start()
+    celery_cfg = executor_config(broker)
+    # the workers' -y file: dagster-celery's CLI reads the run config's execution block
+    atomic_write_text(out / "celery.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}})])
+    run_cfg = out / "run.yaml"
+    atomic_write_text(run_cfg, [yaml.safe_dump({"execution": {"config": celery_cfg}, "resources": {
+        "settings": {"config": {"repo_dir": str(work)}}}})])
+    configs = [root / "m2m_pipeline/configs/cluster.yaml", run_cfg]
+    workers = Workers(out, out / "celery.yaml", env)
+    instance = DagsterInstance.get()
+    instance.get_runs(limit=1)  # create the instance's storage before workers and runs open it at once
+    faults = None
+    try:
+        from dagster_celery.make_app import make_app
+
+        from m2m_pipeline.orchestration.celery_executor import ResilientCeleryExecutor
+
+        from dagster._core.execution.retries import RetryMode
+
+        app = make_app(ResilientCeleryExecutor(RetryMode.DISABLED, broker=celery_cfg["broker"],
+                                               backend=celery_cfg["backend"]).app_args())
+        workers.start(root)
+        workers.wait_ready(app)
+        print(f"broker {broker.url}, workers {[f'{n} ({q})' for n, q in WORKERS]} ready")
+        start = time.monotonic()
+        before = {r.run_id for r in runs_of_cluster(instance)}
+        inputs = launch(root, env, configs, INPUT_OPS, {"m2m/cluster": "inputs"}, out / "run-inputs.log")
+        if inputs.wait() != 0:
+            raise SystemExit(f"cluster: the inputs run failed; see {out / 'run-inputs.log'}")
+        # one partition per run: the range tags of the chain job narrowed to [p, p]
+        procs = [launch(root, env, configs, PARTITION_OPS, {"dagster/asset_partition_range_start": p,
+                                                           "dagster/asset_partition_range_end": p, "m2m/partition": p},
+                        out / f"run-partition-{p}.log") for p in PROFILE.partition_keys]
+        run_ids = _wait_for_runs(instance, before, 1 + len(procs))
+        faults = Faults(instance, run_ids, workers, broker, work / "assets/cluster/mis", not args.no_kill,
+                        not args.no_broker_restart)
+        faults.start()
+        codes = [p.wait() for p in procs]
+        faults.done.set()
+        seconds = time.monotonic() - start
+        report = _report(instance, run_ids, codes, faults, seconds, work, reference)
+    finally:
+        if faults is not None:
+            faults.done.set()
+        workers.stop()
+        broker.stop()
+    atomic_write_text(out / "report.json", [json.dumps(report, indent=1, default=str)])
+    print(report["text"])
+    return 0 if not report["problems"] else 1
+
+
+def _wait_for_runs(instance, before: set[str], count: int, timeout: float = 120) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [r.run_id for r in runs_of_cluster(instance) if r.run_id not in before]
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise SystemExit(f"cluster: only {len(ids)} of {count} runs appeared in the instance")
+        time.sleep(0.5)
+
+
+def _report(instance, run_ids, codes, faults, seconds, work, reference) -> dict[str, Any]:
+    problems: list[str] = []
+    lines = [f"cluster smoke: {len(codes)} partition runs in {seconds:.0f} s", "",
+             "| run | partition | status | steps on workers (attempt order) | retries |", "|---|---|---|---|---|"]
+    per_worker: dict[str, list[str]] = {}
+    for run_id in run_ids:
+        run = instance.get_run_by_id(run_id)
+        part = run.tags.get("m2m/partition", "inputs")
+        steps = step_workers(instance, run_id)
+        for step, worker in steps:
+            per_worker.setdefault(worker, []).append(f"{step.removeprefix('cluster__')}[{part}]")
+        retried = retries(instance, run_id)
+        attempts = ", ".join(f"{s.removeprefix('cluster__')}@{w}" for s, w in steps)
+        lines.append(f"| {run_id[:8]} | {part} | {run.status.value} | {attempts} | {len(retried)} |")
+        if run.status.value != "SUCCESS":
+            problems.append(f"run {run_id} (partition {part}) is {run.status.value}")
+    lines += ["", "steps per worker: " + "; ".join(f"{w}: {', '.join(s)}" for w, s in sorted(per_worker.items()))]
+    all_retries = [r for run_id in run_ids for r in retries(instance, run_id)]
+    if faults.kill_wanted:
+        if not faults.killed:
+            problems.append("the worker kill did not land inside a MIS shard")
+        else:
+            lines.append(f"killed: {faults.killed['worker']} (SIGKILL to its process group) in partition "
+                         f"{faults.killed['partition']} while writing {faults.killed['partial_files']}")
+            if not all_retries:
+                problems.append("no STEP_UP_FOR_RETRY in the event log after the kill")
+            if not any(s.startswith("mis_shards") for s in per_worker.get("gpu-b", [])):
+                problems.append("gpu-b ran no MIS step")
+    lines += [f"retry: {r}" for r in all_retries]
+    if faults.restart_wanted:
+        if faults.restarted:
+            lines.append(f"broker restarted after the first MIS step succeeded ({faults.restarted['seconds_down']} s down)")
+        else:
+            problems.append("the broker was not restarted")
+    reference_shards(work, reference)
+    got, want = shard_hashes(work), shard_hashes(reference)
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    lines.append(f"shards: {len(got)} files (MIS + features, manifests included); single-process reference "
+                 f"{len(want)}; differing: {differ or 'none'}")
+    if differ or not got:
+        problems.append(f"shards differ from the single-process run: {differ}")
+    left = leftovers(work)
+    lines.append(f"partial (temp) files left: {left or 'none'}")
+    if left:
+        problems.append(f"partial files left: {left}")
+    lines += ["", "cluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")]
+    return {"runs": run_ids, "exit_codes": codes, "per_worker": per_worker, "killed": faults.killed,
+            "broker_restart": faults.restarted, "retries": all_retries, "hashes": got, "differ": differ,
+            "leftovers": left, "problems": problems, "seconds": round(seconds, 1), "text": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
