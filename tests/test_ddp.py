@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_training_scale import MICRO, ColourSets, micro_config
 from torch.utils.data import DataLoader
-from training_stats import curves_agree
+from m2m_pipeline.training_stats import curves_agree
 
 from m2m_pipeline.data.loader import collate_examples
 from m2m_pipeline.training import train

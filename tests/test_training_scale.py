@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
-from training_stats import curves_agree
+from m2m_pipeline.training_stats import curves_agree
 
 from m2m_pipeline import checkpointing as ckpt
 from m2m_pipeline.data.loader import collate_examples

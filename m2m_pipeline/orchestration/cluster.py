@@ -15,6 +15,10 @@ broker restarted while runs are between steps, and the shards compared with an u
    (append-only file on, so queued tasks survive).
 4. Reference: the same partitions' MIS and feature shards written in one process (execute_in_process, the
    cluster run's own autoencoder), then every shard's SHA-256 compared, no temp file left, one file per shard.
+5. Training through the same executor: `m2m_self_checkpoint` on a gpu worker, launched by Pipes with
+   `accelerate launch --multi_gpu --num_processes 2` (gloo), its metrics streamed back as Pipes log lines; its
+   loss curve must agree with one process at the same global batch (`training_stats.curves_agree`, the DDP
+   test's judgement).
 
 Prints partitions per worker, the kill, the retry and the hashes; exits non-zero unless all of it holds.
 Each run starts from an empty work folder under --out (settings.repo_dir), so nothing is skipped as done.
@@ -45,6 +49,13 @@ PROFILE = PROFILES["cluster"]
 JOB = "m2m_cluster_job"
 INPUT_OPS = ["cluster__raw_captions", "cluster__filtered_captions", "cluster__autoencoder"]
 PARTITION_OPS = ["cluster__mis_shards", "cluster__feature_caches"]
+TRAIN_OPS = ["cluster__m2m_self_checkpoint"]
+# Multi-process training through the executor: the step on a gpu worker launches `accelerate launch --multi_gpu
+# --num_processes 2` (gloo on CPU) through Pipes; the same global batch in one process is the reference.
+TRAIN_STEPS, TRAIN_WINDOW = 60, 15
+TRAIN_SETTINGS = {"train": {"steps": TRAIN_STEPS, "batch_size": 2, "global_batch_size": 4, "checkpoint_every": 0},
+                  "train_from_scratch": True}
+TRAIN_COMPUTE = {"launcher": "accelerate", "num_processes": 2}
 WORKERS = (("gpu-a", "gpu"), ("gpu-b", "gpu"), ("cpu", "default"))
 KILLED = "gpu-a"
 
@@ -344,7 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         codes = [p.wait() for p in procs]
         faults.done.set()
         seconds = time.monotonic() - start
+        train_cfg = out / "train.yaml"
+        atomic_write_text(train_cfg, [yaml.safe_dump({"resources": {"settings": {"config": TRAIN_SETTINGS},
+                                                                    "compute": {"config": TRAIN_COMPUTE}}})])
+        before = {r.run_id for r in runs_of_cluster(instance)}
+        training = launch(root, env, [*configs, train_cfg], TRAIN_OPS, {"m2m/cluster": "training"},
+                          out / "run-training.log")
+        train_code = training.wait()
+        train_run = _wait_for_runs(instance, before, 1)[0]
         report = _report(instance, run_ids, codes, faults, seconds, work, reference)
+        report.update(_training_report(instance, train_run, train_code, work, report))
     finally:
         if faults is not None:
             faults.done.set()
@@ -364,6 +384,43 @@ def _wait_for_runs(instance, before: set[str], count: int, timeout: float = 120)
         if time.monotonic() > deadline:
             raise SystemExit(f"cluster: only {len(ids)} of {count} runs appeared in the instance")
         time.sleep(0.5)
+
+
+def _training_report(instance, run_id: str, code: int, work: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The multi-process training run: where it ran, what it streamed back, its losses vs one process."""
+    from m2m_pipeline.network import M2MConfig
+    from m2m_pipeline.training import TrainConfig, train
+    from m2m_pipeline.training_stats import curves_agree
+
+    problems, lines = report["problems"], [""]
+    run = instance.get_run_by_id(run_id)
+    steps = step_workers(instance, run_id)
+    streamed = [e.user_message for e in _records(instance, run_id) if (e.user_message or "").startswith("step ")]
+    result_path = work / "models/cluster/m2m_self/train_result.json"
+    if run.status.value != "SUCCESS" or code != 0 or not result_path.exists():
+        problems.append(f"the training run {run_id} is {run.status.value}")
+        report["text"] += "\n" + "\n".join(problems)
+        return {"training": {"run_id": run_id, "status": run.status.value}}
+    ddp = json.loads(result_path.read_text())
+    shards = sorted(str(p) for p in (work / "assets/cluster/features/train").glob("mis-*.tar"))
+    tc = TrainConfig.preset(PROFILE.train_preset, **{**TRAIN_SETTINGS["train"], "batch_size": 4, "global_batch_size": 0})
+    single = train(M2MConfig.preset(PROFILE.net_preset, variant="self"), tc, shards, work / "reference-training",
+                   progress=False)
+    ok, stats = curves_agree(ddp["losses"], single.losses, window=TRAIN_WINDOW)
+    state = json.loads((Path(ddp["checkpoint_dir"]) / "train_state.json").read_text())
+    lines.append(f"training: m2m_self_checkpoint on {', '.join(w for _, w in steps)} via Pipes + accelerate launch "
+                 f"--multi_gpu --num_processes 2: world size {state.get('world_size')}, global batch "
+                 f"{state.get('global_batch_size')}, {ddp['steps']} steps, {len(streamed)} metric lines streamed back "
+                 f"(e.g. {streamed[-1] if streamed else '-'!r}); loss window means (2 processes) "
+                 f"{stats['window_means_a']} vs one process {stats['window_means_b']}, z {stats['z']}: "
+                 f"{'agree' if ok else 'DIFFER'}")
+    if not ok or state.get("world_size") != 2 or not streamed:
+        problems.append(f"multi-process training through the executor: agree={ok}, world size "
+                        f"{state.get('world_size')}, {len(streamed)} streamed lines")
+    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n".join(lines)
+    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")
+    return {"training": {"run_id": run_id, "workers": steps, "streamed": streamed, "agree": ok, "stats": stats,
+                         "world_size": state.get("world_size")}}
 
 
 def _report(instance, run_ids, codes, faults, seconds, work, reference) -> dict[str, Any]:

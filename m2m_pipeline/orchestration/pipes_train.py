@@ -26,13 +26,16 @@ def main() -> None:
         log_train = (MlflowRun.attach(extras["tracking_uri"], extras["mlflow_run_id"]) if tracked
                      else NullRun()).metrics_logger("train")  # the asset's own run: the child never ends it
 
-        def on_metrics(metrics: dict[str, float], step: int) -> None:
-            log_train(metrics, step)
-            if rank == 0 and step % 100 == 0:
-                pipes.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
         net_config = M2MConfig.preset(extras["net_preset"], variant=extras["variant"])
         train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"])
+        # metrics stream back into the Dagster run as Pipes log lines, about 20 per run (and to MLflow, every one)
+        every = max(train_config.log_every, train_config.steps // 20 // train_config.log_every * train_config.log_every)
+
+        def on_metrics(metrics: dict[str, float], step: int) -> None:
+            log_train(metrics, step)
+            if rank == 0 and step % every == 0:
+                pipes.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
         net = initial_network(extras.get("init_from"), net_config, bool(extras.get("from_scratch")))  # the in-process path's initial weights
         result = train(net_config, train_config, extras["shards"], Path(extras["out"]), net=net, on_metrics=on_metrics,
                        device=extras["device"], progress=False)

@@ -20,11 +20,12 @@ def test_evaluate_prints_table_and_writes_report(tiny_checkpoint, tiny_test_spli
                                   f"local-dir:{tiny_clip_dir}", "--out", str(out), *FAST], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     for row in ("fid", "inception_score", "clip_text_image", "clip_image_image", "consistency_content",
-                "consistency_style", "caption_agreement", "n=1", "n=2", "sets 2", "W=4"):
+                "consistency_style", "caption_agreement", "n=1", "n=2", "sets 2", "W=8 with the first 4 anchored"):  # the default policy
         assert row in r.output, row
     report = json.loads(out.read_text())
     assert len(report["per_position"]["fid"]) == 2 and report["provenance"]["num_sets"] == 2
     assert report["provenance"]["oracle"]["dir"] == str(quick_oracle_dir)
+    assert (report["provenance"]["window"], report["provenance"]["anchors"]) == (8, 4)
 
 
 def test_evaluate_without_inception_weights_names_the_file(tiny_checkpoint, tiny_test_split, monkeypatch, tmp_path):
@@ -66,3 +67,11 @@ def test_evaluate_report_is_the_evaluation_assets_report(tiny_checkpoint, tiny_t
     assert from_cli["report"]["per_position"] == json.loads(json.dumps(direct["report"]["per_position"]))
     assert from_cli["drift"] == direct["drift"] and from_cli["context_count"] == direct["context_count"]
     assert direct["table"] in r.output
+
+
+def test_evaluate_policy_window_4_is_the_papers_protocol(tiny_checkpoint, tiny_test_split, quick_oracle_dir):
+    r = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--test-shards",
+                                  str(tiny_test_split), "--oracle", str(quick_oracle_dir), "--policy", "window-4",
+                                  *FAST], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "W=4 (no anchors: the paper protocol)" in r.output

@@ -66,3 +66,5 @@ def test_cluster_smoke_survives_a_killed_worker_and_a_broker_restart(tmp_path, m
     assert report["retries"] and report["broker_restart"] and not report["differ"] and not report["leftovers"]
     assert any(s.startswith("mis_shards") for s in report["per_worker"]["gpu-a"])
     assert any(s.startswith("mis_shards") for s in report["per_worker"]["gpu-b"])
+    training = report["training"]  # accelerate --multi_gpu --num_processes 2 through Pipes on a gpu worker
+    assert training["world_size"] == 2 and training["agree"] and training["streamed"]

@@ -1,4 +1,5 @@
-"""How two noisy loss curves are compared (DDP vs one process, accumulation vs a larger batch)."""
+"""How two noisy loss curves are compared (DDP vs one process, accumulation vs a larger batch): the tests and
+`make cluster-smoke`'s multi-process training through the Celery executor use the same judgement."""
 
 from __future__ import annotations
 
