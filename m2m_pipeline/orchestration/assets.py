@@ -150,6 +150,8 @@ def version(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, cont
     stage = f"{DVC_STAGE.get(asset_name, asset_name)}@{r.profile.name}"  # other assets' stages bear their names
     if not dvc.enabled:
         return {}
+    if dvc.mode == "pointers":
+        return _version_partition(dvc, run, r, asset_name, context)
     if not dvc.has_stage(stage):
         context.log.warning(f"dvc.yaml has no stage {stage}: {asset_name} is not versioned by DVC")
         return {}
@@ -157,6 +159,28 @@ def version(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, cont
     run.set_tags({"dvc.outs": json.dumps(hashes.get("outs", {}), sort_keys=True)[:5000],
                   "dvc.deps": json.dumps(hashes.get("deps", {}), sort_keys=True)[:5000]})
     return hashes
+
+
+# What the pointers mode versions per partition step (the outputs a step of one partition range writes).
+POINTER_ASSETS = {"mis_shards": "mis_shards", "latent_cache": "features", "dino_features": "features",
+                  "feature_caches": "features"}
+
+
+def _version_partition(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, context: Any
+                       ) -> dict[str, Any]:
+    """pointers mode: this step's partition files pushed from a working copy of its own, pointers published."""
+    if asset_name not in POINTER_ASSETS:
+        return {}  # only the partitioned shard stores are versioned per executor; the rest stays on one host
+    folder = r.path(layout(r.profile)[POINTER_ASSETS[asset_name]])
+    keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
+    parts = {int(k) for k in keys}
+    n = r.profile.num_partitions
+    files = sorted(f for f in folder.glob("*/mis-*") if f.is_file() and int(f.name[4:10]) % n in parts)
+    published = [str(dvc.pointer_store().push_partition(r.root, POINTER_ASSETS[asset_name], str(p),
+                                                         [f for f in files if int(f.name[4:10]) % n == p]))
+                 for p in sorted(parts)]
+    run.set_tags({"dvc.pointers": json.dumps(published)[:5000]})
+    return {"stage": f"pointers:{POINTER_ASSETS[asset_name]}", "outs": {f: None for f in published}}
 
 
 class MISShardsConfig(Config):
@@ -236,7 +260,42 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
                 *(checkpoint_asset(g, v) for v in VARIANTS), attribute_oracle_asset(g),
                 *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
                 *(autoencoder_assets(g) if profile.autoencoder_preset is not None else []),
-                *([base_model_asset(g)] if profile.base_model_preset is not None else [])]
+                *([base_model_asset(g)] if profile.base_model_preset is not None else []),
+                *([dataset_version_asset(g)] if profile.executor == "celery" else [])]
+
+
+# ------------------------------------------------------------------ versioning from many executors
+def dataset_version_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("dataset_version"), group_name="versioning", deps=[g.key("mis_shards"), g.key("latent_cache")],
+           kinds={"dvc", "git"},
+           description="The collecting step of DVC from many executors (orchestration/dvc_pointers.py): every MIS "
+                       "and feature partition's pointer set committed to the pointer repository; the commit is "
+                       "the dataset version (`git checkout <commit> && dvc pull` restores it).")
+    def dataset_version(context: AssetExecutionContext, settings: M2MSettings, dvc: DVCResource) -> MaterializeResult:
+        import shutil
+        import uuid
+
+        from dagster import Failure
+
+        from m2m_pipeline.orchestration.dvc_pointers import PointerError, clone
+
+        if dvc.mode != "pointers":
+            raise Failure("dataset_version needs resources.dvc.config.mode: pointers (DVC from many executors)")
+        settings.resolve(g.profile)
+        store = dvc.pointer_store()
+        parts = g.profile.partition_keys
+        repo = clone(dvc.pointer_repo, Path(store.scratch) / f"collector-{uuid.uuid4().hex[:8]}")
+        try:
+            result = store.collect(repo, {"mis_shards": parts, "features": parts},
+                                   f"dataset version of {g.name}: run {context.run_id}")
+        except PointerError as exn:
+            raise Failure(str(exn)) from exn
+        finally:
+            shutil.rmtree(repo, ignore_errors=True)
+        return MaterializeResult(metadata={"commit": result["commit"], "pointers": result["pointers"],
+                                           "pointer_repo": dvc.pointer_repo, "partitions": len(parts)})
+
+    return dataset_version
 
 
 # ------------------------------------------------------------------ captions

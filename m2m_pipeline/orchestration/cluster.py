@@ -8,14 +8,18 @@ broker restarted while runs are between steps, and the shards compared with an u
 1. Inputs run: captions and the autoencoder (`m2m_cluster_job -o ...`), on the workers.
 2. One run per MIS partition, all at once (the partition-range tags narrowed to [p, p]: what a multi-run
    backfill launches): `mis_shards` then `feature_caches` of partition p, each step on a `gpu` worker.
-3. Faults: once worker gpu-a has finished one partition's MIS step and writes a shard of its next one (the
-   temp file exists), its process group is SIGKILLed;
+3. Faults: once a gpu worker that has finished a partition step writes a shard of a MIS partition (the temp
+   file exists), its process group is SIGKILLed;
    the executor (orchestration/celery_executor.py) finds it lost and retries the step under the asset's
-   RetryPolicy on gpu-b. When the first MIS step of any run succeeds, Redis is stopped and started again
+   RetryPolicy on the other gpu worker. When the first MIS step of any run succeeds, Redis is stopped and started again
    (append-only file on, so queued tasks survive).
 4. Reference: the same partitions' MIS and feature shards written in one process (execute_in_process, the
    cluster run's own autoencoder), then every shard's SHA-256 compared, no temp file left, one file per shard.
-5. Training through the same executor: `m2m_self_checkpoint` on a gpu worker, launched by Pipes with
+5. DVC from many executors (orchestration/dvc_pointers.py): every partition step pushes its shards from a
+   working copy of its own to a shared remote and publishes pointers; `dataset_version` commits them (v1).
+   The partitions are then regenerated with another MIS seed (v2, committed too), and a fresh clone checked out
+   at v1 + `dvc pull` must restore v1's files exactly (SHA-256).
+6. Training through the same executor: `m2m_self_checkpoint` on a gpu worker, launched by Pipes with
    `accelerate launch --multi_gpu --num_processes 2` (gloo), its metrics streamed back as Pipes log lines; its
    loss curve must agree with one process at the same global batch (`training_stats.curves_agree`, the DDP
    test's judgement).
@@ -50,6 +54,7 @@ JOB = "m2m_cluster_job"
 INPUT_OPS = ["cluster__raw_captions", "cluster__filtered_captions", "cluster__autoencoder"]
 PARTITION_OPS = ["cluster__mis_shards", "cluster__feature_caches"]
 TRAIN_OPS = ["cluster__m2m_self_checkpoint"]
+VERSION_OPS = ["cluster__dataset_version"]
 # Multi-process training through the executor: the step on a gpu worker launches `accelerate launch --multi_gpu
 # --num_processes 2` (gloo on CPU) through Pipes; the same global batch in one process is the reference.
 TRAIN_STEPS, TRAIN_WINDOW = 60, 15
@@ -57,7 +62,6 @@ TRAIN_SETTINGS = {"train": {"steps": TRAIN_STEPS, "batch_size": 2, "global_batch
                   "train_from_scratch": True}
 TRAIN_COMPUTE = {"launcher": "accelerate", "num_processes": 2}
 WORKERS = (("gpu-a", "gpu"), ("gpu-b", "gpu"), ("cpu", "default"))
-KILLED = "gpu-a"
 
 
 def _free_port() -> int:
@@ -197,7 +201,7 @@ def runs_of_cluster(instance) -> list:
 
 # ---------------------------------------------------------------------- faults
 class Faults(threading.Thread):
-    """Kill gpu-a once it writes a MIS shard of a step it runs; restart the broker after the first MIS success."""
+    """Kill a gpu worker inside a MIS shard (see _victim); restart the broker after the first MIS success."""
 
     def __init__(self, instance, run_ids: list[str], workers: Workers, broker: Broker, mis_dir: Path,
                  kill: bool, restart: bool):
@@ -220,33 +224,46 @@ class Faults(threading.Thread):
                 self.restarted = {"seconds_down": round(time.monotonic() - start, 2), "at": time.time()}
             time.sleep(0.05)
 
-    def _mis_run_on_killed(self) -> tuple[str, int] | None:
-        """(run id, partition) of a run whose MIS step went to gpu-a after gpu-a finished a partition's MIS step
-        (so the kill hits a worker that has done work, in the middle of its next partition)."""
+    def partition_runs(self) -> list[str]:
+        if not hasattr(self, "_partition_runs"):
+            self._partition_runs = [r for r in self.run_ids
+                                    if "m2m/partition" in self.instance.get_run_by_id(r).tags]
+        return self._partition_runs
+
+    def _victim(self) -> tuple[str, str, int] | None:
+        """(worker, run id, partition): a gpu worker inside a MIS step after it finished a partition step of its
+        own. Four MIS steps on two one-at-a-time workers: at least two are some worker's second step or later,
+        so there always is one, and the killed worker has done work the survivor did not have to redo."""
         from dagster import DagsterEventType
 
-        on_killed = [r for r in self.run_ids if ("cluster__mis_shards", KILLED) in step_workers(self.instance, r)]
-        done = [r for r in on_killed if any(e.event_log_entry.dagster_event.step_key == "cluster__mis_shards"
-                                            for e in self.instance.get_records_for_run(
-                                                r, of_type=DagsterEventType.STEP_SUCCESS).records)]
-        for run_id in on_killed:
-            if done and run_id not in done:
+        finished: dict[str, int] = {}
+        running = []
+        for run_id in self.partition_runs():
+            done = {r.event_log_entry.dagster_event.step_key
+                    for r in self.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records}
+            for step, worker in step_workers(self.instance, run_id):
+                if step in done:
+                    finished[worker] = finished.get(worker, 0) + 1
+                elif step == "cluster__mis_shards":
+                    running.append((worker, run_id))
+        for worker, run_id in running:
+            if worker.startswith("gpu") and finished.get(worker, 0) >= 1:
                 part = self.instance.get_run_by_id(run_id).tags.get("m2m/partition")
-                return (run_id, int(part)) if part is not None else None
+                if part is not None:
+                    return worker, run_id, int(part)
         return None
 
     def _maybe_kill(self) -> None:
-        found = self._mis_run_on_killed()
+        found = self._victim()
         if found is None:
             return
-        run_id, part = found
-        # temp files of that partition's shards (shard i belongs to partition i % partitions): gpu-a is in a shard
+        worker, run_id, part = found
+        # temp files of that partition's shards (shard i belongs to partition i % partitions): it is in a shard
         partial = [p for p in sorted(self.mis_dir.glob("*/.mis-*.tmp"))
                    if int(p.name.split(".")[1].removeprefix("mis-")) % PROFILE.num_partitions == part]
         if partial:
-            self.workers.kill(KILLED)
-            run = self.instance.get_run_by_id(run_id)
-            self.killed = {"worker": KILLED, "run_id": run_id, "partition": run.tags.get("m2m/partition"),
+            self.workers.kill(worker)
+            self.killed = {"worker": worker, "run_id": run_id, "partition": str(part),
                            "partial_files": [str(p.relative_to(self.mis_dir)) for p in partial], "at": time.time()}
 
     def _mis_succeeded(self) -> bool:
@@ -320,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     # the workers' -y file: dagster-celery's CLI reads the run config's execution block
     atomic_write_text(out / "celery.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}})])
     run_cfg = out / "run.yaml"
+    pointers = _pointer_setup(out / "dvc")
     atomic_write_text(run_cfg, [yaml.safe_dump({"execution": {"config": celery_cfg}, "resources": {
-        "settings": {"config": {"repo_dir": str(work)}}}})])
+        "settings": {"config": {"repo_dir": str(work)}}, "dvc": {"config": pointers}}})])
     configs = [root / "m2m_pipeline/configs/cluster.yaml", run_cfg]
     workers = Workers(out, out / "celery.yaml", env)
     instance = DagsterInstance.get()
@@ -355,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         codes = [p.wait() for p in procs]
         faults.done.set()
         seconds = time.monotonic() - start
+        report = _report(instance, run_ids, codes, faults, seconds, work, reference)  # before v2 rewrites the shards
+        report.update(_versions_report(_versions(root, env, configs, instance, work, out, pointers), out, report))
         train_cfg = out / "train.yaml"
         atomic_write_text(train_cfg, [yaml.safe_dump({"resources": {"settings": {"config": TRAIN_SETTINGS},
                                                                     "compute": {"config": TRAIN_COMPUTE}}})])
@@ -363,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
                           out / "run-training.log")
         train_code = training.wait()
         train_run = _wait_for_runs(instance, before, 1)[0]
-        report = _report(instance, run_ids, codes, faults, seconds, work, reference)
         report.update(_training_report(instance, train_run, train_code, work, report))
     finally:
         if faults is not None:
@@ -384,6 +403,75 @@ def _wait_for_runs(instance, before: set[str], count: int, timeout: float = 120)
         if time.monotonic() > deadline:
             raise SystemExit(f"cluster: only {len(ids)} of {count} runs appeared in the instance")
         time.sleep(0.5)
+
+
+def _pointer_setup(folder: Path) -> dict[str, str]:
+    """The shared DVC remote, the pointer outbox, the executors' scratch and the pointer repository (bare git)."""
+    from m2m_pipeline.orchestration.dvc_pointers import init_pointer_repo
+
+    cfg = {"mode": "pointers", "pointer_remote": str(folder / "remote"), "pointer_outbox": str(folder / "outbox"),
+           "pointer_scratch": str(folder / "scratch"), "pointer_repo": str(folder / "pointers.git")}
+    for key in ("pointer_remote", "pointer_outbox", "pointer_scratch"):
+        Path(cfg[key]).mkdir(parents=True, exist_ok=True)
+    init_pointer_repo(Path(cfg["pointer_repo"]), cfg["pointer_remote"], Path(cfg["pointer_scratch"]))
+    return cfg
+
+
+def raw_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every MIS and feature file, by its path in the repository (what `dvc pull` restores)."""
+    return {str(p.relative_to(root)): sha256_file(p) for kind in ("mis", "features")
+            for p in sorted((root / "assets/cluster" / kind).glob("*/mis-*")) if p.is_file()}
+
+
+def _version(root, env, configs, out, name: str) -> tuple[int, str]:
+    from m2m_pipeline.orchestration.dvc_pointers import git
+
+    code = launch(root, env, configs, VERSION_OPS, {"m2m/cluster": name}, out / f"run-{name}.log").wait()
+    origin = Path(yaml.safe_load((out / "run.yaml").read_text())["resources"]["dvc"]["config"]["pointer_repo"])
+    return code, git("rev-parse", "HEAD", cwd=origin).strip()
+
+
+def _versions(root, env, configs, instance, work, out, pointers) -> dict[str, Any]:
+    """v1: the pointers of the runs above; v2: the partitions regenerated with MIS seed 1; then v1 restored."""
+    from m2m_pipeline.orchestration.dvc_pointers import restore
+
+    outbox = Path(pointers["pointer_outbox"])
+    staged_left = [str(p) for p in outbox.rglob(".*.tmp")]
+    code1, rev1 = _version(root, env, configs, out, "version-1")
+    v1 = raw_hashes(work)
+    v2_cfg = out / "v2.yaml"
+    atomic_write_text(v2_cfg, [yaml.safe_dump({"resources": {"settings": {"config": {"mis": {"seed": 1}}}},
+                                               "ops": {"cluster__mis_shards": {"config": {"force": True}}}})])
+    procs = [launch(root, env, [*configs, v2_cfg], PARTITION_OPS,
+                    {"dagster/asset_partition_range_start": p, "dagster/asset_partition_range_end": p,
+                     "m2m/partition": p, "m2m/cluster": "v2"}, out / f"run-v2-partition-{p}.log")
+             for p in PROFILE.partition_keys]
+    codes2 = [p.wait() for p in procs]
+    code2, rev2 = _version(root, env, configs, out, "version-2")
+    v2 = raw_hashes(work)
+    restored = restore(pointers["pointer_repo"], rev1, out / "restore-v1" / "repo")
+    return {"rev1": rev1, "rev2": rev2, "codes": [code1, *codes2, code2], "v1": v1, "v2": v2, "restored": restored,
+            "pointer_sets": sorted(str(p.relative_to(outbox)) for p in outbox.glob("*/*")),
+            "staged_left_after_kill": staged_left}
+
+
+def _versions_report(v: dict[str, Any], out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    problems = report["problems"]
+    same = v["restored"] == v["v1"]
+    changed = sorted(k for k in v["v1"] if v["v2"].get(k) != v["v1"][k])
+    lines = ["", f"DVC from many executors: {len(v['pointer_sets'])} pointer sets published by the partition steps "
+                 f"(each from its own working copy, no shared lock), committed by dataset_version as v1 "
+                 f"{v['rev1'][:10]}; partitions regenerated with MIS seed 1 -> v2 {v['rev2'][:10]} ({len(changed)} "
+                 f"of {len(v['v1'])} files changed); a fresh clone at v1 + dvc pull restored {len(v['restored'])} "
+                 f"files: {'every SHA-256 equal to v1' if same else 'DIFFERENT from v1'}; pointer staging left by "
+                 f"the killed worker: {v['staged_left_after_kill'] or 'none'}"]
+    if not same or not changed or any(v["codes"]) or v["staged_left_after_kill"]:
+        problems.append(f"DVC round trip: restored == v1: {same}, files changed by v2: {len(changed)}, "
+                        f"exit codes {v['codes']}")
+    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n".join(lines)
+    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")
+    return {"dvc": {k: v[k] for k in ("rev1", "rev2", "codes", "pointer_sets", "staged_left_after_kill")},
+            "dvc_restored_equal": same, "dvc_changed_by_v2": len(changed)}
 
 
 def _training_report(instance, run_id: str, code: int, work: Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -449,8 +537,9 @@ def _report(instance, run_ids, codes, faults, seconds, work, reference) -> dict[
                          f"{faults.killed['partition']} while writing {faults.killed['partial_files']}")
             if not all_retries:
                 problems.append("no STEP_UP_FOR_RETRY in the event log after the kill")
-            if not any(s.startswith("mis_shards") for s in per_worker.get("gpu-b", [])):
-                problems.append("gpu-b ran no MIS step")
+            attempts = [w for s, w in step_workers(instance, faults.killed["run_id"]) if s == "cluster__mis_shards"]
+            if len(attempts) < 2 or attempts[-1] == faults.killed["worker"]:
+                problems.append(f"the killed MIS step was not retried on another worker: attempts on {attempts}")
     lines += [f"retry: {r}" for r in all_retries]
     if faults.restart_wanted:
         if faults.restarted:

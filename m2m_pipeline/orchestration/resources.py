@@ -402,13 +402,20 @@ class DVCResource(ConfigurableResource):
     local: the remote is a folder (`.state/dvc-remote`, remote `local` in .dvc/config);
     production: any remote configured in .dvc/config (s3://, gs://, ssh://) named by `remote`.
     M2M_DVC=off in the environment disables it (dvc.yaml commands set it: `dvc repro` holds DVC's lock).
+    pointers: many executors at once, no shared lock (orchestration/dvc_pointers.py): each partition step pushes
+    its files from a working copy of its own to `pointer_remote` and publishes `.dvc` pointers to
+    `pointer_outbox`; the `dataset_version` step commits them to the git repository `pointer_repo`.
     """
 
-    mode: Literal["local", "production", "off"] = "local"
+    mode: Literal["local", "production", "pointers", "off"] = "local"
     repo_dir: str = ""
     remote: str = "local"
     push: bool = True
     lock_timeout_s: int = 1800
+    pointer_remote: str = ""    # pointers: the shared DVC remote (folder or s3:// / gs:// / ssh:// URL)
+    pointer_outbox: str = ""    # pointers: shared folder of published pointer sets
+    pointer_scratch: str = ""   # pointers: local folder for the executors' own working copies
+    pointer_repo: str = ""      # pointers: git URL of the pointer repository (its .dvc/config names the remote)
 
     @model_validator(mode="after")
     def _check_fields(self) -> DVCResource:
@@ -416,7 +423,16 @@ class DVCResource(ConfigurableResource):
             raise ValueError("resources.dvc.config.remote: production mode needs a shared remote, not 'local'")
         if self.lock_timeout_s <= 0:
             raise ValueError("resources.dvc.config.lock_timeout_s must be positive")
+        if self.mode == "pointers":
+            for name in ("pointer_remote", "pointer_outbox", "pointer_scratch", "pointer_repo"):
+                if not getattr(self, name):
+                    raise ValueError(f"resources.dvc.config.{name}: required in pointers mode")
         return self
+
+    def pointer_store(self):
+        from m2m_pipeline.orchestration.dvc_pointers import PointerStore
+
+        return PointerStore(self.pointer_remote, Path(self.pointer_outbox), Path(self.pointer_scratch))
 
     @property
     def enabled(self) -> bool:

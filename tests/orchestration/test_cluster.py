@@ -62,9 +62,10 @@ def test_cluster_smoke_survives_a_killed_worker_and_a_broker_restart(tmp_path, m
 
     assert cluster.main(["--out", str(tmp_path / "cluster")]) == 0
     report = json.loads((tmp_path / "cluster" / "report.json").read_text())
-    assert report["killed"]["worker"] == "gpu-a" and report["killed"]["partial_files"]
+    killed = report["killed"]["worker"]
+    assert killed.startswith("gpu") and report["killed"]["partial_files"]
     assert report["retries"] and report["broker_restart"] and not report["differ"] and not report["leftovers"]
-    assert any(s.startswith("mis_shards") for s in report["per_worker"]["gpu-a"])
-    assert any(s.startswith("mis_shards") for s in report["per_worker"]["gpu-b"])
+    assert all(any(s.startswith("mis_shards") for s in report["per_worker"][w]) for w in ("gpu-a", "gpu-b"))
+    assert report["dvc_restored_equal"] and report["dvc_changed_by_v2"] > 0  # v1 restored on a fresh copy
     training = report["training"]  # accelerate --multi_gpu --num_processes 2 through Pipes on a gpu worker
     assert training["world_size"] == 2 and training["agree"] and training["streamed"]
