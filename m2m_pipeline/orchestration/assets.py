@@ -161,26 +161,35 @@ def version(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, cont
     return hashes
 
 
-# What the pointers mode versions per partition step (the outputs a step of one partition range writes).
+# What the pointers mode versions from the executor that wrote it: each partition step its shards (pointer set
+# `<name>/<partition>`), each training step its final checkpoint (`<name>/all`). The layout key is the pointer name.
 POINTER_ASSETS = {"mis_shards": "mis_shards", "latent_cache": "features", "dino_features": "features",
-                  "feature_caches": "features"}
+                  "feature_caches": "features", "m2m_self_checkpoint": "m2m_self_checkpoint",
+                  "m2m_dino_checkpoint": "m2m_dino_checkpoint"}
 
 
 def _version_partition(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name: str, context: Any
                        ) -> dict[str, Any]:
-    """pointers mode: this step's partition files pushed from a working copy of its own, pointers published."""
+    """pointers mode: this step's files pushed from a working copy of its own, pointers published."""
     if asset_name not in POINTER_ASSETS:
-        return {}  # only the partitioned shard stores are versioned per executor; the rest stays on one host
-    folder = r.path(layout(r.profile)[POINTER_ASSETS[asset_name]])
+        return {}  # captions, oracle, reports: small, written once, not versioned per executor
+    name = POINTER_ASSETS[asset_name]
+    if name.endswith("_checkpoint"):
+        final = r.path(layout(r.profile)[name]) / "final"
+        published = str(dvc.pointer_store().push_partition(r.root, name, "all", sorted(
+            f for f in final.rglob("*") if f.is_file())))
+        run.set_tags({"dvc.pointers": published})
+        return {"stage": f"pointers:{name}", "outs": {published: None}}
+    folder = r.path(layout(r.profile)[name])
     keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
     parts = {int(k) for k in keys}
     n = r.profile.num_partitions
     files = sorted(f for f in folder.glob("*/mis-*") if f.is_file() and int(f.name[4:10]) % n in parts)
-    published = [str(dvc.pointer_store().push_partition(r.root, POINTER_ASSETS[asset_name], str(p),
+    published = [str(dvc.pointer_store().push_partition(r.root, name, str(p),
                                                          [f for f in files if int(f.name[4:10]) % n == p]))
                  for p in sorted(parts)]
     run.set_tags({"dvc.pointers": json.dumps(published)[:5000]})
-    return {"stage": f"pointers:{POINTER_ASSETS[asset_name]}", "outs": {f: None for f in published}}
+    return {"stage": f"pointers:{name}", "outs": {f: None for f in published}}
 
 
 class MISShardsConfig(Config):
@@ -261,7 +270,7 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
                 *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
                 *(autoencoder_assets(g) if profile.autoencoder_preset is not None else []),
                 *([base_model_asset(g)] if profile.base_model_preset is not None else []),
-                *([dataset_version_asset(g)] if profile.executor == "celery" else [])]
+                *([dataset_version_asset(g)] if profile.executor in ("celery", "k8s") else [])]
 
 
 # ------------------------------------------------------------------ versioning from many executors
@@ -269,8 +278,8 @@ def dataset_version_asset(g: ProfileGraph) -> Any:
     @asset(key=g.key("dataset_version"), group_name="versioning", deps=[g.key("mis_shards"), g.key("latent_cache")],
            kinds={"dvc", "git"},
            description="The collecting step of DVC from many executors (orchestration/dvc_pointers.py): every MIS "
-                       "and feature partition's pointer set committed to the pointer repository; the commit is "
-                       "the dataset version (`git checkout <commit> && dvc pull` restores it).")
+                       "and feature partition's pointer set (and the checkpoints' once trained) committed to the "
+                       "pointer repository; the commit is the version (`git checkout <commit> && dvc pull`).")
     def dataset_version(context: AssetExecutionContext, settings: M2MSettings, dvc: DVCResource) -> MaterializeResult:
         import shutil
         import uuid

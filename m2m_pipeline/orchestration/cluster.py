@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,78 +317,108 @@ def leftovers(root: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------- main
+@dataclass
+class Site:
+    """One cluster smoke's places and processes: the repo, its output folder, the run configs, the instance."""
+
+    root: Path
+    out: Path
+    env: dict[str, str]
+    configs: list[Path]
+    instance: Any
+    pointers: dict[str, str]
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    def run(self, ops: list[str], tags: dict[str, str], log: str, extra: list[Path] = ()) -> subprocess.Popen:
+        return launch(self.root, self.env, [*self.configs, *extra], ops, tags, self.out / log)
+
+
+def _prepare(out: Path, broker: Broker) -> Site:
+    """The broker's executor config (for the runs and the workers), the DVC pointer store, the run config."""
+    from dagster import DagsterInstance
+
+    celery_cfg = executor_config(broker)
+    # the workers' -y file: dagster-celery's CLI reads the run config's execution block
+    atomic_write_text(out / "celery.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}})])
+    pointers = _pointer_setup(out / "dvc")
+    atomic_write_text(out / "run.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}, "resources": {
+        "settings": {"config": {"repo_dir": str(out / "work")}}, "dvc": {"config": pointers}}})])
+    # the venv's bin first: dagster-celery starts `celery` from PATH
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    instance = DagsterInstance.get()
+    instance.get_runs(limit=1)  # create the instance's storage before workers and runs open it at once
+    root = repo_root()
+    return Site(root, out, env, [root / "m2m_pipeline/configs/cluster.yaml", out / "run.yaml"], instance, pointers)
+
+
+def _celery_app(broker: Broker):
+    from dagster._core.execution.retries import RetryMode
+    from dagster_celery.make_app import make_app
+
+    from m2m_pipeline.orchestration.celery_executor import ResilientCeleryExecutor
+
+    cfg = executor_config(broker)
+    return make_app(ResilientCeleryExecutor(RetryMode.DISABLED, broker=cfg["broker"], backend=cfg["backend"]).app_args())
+
+
+def _fan_out(site: Site, workers: Workers, broker: Broker, kill: bool, restart: bool) -> tuple[list, list, Any, float]:
+    """The inputs run, then one run per partition at once with the faults injected; (runs, exit codes, faults, s)."""
+    start = time.monotonic()
+    before = {r.run_id for r in runs_of_cluster(site.instance)}
+    if site.run(INPUT_OPS, {"m2m/cluster": "inputs"}, "run-inputs.log").wait() != 0:
+        raise SystemExit(f"cluster: the inputs run failed; see {site.out / 'run-inputs.log'}")
+    # one partition per run: the range tags of the chain job narrowed to [p, p]
+    procs = [site.run(PARTITION_OPS, {"dagster/asset_partition_range_start": p, "dagster/asset_partition_range_end": p,
+                                      "m2m/partition": p}, f"run-partition-{p}.log") for p in PROFILE.partition_keys]
+    run_ids = _wait_for_runs(site.instance, before, 1 + len(procs))
+    faults = Faults(site.instance, run_ids, workers, broker, site.work / "assets/cluster/mis", kill, restart)
+    faults.start()
+    codes = [p.wait() for p in procs]
+    faults.done.set()
+    return run_ids, codes, faults, time.monotonic() - start
+
+
+def _train(site: Site) -> tuple[str, int]:
+    """m2m_self_checkpoint through the executor with 2 processes (TRAIN_SETTINGS / TRAIN_COMPUTE)."""
+    train_cfg = site.out / "train.yaml"
+    atomic_write_text(train_cfg, [yaml.safe_dump({"resources": {"settings": {"config": TRAIN_SETTINGS},
+                                                                "compute": {"config": TRAIN_COMPUTE}}})])
+    before = {r.run_id for r in runs_of_cluster(site.instance)}
+    code = site.run(TRAIN_OPS, {"m2m/cluster": "training"}, "run-training.log", [train_cfg]).wait()
+    return _wait_for_runs(site.instance, before, 1)[0], code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/cluster-smoke"))
     parser.add_argument("--no-kill", action="store_true", help="no worker is killed")
     parser.add_argument("--no-broker-restart", action="store_true", help="the broker is not restarted")
     args = parser.parse_args(argv)
-    from dagster import DagsterInstance
-
-    root, out = repo_root(), args.out.resolve()
+    out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
-    work, reference = out / "work", out / "reference"
-    work.mkdir(parents=True)
-    # the venv's bin first: dagster-celery starts `celery` from PATH
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    (out / "work").mkdir(parents=True)
     broker = Broker(out / "redis")
     broker.start()
-    celery_cfg = executor_config(broker)
-    # the workers' -y file: dagster-celery's CLI reads the run config's execution block
-    atomic_write_text(out / "celery.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}})])
-    run_cfg = out / "run.yaml"
-    pointers = _pointer_setup(out / "dvc")
-    atomic_write_text(run_cfg, [yaml.safe_dump({"execution": {"config": celery_cfg}, "resources": {
-        "settings": {"config": {"repo_dir": str(work)}}, "dvc": {"config": pointers}}})])
-    configs = [root / "m2m_pipeline/configs/cluster.yaml", run_cfg]
-    workers = Workers(out, out / "celery.yaml", env)
-    instance = DagsterInstance.get()
-    instance.get_runs(limit=1)  # create the instance's storage before workers and runs open it at once
-    faults = None
+    workers = None
     try:
-        from dagster_celery.make_app import make_app
-
-        from m2m_pipeline.orchestration.celery_executor import ResilientCeleryExecutor
-
-        from dagster._core.execution.retries import RetryMode
-
-        app = make_app(ResilientCeleryExecutor(RetryMode.DISABLED, broker=celery_cfg["broker"],
-                                               backend=celery_cfg["backend"]).app_args())
-        workers.start(root)
-        workers.wait_ready(app)
+        site = _prepare(out, broker)
+        workers = Workers(out, out / "celery.yaml", site.env)
+        workers.start(site.root)
+        workers.wait_ready(_celery_app(broker))
         print(f"broker {broker.url}, workers {[f'{n} ({q})' for n, q in WORKERS]} ready")
-        start = time.monotonic()
-        before = {r.run_id for r in runs_of_cluster(instance)}
-        inputs = launch(root, env, configs, INPUT_OPS, {"m2m/cluster": "inputs"}, out / "run-inputs.log")
-        if inputs.wait() != 0:
-            raise SystemExit(f"cluster: the inputs run failed; see {out / 'run-inputs.log'}")
-        # one partition per run: the range tags of the chain job narrowed to [p, p]
-        procs = [launch(root, env, configs, PARTITION_OPS, {"dagster/asset_partition_range_start": p,
-                                                           "dagster/asset_partition_range_end": p, "m2m/partition": p},
-                        out / f"run-partition-{p}.log") for p in PROFILE.partition_keys]
-        run_ids = _wait_for_runs(instance, before, 1 + len(procs))
-        faults = Faults(instance, run_ids, workers, broker, work / "assets/cluster/mis", not args.no_kill,
-                        not args.no_broker_restart)
-        faults.start()
-        codes = [p.wait() for p in procs]
-        faults.done.set()
-        seconds = time.monotonic() - start
-        report = _report(instance, run_ids, codes, faults, seconds, work, reference)  # before v2 rewrites the shards
-        report.update(_versions_report(_versions(root, env, configs, instance, work, out, pointers), out, report))
-        train_cfg = out / "train.yaml"
-        atomic_write_text(train_cfg, [yaml.safe_dump({"resources": {"settings": {"config": TRAIN_SETTINGS},
-                                                                    "compute": {"config": TRAIN_COMPUTE}}})])
-        before = {r.run_id for r in runs_of_cluster(instance)}
-        training = launch(root, env, [*configs, train_cfg], TRAIN_OPS, {"m2m/cluster": "training"},
-                          out / "run-training.log")
-        train_code = training.wait()
-        train_run = _wait_for_runs(instance, before, 1)[0]
-        report.update(_training_report(instance, train_run, train_code, work, report))
+        run_ids, codes, faults, seconds = _fan_out(site, workers, broker, not args.no_kill, not args.no_broker_restart)
+        report = _report(site.instance, run_ids, codes, faults, seconds, site.work, out / "reference")
+        report.update(_versions_report(_versions(site), out, report))  # v2 rewrites the shards: after the check
+        train_run, train_code = _train(site)
+        report.update(_training_report(site.instance, train_run, train_code, site.work, report))
+        report.update(_checkpoint_version_report(site, report))
     finally:
-        if faults is not None:
-            faults.done.set()
-        workers.stop()
+        if workers is not None:
+            workers.stop()
         broker.stop()
     atomic_write_text(out / "report.json", [json.dumps(report, indent=1, default=str)])
     print(report["text"])
@@ -423,36 +454,53 @@ def raw_hashes(root: Path) -> dict[str, str]:
             for p in sorted((root / "assets/cluster" / kind).glob("*/mis-*")) if p.is_file()}
 
 
-def _version(root, env, configs, out, name: str) -> tuple[int, str]:
+def _version(site: Site, name: str) -> tuple[int, str]:
+    """Run the collecting step (dataset_version); its exit code and the pointer repository's new HEAD."""
     from m2m_pipeline.orchestration.dvc_pointers import git
 
-    code = launch(root, env, configs, VERSION_OPS, {"m2m/cluster": name}, out / f"run-{name}.log").wait()
-    origin = Path(yaml.safe_load((out / "run.yaml").read_text())["resources"]["dvc"]["config"]["pointer_repo"])
-    return code, git("rev-parse", "HEAD", cwd=origin).strip()
+    code = site.run(VERSION_OPS, {"m2m/cluster": name}, f"run-{name}.log").wait()
+    return code, git("rev-parse", "HEAD", cwd=Path(site.pointers["pointer_repo"])).strip()
 
 
-def _versions(root, env, configs, instance, work, out, pointers) -> dict[str, Any]:
+def _versions(site: Site) -> dict[str, Any]:
     """v1: the pointers of the runs above; v2: the partitions regenerated with MIS seed 1; then v1 restored."""
     from m2m_pipeline.orchestration.dvc_pointers import restore
 
-    outbox = Path(pointers["pointer_outbox"])
+    outbox = Path(site.pointers["pointer_outbox"])
     staged_left = [str(p) for p in outbox.rglob(".*.tmp")]
-    code1, rev1 = _version(root, env, configs, out, "version-1")
-    v1 = raw_hashes(work)
-    v2_cfg = out / "v2.yaml"
+    code1, rev1 = _version(site, "version-1")
+    v1 = raw_hashes(site.work)
+    v2_cfg = site.out / "v2.yaml"
     atomic_write_text(v2_cfg, [yaml.safe_dump({"resources": {"settings": {"config": {"mis": {"seed": 1}}}},
                                                "ops": {"cluster__mis_shards": {"config": {"force": True}}}})])
-    procs = [launch(root, env, [*configs, v2_cfg], PARTITION_OPS,
-                    {"dagster/asset_partition_range_start": p, "dagster/asset_partition_range_end": p,
-                     "m2m/partition": p, "m2m/cluster": "v2"}, out / f"run-v2-partition-{p}.log")
+    procs = [site.run(PARTITION_OPS, {"dagster/asset_partition_range_start": p, "dagster/asset_partition_range_end": p,
+                                      "m2m/partition": p, "m2m/cluster": "v2"}, f"run-v2-partition-{p}.log", [v2_cfg])
              for p in PROFILE.partition_keys]
     codes2 = [p.wait() for p in procs]
-    code2, rev2 = _version(root, env, configs, out, "version-2")
-    v2 = raw_hashes(work)
-    restored = restore(pointers["pointer_repo"], rev1, out / "restore-v1" / "repo")
+    code2, rev2 = _version(site, "version-2")
+    v2 = raw_hashes(site.work)
+    restored = restore(site.pointers["pointer_repo"], rev1, site.out / "restore-v1" / "repo")
     return {"rev1": rev1, "rev2": rev2, "codes": [code1, *codes2, code2], "v1": v1, "v2": v2, "restored": restored,
             "pointer_sets": sorted(str(p.relative_to(outbox)) for p in outbox.glob("*/*")),
             "staged_left_after_kill": staged_left}
+
+
+def _checkpoint_version_report(site: Site, report: dict[str, Any]) -> dict[str, Any]:
+    """v3 after training: the checkpoint the training pod pushed is in the dataset version too."""
+    from m2m_pipeline.orchestration.dvc_pointers import git
+
+    code, rev3 = _version(site, "version-3")
+    tracked = git("ls-tree", "-r", "--name-only", rev3, cwd=Path(site.pointers["pointer_repo"])).split()
+    ckpt = [t for t in tracked if t.startswith("models/cluster/m2m_self/final/")]
+    ok = code == 0 and any(t.endswith("model.safetensors.dvc") for t in ckpt)
+    line = (f"v3 {rev3[:10]} after training: {len(tracked)} files tracked, {len(ckpt)} of them the checkpoint's "
+            f"pointers (pushed by the training step from its own working copy)")
+    if not ok:
+        report["problems"].append(f"the checkpoint is not in dataset version v3 (exit {code})")
+    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n" + line
+    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(report["problems"])
+                                                     if report["problems"] else "OK")
+    return {"dvc_v3": {"rev": rev3, "checkpoint_pointers": ckpt}}
 
 
 def _versions_report(v: dict[str, Any], out: Path, report: dict[str, Any]) -> dict[str, Any]:

@@ -85,21 +85,23 @@ class PointerStore:
             shutil.rmtree(work, ignore_errors=True)
 
     def collect(self, repo: Path, expected: dict[str, list[str]], message: str) -> dict[str, object]:
-        """Copy every expected partition's pointer set into the git working copy `repo`, check the remote holds
-        every pointed object (local-folder remotes), commit and push. Returns the commit and the pointers."""
+        """Copy every expected partition's pointer set (and any other published set: checkpoints) into the git
+        working copy `repo`, check the remote holds every pointed object (local-folder remotes), commit and push.
+        Returns the commit and the pointer count."""
         missing = [f"{a}/{p}" for a, parts in expected.items() for p in parts if not (self.outbox / a / p).is_dir()]
         if missing:
             raise PointerError(f"no pointer set for {missing} in {self.outbox}: those partitions were not versioned "
                                f"(a step failed or was killed before publishing); rerun them first")
+        sets = {(a, p) for a, parts in expected.items() for p in parts}
+        sets |= {(d.parent.name, d.name) for d in self.outbox.glob("*/*") if d.is_dir() and not d.name.startswith(".")}
         pointers = []
-        for asset, parts in expected.items():
-            for p in parts:
-                src = self.outbox / asset / p
-                for f in sorted(src.rglob("*.dvc")):
-                    dest = repo / f.relative_to(src)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, dest)
-                    pointers.append(dest)
+        for asset, p in sorted(sets):
+            src = self.outbox / asset / p
+            for f in sorted(src.rglob("*.dvc")):
+                dest = repo / f.relative_to(src)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
+                pointers.append(dest)
         absent = [str(p.relative_to(repo)) for p in pointers if not self._in_remote(p)]
         if absent:
             raise PointerError(f"pointers whose objects are not in the remote {self.remote}: {absent[:5]}")
