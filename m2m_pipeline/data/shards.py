@@ -37,6 +37,12 @@ def shard_name(index: int, prefix: str = "mis") -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+def shard_index(name: str) -> int:
+    """The inverse of shard_name for any file of a shard: `mis-000003.tar`, its manifest `mis-000003.json`, or a
+    writer's temp file `.mis-000003.tar.<random>.tmp` -> 3."""
+    return int(name.lstrip(".").split(".")[0].rsplit("-", 1)[1])
+
+
 def manifest_path(shard: str | os.PathLike) -> Path:
     """`mis-000003.tar` -> `mis-000003.json`, beside it."""
     path = Path(shard)

@@ -180,14 +180,16 @@ def _version_partition(dvc: DVCResource, run: MlflowRun, r: Resolved, asset_name
             f for f in final.rglob("*") if f.is_file())))
         run.set_tags({"dvc.pointers": published})
         return {"stage": f"pointers:{name}", "outs": {published: None}}
-    folder = r.path(layout(r.profile)[name])
+    from m2m_pipeline.data.shards import shard_index
+
     keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
-    parts = {int(k) for k in keys}
-    n = r.profile.num_partitions
-    files = sorted(f for f in folder.glob("*/mis-*") if f.is_file() and int(f.name[4:10]) % n in parts)
-    published = [str(dvc.pointer_store().push_partition(r.root, name, str(p),
-                                                         [f for f in files if int(f.name[4:10]) % n == p]))
-                 for p in sorted(parts)]
+    by_partition: dict[int, list[Path]] = {int(k): [] for k in keys}
+    for f in sorted(r.path(layout(r.profile)[name]).glob("*/mis-*")):  # shard i belongs to partition i % n
+        p = shard_index(f.name) % r.profile.num_partitions
+        if f.is_file() and p in by_partition:
+            by_partition[p].append(f)
+    published = [str(dvc.pointer_store().push_partition(r.root, name, str(p), files))
+                 for p, files in sorted(by_partition.items())]
     run.set_tags({"dvc.pointers": json.dumps(published)[:5000]})
     return {"stage": f"pointers:{name}", "outs": {f: None for f in published}}
 

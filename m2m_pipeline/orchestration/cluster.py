@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from m2m_pipeline.data.shards import shard_index
 from m2m_pipeline.io import atomic_write_text, sha256_file
 from m2m_pipeline.orchestration.profiles import PROFILES
 from m2m_pipeline.orchestration.resources import repo_root
@@ -261,7 +262,7 @@ class Faults(threading.Thread):
         worker, run_id, part = found
         # temp files of that partition's shards (shard i belongs to partition i % partitions): it is in a shard
         partial = [p for p in sorted(self.mis_dir.glob("*/.mis-*.tmp"))
-                   if int(p.name.split(".")[1].removeprefix("mis-")) % PROFILE.num_partitions == part]
+                   if shard_index(p.name) % PROFILE.num_partitions == part]
         if partial:
             self.workers.kill(worker)
             self.killed = {"worker": worker, "run_id": run_id, "partition": str(part),
@@ -412,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker {broker.url}, workers {[f'{n} ({q})' for n, q in WORKERS]} ready")
         run_ids, codes, faults, seconds = _fan_out(site, workers, broker, not args.no_kill, not args.no_broker_restart)
         report = _report(site.instance, run_ids, codes, faults, seconds, site.work, out / "reference")
-        report.update(_versions_report(_versions(site), out, report))  # v2 rewrites the shards: after the check
+        report.update(_versions_report(_versions(site), report))  # v2 rewrites the shards: after the check
         train_run, train_code = _train(site)
         report.update(_training_report(site.instance, train_run, train_code, site.work, report))
         report.update(_checkpoint_version_report(site, report))
+        problems = report["problems"]  # every section above adds its lines and problems; the verdict comes once
+        report["text"] = "\n".join([*report.pop("lines"), "", "cluster smoke: "
+                                     + ("FAILED\n" + "\n".join(problems) if problems else "OK")])
     finally:
         if workers is not None:
             workers.stop()
@@ -497,13 +501,11 @@ def _checkpoint_version_report(site: Site, report: dict[str, Any]) -> dict[str, 
             f"pointers (pushed by the training step from its own working copy)")
     if not ok:
         report["problems"].append(f"the checkpoint is not in dataset version v3 (exit {code})")
-    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n" + line
-    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(report["problems"])
-                                                     if report["problems"] else "OK")
+    report["lines"].append(line)
     return {"dvc_v3": {"rev": rev3, "checkpoint_pointers": ckpt}}
 
 
-def _versions_report(v: dict[str, Any], out: Path, report: dict[str, Any]) -> dict[str, Any]:
+def _versions_report(v: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     problems = report["problems"]
     same = v["restored"] == v["v1"]
     changed = sorted(k for k in v["v1"] if v["v2"].get(k) != v["v1"][k])
@@ -516,8 +518,7 @@ def _versions_report(v: dict[str, Any], out: Path, report: dict[str, Any]) -> di
     if not same or not changed or any(v["codes"]) or v["staged_left_after_kill"]:
         problems.append(f"DVC round trip: restored == v1: {same}, files changed by v2: {len(changed)}, "
                         f"exit codes {v['codes']}")
-    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n".join(lines)
-    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")
+    report["lines"] += lines
     return {"dvc": {k: v[k] for k in ("rev1", "rev2", "codes", "pointer_sets", "staged_left_after_kill")},
             "dvc_restored_equal": same, "dvc_changed_by_v2": len(changed)}
 
@@ -535,7 +536,6 @@ def _training_report(instance, run_id: str, code: int, work: Path, report: dict[
     result_path = work / "models/cluster/m2m_self/train_result.json"
     if run.status.value != "SUCCESS" or code != 0 or not result_path.exists():
         problems.append(f"the training run {run_id} is {run.status.value}")
-        report["text"] += "\n" + "\n".join(problems)
         return {"training": {"run_id": run_id, "status": run.status.value}}
     ddp = json.loads(result_path.read_text())
     shards = sorted(str(p) for p in (work / "assets/cluster/features/train").glob("mis-*.tar"))
@@ -553,8 +553,7 @@ def _training_report(instance, run_id: str, code: int, work: Path, report: dict[
     if not ok or state.get("world_size") != 2 or not streamed:
         problems.append(f"multi-process training through the executor: agree={ok}, world size "
                         f"{state.get('world_size')}, {len(streamed)} streamed lines")
-    text = report["text"].rsplit("\n\ncluster smoke: ", 1)[0] + "\n".join(lines)
-    report["text"] = text + "\n\ncluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")
+    report["lines"] += lines
     return {"training": {"run_id": run_id, "workers": steps, "streamed": streamed, "agree": ok, "stats": stats,
                          "world_size": state.get("world_size")}}
 
@@ -605,10 +604,9 @@ def _report(instance, run_ids, codes, faults, seconds, work, reference) -> dict[
     lines.append(f"partial (temp) files left: {left or 'none'}")
     if left:
         problems.append(f"partial files left: {left}")
-    lines += ["", "cluster smoke: " + ("FAILED\n" + "\n".join(problems) if problems else "OK")]
     return {"runs": run_ids, "exit_codes": codes, "per_worker": per_worker, "killed": faults.killed,
             "broker_restart": faults.restarted, "retries": all_retries, "hashes": got, "differ": differ,
-            "leftovers": left, "problems": problems, "seconds": round(seconds, 1), "text": "\n".join(lines)}
+            "leftovers": left, "problems": problems, "seconds": round(seconds, 1), "lines": lines}
 
 
 if __name__ == "__main__":

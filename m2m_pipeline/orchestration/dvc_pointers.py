@@ -18,7 +18,6 @@ the cluster profile (`DVCResource(mode="pointers")`) versions differently:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from m2m_pipeline.io import sha256_file
 
 
 class PointerError(RuntimeError):
@@ -158,5 +159,5 @@ def restore(origin: Path | str, rev: str, dest: Path) -> dict[str, str]:
     for f in sorted(dest.rglob("*")):
         project = {".git", ".dvc"} & set(f.relative_to(dest).parts) or f.name in (".gitignore", ".dvcignore")
         if f.is_file() and not project and f.suffix != ".dvc":
-            out[str(f.relative_to(dest))] = hashlib.sha256(f.read_bytes()).hexdigest()
+            out[str(f.relative_to(dest))] = sha256_file(f)
     return out
