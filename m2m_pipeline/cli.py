@@ -547,6 +547,7 @@ def drift_cmd(checkpoint: Path, test_shards: str, oracle_dir: Path, policies: tu
 
 
 from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
+from m2m_pipeline.evaluation.cli import coco_zero_shot_cmd  # MSCOCO zero-shot continuation (Figs. 16, 17)
 from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
     evaluate_task_cmd,
     finetune_cmd,
@@ -554,7 +555,7 @@ from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
 
 from m2m_pipeline.data.cli import captions_cmd, features_cmd, mis_cmd  # MIS stages without Dagster (issue 13)
 
-for command in (captions_cmd, mis_cmd, features_cmd, finetune_cmd, evaluate_task_cmd, evaluate):
+for command in (captions_cmd, mis_cmd, features_cmd, finetune_cmd, evaluate_task_cmd, evaluate, coco_zero_shot_cmd):
     main.add_command(command)
 
 if __name__ == "__main__":

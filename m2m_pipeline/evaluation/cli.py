@@ -148,3 +148,73 @@ def _full_report(checkpoint: Path, test_dir: Path, oracle_dir: Path | None, pres
         f"{name} " + " / ".join(f"{vals[i - 1]:.2f}" for i in (1, 10, 25) if i <= len(vals))
         for name, vals in drift.items() if name in ("colour", "background", "shape")))
     click.echo(f"report: {res['report_path']}; figures: {', '.join(str(f) for f in res['files'].values())}")
+
+
+from m2m_pipeline.data.coco import COCO_SPLITS  # noqa: E402  (light: no torch)
+
+
+@click.command("coco-zero-shot", short_help="Continue MSCOCO sets of one category zero-shot (Figs. 5, 16, 17).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="M2M checkpoint folder (config.json + model.safetensors).")
+@click.option("--coco-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="COCO 2017 folder: annotations/instances_<split>2017.json and <split>2017/*.jpg.")
+@click.option("--split", type=click.Choice(list(COCO_SPLITS)), default="val", show_default=True)
+@click.option("--clip-model", default=None, help="open_clip model name, or local-dir:/path (no CLIP scores if unset).")
+@click.option("--clip-pretrained", default=None, help="Local open_clip checkpoint file for --clip-model.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: grid.png, consistency.md, report.json.")
+@click.option("--preset", "eval_preset", type=click.Choice(sorted(EVAL_PRESETS)), default="paper", show_default=True,
+              help="EvalSpec whose sizes and sampling are used (the coco_zero_shot asset uses its profile's).")
+@click.option("--sets", "max_sets", type=POSITIVE_INT, default=None, help="At most this many sets (default: the "
+                                                                         "preset's coco_sets).")
+@click.option("--sets-per-category", type=POSITIVE_INT, default=1, show_default=True)
+@click.option("--category", "categories", multiple=True, help="Only this category name (repeatable).")
+@click.option("--views", type=POSITIVE_INT, default=None, help="Real images per set (default: the preset's 4).")
+@click.option("--generated-images", type=POSITIVE_INT, default=None, help="Images generated per set (default: "
+                                                                         "the preset's zero_shot_images).")
+@click.option("--policy", type=click.Choice(sorted(CONTEXT_POLICIES)), default=None,
+              help="Context policy (default: the preset's).")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="DDIM steps (default: the preset's).")
+@click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Guidance scale (default: the preset's).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True,
+              help="Draws the sets and samples (set b uses seed + b).")
+@click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True, help="Sets sampled together.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="Local SD folder (latent checkpoints).")
+@click.option("--dino", type=click.Path(path_type=Path), default=None, help="Local DINOv2 folder (M2M-DINO).")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def coco_zero_shot_cmd(checkpoint: Path, coco_dir: Path, split: str, clip_model: str | None,
+                       clip_pretrained: str | None, out: Path, eval_preset: str, max_sets: int | None,
+                       sets_per_category: int, categories: tuple[str, ...], views: int | None,
+                       generated_images: int | None, policy: str | None, steps: int | None, guidance: float | None,
+                       seed: int, batch_size: int, vae: Path | None, dino: Path | None, device: str,
+                       quiet: bool) -> None:
+    """Continue real MSCOCO sets (images sharing one object category) with CHECKPOINT: the grid of Figs. 16 / 17
+    and CLIP image-image consistency by position (evaluation/coco_zero_shot.py; docs/evaluation.md)."""
+    import dataclasses
+
+    from m2m_pipeline.data.coco import load_coco_sets
+    from m2m_pipeline.evaluation.coco_zero_shot import CocoZeroShotSpec, coco_zero_shot
+
+    given = {"context_images": views, "zero_shot_images": generated_images, "context_policy": policy,
+             "steps": steps, "guidance_scale": guidance}
+    try:
+        ev = dataclasses.replace(EVAL_PRESETS[eval_preset], **{k: v for k, v in given.items() if v is not None})
+        spec = dataclasses.replace(CocoZeroShotSpec.from_eval(
+            ev, seed, max_sets=max_sets, sets_per_category=sets_per_category,
+            categories=tuple(categories) or None), batch_size=batch_size)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    sets = load_coco_sets(coco_dir, split, spec.sets)  # bad annotations fail here, naming file and field
+    scorer = None
+    if clip_model is not None:
+        from m2m_pipeline.evaluation.clip_score import ClipScorer
+
+        scorer = ClipScorer(clip_model, clip_pretrained, device=device)
+    res = coco_zero_shot(checkpoint, sets, out, scorer, spec, vae=vae, dino=dino, device=device, progress=not quiet)
+    if sets.skipped:
+        click.echo(f"skipped {len(sets.skipped)} categories with too few images: "
+                   + ", ".join(f"{k} ({v})" for k, v in sets.skipped.items()))
+    click.echo(f"{len(sets.sets)} sets from {len({s.category for s in sets.sets})} categories of {split}2017")
+    click.echo(res["table"].rstrip())
+    click.echo(f"report: {res['report_path']}; grid: {res['files']['grid']}")

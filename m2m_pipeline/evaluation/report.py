@@ -38,6 +38,7 @@ class EvalSpec:
     drift_sets: int = 8                   # test sets of the drift study
     context_counts: tuple[int, ...] = (1, 2, 3, 4)  # preceding images in the Fig. 6 study
     zero_shot_images: int = 4             # images generated after each set of real photographs (Fig. 5)
+    coco_sets: int = 16                   # MSCOCO sets, one per category (Figs. 16, 17; evaluation/coco_zero_shot.py)
     oracle_overrides: dict[str, Any] = field(default_factory=dict)  # train_oracle kwargs (OracleConfig fields)
     autoencoder_min_accuracy: float | None = 0.99  # oracle accuracy on reconstructions, per attribute (None: report)
     benchmark_contexts: tuple[int, ...] = (1, 2, 4)  # context sizes the sampling benchmark times

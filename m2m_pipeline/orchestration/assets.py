@@ -76,6 +76,7 @@ def layout(profile: RunProfile) -> dict[str, Path]:
         "sampling_benchmark": a / "evaluation" / "sampling_benchmark",
         "attribute_oracle": m / "oracle",
         "learnability": a / "evaluation" / "learnability",
+        "coco_zero_shot": a / "evaluation" / "coco_zero_shot",            # m2m_{self,dino}/ (paper profile)
     }
 
 
@@ -272,7 +273,8 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
                 *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
                 *(autoencoder_assets(g) if profile.autoencoder_preset is not None else []),
                 *([base_model_asset(g)] if profile.base_model_preset is not None else []),
-                *([dataset_version_asset(g)] if profile.executor in ("celery", "k8s") else [])]
+                *([dataset_version_asset(g)] if profile.executor in ("celery", "k8s") else []),
+                *([coco_zero_shot_asset(g)] if profile.coco_zero_shot else [])]
 
 
 # ------------------------------------------------------------------ versioning from many executors
@@ -680,6 +682,75 @@ def sampling_benchmark_asset(g: ProfileGraph) -> Any:
             **step.metadata([out])})
 
     return sampling_benchmark
+
+
+# ------------------------------------------------------------------ MSCOCO zero-shot (profiles whose run has COCO)
+COCO_FIGURES = {"self": 16, "dino": 17}  # the paper's figure of each variant's MSCOCO continuations
+
+
+def coco_zero_shot_asset(g: ProfileGraph) -> Any:
+    @asset(key=g.key("coco_zero_shot"), group_name="evaluation",
+           deps=[g.key(f"m2m_{v}_checkpoint") for v in VARIANTS], kinds={"pytorch"}, op_tags=g.gpu_tags,
+           pool=GPU_POOL,
+           description="Sec. 8.3, Figs. 16 (M2M-Self) and 17 (M2M-DINO): MSCOCO sets of 4 real images sharing one "
+                       "object category (settings.coco_dir), continued zero-shot by both models; CLIP image-image "
+                       "consistency of generated image n with the real images, next to real-vs-real and "
+                       "other-category references (m2m_pipeline/evaluation/coco_zero_shot.py).")
+    def coco_zero_shot(context: AssetExecutionContext, config: EvaluationConfig, settings: M2MSettings,
+                       compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
+        from dagster import Failure
+
+        from m2m_pipeline.data.coco import load_coco_sets
+        from m2m_pipeline.evaluation.coco_zero_shot import CocoZeroShotSpec
+        from m2m_pipeline.evaluation.coco_zero_shot import coco_zero_shot as continue_coco
+
+        params = lambda r: {"coco_split": r.coco_split, "coco_sets": r.eval.coco_sets,  # noqa: E731
+                            "views": r.eval.context_images, "generated_images": r.eval.zero_shot_images,
+                            "steps": r.eval.steps, "guidance_scale": r.eval.guidance_scale,
+                            "context_policy": r.eval.context_policy, "seed": config.seed, "clip_model": r.clip_model}
+        with tracked_step(g.profile, context, settings, mlflow, dvc, "coco_zero_shot", params) as step:
+            r, out = step.r, step.r.path(g.paths["coco_zero_shot"])
+            if r.coco_dir is None:
+                raise Failure("resources.settings.config.coco_dir: not set; the coco_zero_shot asset needs a COCO "
+                              "2017 folder (annotations/instances_<split>2017.json, <split>2017/*.jpg)")
+            checkpoints = {v: r.path(g.paths[f"m2m_{v}_checkpoint"]) / "final" for v in VARIANTS}
+            for v, ckpt in checkpoints.items():
+                if not (ckpt / "model.safetensors").exists():
+                    raise FileNotFoundError(f"no checkpoint at {ckpt}; materialize m2m_{v}_checkpoint first")
+            spec = CocoZeroShotSpec.from_eval(r.eval, config.seed)
+            sets = load_coco_sets(r.coco_dir, r.coco_split, spec.sets)  # one draw: both variants see the same sets
+            device = compute.resolved_device()
+            scorer = None
+            if r.clip_model is not None:
+                from m2m_pipeline.evaluation.clip_score import ClipScorer
+
+                scorer = ClipScorer(r.clip_model, r.clip_pretrained, device=device)
+            else:
+                context.log.warning("settings.clip_model is not set: the MSCOCO grids without CLIP consistency")
+            res = {v: continue_coco(ckpt, sets, out / f"m2m_{v}", scorer, spec, dino=r.mis.dino_path, device=device)
+                   for v, ckpt in checkpoints.items()}
+            for v, one in res.items():
+                clip = one["clip_image_image"]
+                if clip is not None:
+                    for n, value in enumerate(clip["by_position"], start=1):
+                        step.run.log_metrics({f"coco/{v}/clip_image_image": value}, step=n)
+                    step.run.log_metrics({f"coco/{v}/{k}": clip[k] for k in ("mean", "real_vs_real", "other_category")
+                                          if clip[k] is not None})
+                for path in {*one["files"].values(), one["report_path"]}:
+                    step.run.log_artifact(path)
+        return MaterializeResult(metadata={
+            "sets": len(sets.sets), "categories": MetadataValue.json(sorted({s.category for s in sets.sets})),
+            "skipped_categories": MetadataValue.json(sets.skipped), "coco_split": r.coco_split,
+            "annotations_sha256": sets.index.sha256,
+            "consistency": MetadataValue.md("\n".join(one["table"] for one in res.values())),
+            **{f"fig{COCO_FIGURES[v]}_m2m_{v}": image_markdown(
+                one["files"]["preview"], f"M2M-{v}: MSCOCO real | generated (Fig. {COCO_FIGURES[v]})")
+               for v, one in res.items()},
+            **{f"m2m_{v}_clip_mean": round(one["clip_image_image"]["mean"], 3) for v, one in res.items()
+               if one["clip_image_image"] is not None},
+            **step.metadata([out])})
+
+    return coco_zero_shot
 
 
 # ====================================================================== the autoencoder of a CPU profile

@@ -46,6 +46,9 @@ class RunProfile:
     # in SD-2.1-base's role, m2m_pipeline/base_model.py); both M2M variants start from it (Sec. 6.1). None: from
     # the SD folder that renders the profile's MIS (the paper), see resources.initial_weights.
     base_model_preset: str | None = None
+    # Whether its run continues real MSCOCO sets (the `coco_zero_shot` asset, Sec. 8.3, Figs. 16-17; needs
+    # settings.coco_dir): the paper profile; the CPU profiles' zero-shot study uses scikit-image photographs.
+    coco_zero_shot: bool = False
 
     @cached_property
     def mis_config(self) -> MISConfig:
@@ -124,7 +127,7 @@ PROFILES: dict[str, RunProfile] = {
     # The paper: SD-2.1-base MIS from CC12M on GPUs; partitions are groups of shards (~122 k shards in all).
     "paper": RunProfile(
         name="paper", mis_preset="paper", net_preset="paper", train_preset="paper",
-        caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True, executor="k8s",
+        caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True, executor="k8s", coco_zero_shot=True,
         eval=EVAL_PRESETS["paper"],
     ),
     # The scale-out path exercised on one machine (issue 16, `make cluster-smoke`): smoke's sizes on the Celery

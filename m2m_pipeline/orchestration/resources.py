@@ -60,6 +60,8 @@ class Resolved:
     caption_source: str
     init_from: Path | None = None  # the SD-style folder both M2M variants start from (Sec. 6.1); None: random
     from_scratch: bool = False     # random initial weights asked for (settings.train_from_scratch)
+    coco_dir: Path | None = None   # a COCO 2017 folder (settings.coco_dir), its instances file checked
+    coco_split: str = "val"        # which split's instances the COCO zero-shot study reads
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
@@ -97,6 +99,10 @@ class M2MSettings(ConfigurableResource):
     # Train M2M from random weights instead of the profile's SD-style folder (the paper: sd_model_path, Sec. 6.1;
     # the CPU profiles: their base_model asset). Warns; an SD-2.1-base-sized U-Net never does it silently.
     train_from_scratch: bool = False
+    # MSCOCO 2017 (annotations/instances_<split>2017.json + <split>2017/*.jpg), relative to repo_dir: the real
+    # images of the coco_zero_shot asset (Sec. 8.3, Figs. 16-17; m2m_pipeline/data/coco.py).
+    coco_dir: str | None = None
+    coco_split: str = "val"
 
     @model_validator(mode="after")
     def _check_fields(self) -> M2MSettings:
@@ -124,6 +130,10 @@ class M2MSettings(ConfigurableResource):
                                  f"choose from {sorted(fields)}")
         if "name" in self.mis:
             raise ValueError("resources.settings.config.mis.name: choose the MIS preset with mis_preset")
+        from m2m_pipeline.data.coco import COCO_SPLITS
+
+        if self.coco_split not in COCO_SPLITS:
+            raise ValueError(f"resources.settings.config.coco_split: {self.coco_split!r} is not one of {list(COCO_SPLITS)}")
         if self.eval_preset is not None and self.eval_preset not in EVAL_PRESETS:
             raise ValueError(f"resources.settings.config.eval_preset: unknown preset {self.eval_preset!r}; "
                              f"choose one of {sorted(EVAL_PRESETS)}")
@@ -170,6 +180,13 @@ class M2MSettings(ConfigurableResource):
                               f"{mis.model_path or root} (the {profile.name!r} profile needs them)")
         if mis.dino_path is not None and not Path(mis.dino_path).is_dir():
             raise Failure(f"{field}.dino_path: DINOv2 weights not found at {mis.dino_path}")
+        coco_dir = None
+        if self.coco_dir is not None:
+            from m2m_pipeline.data.coco import annotation_path
+
+            coco_dir = root / self.coco_dir
+            if not annotation_path(coco_dir, self.coco_split).is_file():
+                raise Failure(f"{field}.coco_dir: no COCO annotations at {annotation_path(coco_dir, self.coco_split)}")
         source = self.caption_source or profile.caption_source
         if source != "shapes" and not caption_files(str(root / source)):
             raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
@@ -189,6 +206,7 @@ class M2MSettings(ConfigurableResource):
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source, from_scratch=self.train_from_scratch,
+                        coco_dir=coco_dir, coco_split=self.coco_split,
                         init_from=None if self.train_from_scratch else initial_weights(profile, mis, root))
 
 
