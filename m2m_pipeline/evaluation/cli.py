@@ -150,7 +150,7 @@ def _full_report(checkpoint: Path, test_dir: Path, oracle_dir: Path | None, pres
     click.echo(f"report: {res['report_path']}; figures: {', '.join(str(f) for f in res['files'].values())}")
 
 
-from m2m_pipeline.data.coco import COCO_SPLITS  # noqa: E402  (light: no torch)
+from m2m_pipeline.data.coco import COCO_SPLITS  # light: no torch
 
 
 @click.command("coco-zero-shot", short_help="Continue MSCOCO sets of one category zero-shot (Figs. 5, 16, 17).")

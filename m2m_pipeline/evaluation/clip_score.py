@@ -105,12 +105,24 @@ class ClipScorer:
 
     def image_image(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Mean score of each image against its set's references: (B, 3, H, W), (B, R, 3, H, W) -> (B,)."""
-        a = self.image_embeddings(images)      # (B, E)
-        r = self.image_embeddings(references)  # (B, R, E)
-        return self._score(torch.einsum("be,bre->br", a, r)).mean(dim=1)
+        return self.image_image_from_embeddings(self.image_embeddings(images), self.image_embeddings(references))
 
     def text_image(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """Score of each image against its caption: (B, 3, H, W), B captions -> (B,)."""
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        return self._score((self.image_embeddings(images) * self.text_embeddings(captions)).sum(-1))
+        return self.text_image_from_embeddings(self.image_embeddings(images), self.text_embeddings(captions))
+
+    # The scores from embeddings already computed: the paper protocol embeds each batch once while it generates
+    # and scores every position from those (protocol.run_paper_protocol); one definition for both paths.
+    def image_image_from_embeddings(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """(B, ..., E) unit vectors against (B, R, E) -> (B, ...): the mean score over the R references."""
+        lead = images.shape[1:-1]
+        flat = images.reshape(images.shape[0], -1, images.shape[-1])           # (B, M, E)
+        cos = torch.einsum("bme,bre->bmr", flat, references)
+        return self._score(cos).mean(dim=-1).reshape(images.shape[0], *lead)
+
+    def text_image_from_embeddings(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """(B, ..., E) image unit vectors against their set's (B, E) caption vector -> (B, ...)."""
+        t = texts.reshape(texts.shape[0], *([1] * (images.ndim - 2)), texts.shape[-1])
+        return self._score((images * t).sum(-1))

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,8 @@ PREVIEW_CELL = 128  # px per image of the preview grid (Dagster metadata inlines
 class CocoZeroShotSpec:
     """Sizes and sampling of one zero-shot study (recorded in its report)."""
 
-    sets: CocoSetsConfig = CocoSetsConfig()
-    sampling: SamplingSpec = SamplingSpec()
+    sets: CocoSetsConfig = field(default_factory=CocoSetsConfig)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
     generated_images: int = 4               # Figs. 5, 16, 17: 4 generated after 4 real
     batch_size: int = 8                     # sets sampled together (memory only: set b always uses seed + b)
 
@@ -100,7 +100,7 @@ def clip_consistency(scorer: Any, real: torch.Tensor, generated: torch.Tensor, s
 def consistency_table(variant: str, clip: dict[str, Any]) -> str:
     """Markdown: position n -> score, the two references; then one row per category."""
     k = len(clip["by_position"])
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
     lines = [f"| M2M-{variant} ({clip['sets']} sets) | " + " | ".join(f"n={n}" for n in range(1, k + 1))
              + " | mean | real vs real | other category |", "|---|" + "---|" * (k + 3),
              "| generated vs real | " + " | ".join(fmt(x) for x in clip["by_position"])
@@ -115,7 +115,7 @@ def consistency_table(variant: str, clip: dict[str, Any]) -> str:
 def _preview(real: torch.Tensor, generated: torch.Tensor, path: Path) -> Path:
     from m2m_pipeline.visualize import save_set_grid
 
-    small = lambda x: F.interpolate(x.flatten(0, 1), size=(PREVIEW_CELL, PREVIEW_CELL), mode="bilinear",  # noqa: E731
+    small = lambda x: F.interpolate(x.flatten(0, 1), size=(PREVIEW_CELL, PREVIEW_CELL), mode="bilinear",
                                     antialias=True, align_corners=False).unflatten(0, x.shape[:2])
     return save_set_grid(small(real), small(generated), path)
 

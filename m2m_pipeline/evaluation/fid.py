@@ -196,35 +196,43 @@ def compute_fid(images1: torch.Tensor | str | os.PathLike, images2: torch.Tensor
 
 
 # ---------------------------------------------------------------------- Inception Score
-class _Logits(nn.Module):
-    def __init__(self, network: FeatureNetwork):
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network.classifier(x)
+@torch.no_grad()
+def extract_logits(images: torch.Tensor, network: FeatureNetwork, batch_size: int = 64) -> np.ndarray:
+    """Class logits (N, classes) of the feature network's classifier, through the same resizer as the features."""
+    if network.classifier is None:
+        raise ValueError(f"feature network {network.name!r} has no classifier for the Inception Score")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"IS images must be (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    return torch.cat([network.classifier(b).float().cpu() for b in _batches(images, network, batch_size)]).numpy()
 
 
 @torch.no_grad()
-def inception_score(images: torch.Tensor, network: FeatureNetwork, splits: int = 1, batch_size: int = 64,
-                    seed: int = 0) -> float:
-    """torchmetrics' InceptionScore with the feature network's classifier; mean over `splits`.
+def inception_score_from_logits(logits: np.ndarray | torch.Tensor, splits: int = 1, seed: int = 0) -> float:
+    """torchmetrics' InceptionScore over precomputed class logits (N, classes); mean over `splits`.
 
     torchmetrics shuffles before splitting; the shuffle runs under a fixed seed so the score is reproducible.
+    The paper protocol computes the logits batch by batch while it generates (protocol.run_paper_protocol),
+    so IS is computed here from them rather than from images held in memory.
     """
     import warnings
 
     from torchmetrics.image.inception import InceptionScore
 
-    if network.classifier is None:
-        raise ValueError(f"feature network {network.name!r} has no classifier for the Inception Score")
+    x = torch.as_tensor(logits, dtype=torch.float32)
+    if x.ndim != 2 or len(x) < 1:
+        raise ValueError(f"IS logits must be (N >= 1, classes), got {tuple(x.shape)}")
     with warnings.catch_warnings():
         # "will save all extracted features in buffer"; std over a single split is undefined (unused here).
         warnings.simplefilter("ignore")
-        metric = InceptionScore(feature=_Logits(network), splits=splits)
-        for batch in _batches(images, network, batch_size):
-            metric.update(batch)
+        metric = InceptionScore(feature=nn.Identity(), splits=splits)
+        metric.update(x)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             mean, _ = metric.compute()
     return float(mean)
+
+
+def inception_score(images: torch.Tensor, network: FeatureNetwork, splits: int = 1, batch_size: int = 64,
+                    seed: int = 0) -> float:
+    """torchmetrics' InceptionScore with the feature network's classifier; mean over `splits`."""
+    return inception_score_from_logits(extract_logits(images, network, batch_size), splits, seed)

@@ -37,10 +37,11 @@ from m2m_pipeline.evaluation.consistency import (
 from m2m_pipeline.evaluation.fid import (
     FeatureNetwork,
     extract_features,
+    extract_logits,
     fid_from_features,
     inception_score,
+    inception_score_from_logits,
 )
-from m2m_pipeline.evaluation.oracle import attribute_targets
 from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY, context_policy
 
 
@@ -90,26 +91,56 @@ class TestSets:
     keys: list[str]
     attributes: list[dict[str, Any]] | None    # ground truth when the shards carry it (shapes world)
     shards: list[str]
+    # How the sets were drawn (load_test_sets): seed, number of candidate sets, sha256 of the chosen keys.
+    draw: dict[str, Any] = field(default_factory=dict)
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    """sha256 of the set keys, one per line in order: what a report records to name its test sets."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_sets: int | None,
-                   context_images: int) -> TestSets:
-    """The first `context_images` latents (index order) of the first `num_sets` sets of the test shards.
+                   context_images: int, seed: int = 0) -> TestSets:
+    """The first `context_images` latents (index order) of `num_sets` sets drawn uniformly at random, without
+    replacement, from all sets of the test shards with `seed` (Sec. 8.4: "a random selection of 10K samples
+    from the test split"); None or more than there are: every set.
 
-    Every shard a set comes from is read to its end, so its bytes are checked against its manifest before
-    any of its sets is evaluated."""
+    The draw depends only on the shards' manifests (their keys, in shard order) and the seed, so two models
+    evaluated on the same shards with the same seed see the same sets. Candidates are counted from the
+    manifests without reading a shard; then only the shards holding a chosen set are read, each to its end,
+    so its bytes are checked against its manifest before any of its sets is evaluated. The sets come back in
+    shard order (set i samples with seed + i in the protocol)."""
     from m2m_pipeline.data.loader import expand_shards
-    from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, read_samples
+    from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, manifest_path, read_manifest, read_samples
 
     urls = expand_shards(shards)
-    latents, captions, keys, attributes = [], [], [], []
+    listed: list[list[str]] = []
     for url in urls:
-        if num_sets is not None and len(latents) >= num_sets:
-            break
+        manifest = read_manifest(url)
+        if manifest is None:
+            raise ValueError(f"{url}: no manifest {manifest_path(url)}; test sets are drawn from the manifests' "
+                             f"keys and every shard read is verified against its manifest")
+        listed.append(manifest["keys"])
+    total = sum(len(k) for k in listed)
+    if total == 0:
+        raise ValueError(f"no sets in test shards {urls}")
+    n = total if num_sets is None else min(num_sets, total)
+    if n < 1:
+        raise ValueError(f"num_sets must be >= 1, got {num_sets}")
+    chosen = np.arange(total) if n == total else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    offsets = np.cumsum([0, *(len(k) for k in listed)])
+    wanted: dict[int, set[str]] = {}
+    for i in chosen.tolist():
+        s = int(np.searchsorted(offsets, i, side="right")) - 1
+        wanted.setdefault(s, set()).add(listed[s][i - offsets[s]])
+    latents, captions, keys, attributes = [], [], [], []
+    for s, names in sorted(wanted.items()):
+        url = urls[s]
         for raw in read_samples([url]):  # raises at the shard's end if its bytes or keys differ
-            if num_sets is not None and len(latents) >= num_sets:
-                continue  # read on: the shard is verified only at its end
             key = raw["__key__"]
+            if key not in names:
+                continue  # read on: the shard is verified only at its end
             z = decode_npy(raw, "latents.npy", url, key)
             if z.ndim != 4 or len(z) < context_images:
                 raise ValueError(f"{url}: set {key} has latents {z.shape}; need (K >= {context_images}, C, H, W)")
@@ -117,10 +148,11 @@ def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_
             keys.append(key)
             captions.append(decode_text(raw, "caption.txt", url, key) if "caption.txt" in raw else "")
             attributes.append(decode_json(raw, "attributes.json", url, key) if "attributes.json" in raw else None)
-    if not latents:
-        raise ValueError(f"no sets in test shards {urls}")
     known = None if any(a is None for a in attributes) else attributes
-    return TestSets(torch.stack(latents), captions, keys, known, urls)
+    draw = {"seed": seed, "candidates": total, "drawn": len(keys), "shards": len(urls), "shards_read": len(wanted),
+            "method": "uniform without replacement over every set of the shards (numpy default_rng(seed).choice)",
+            "keys_sha256": keys_digest(keys)}
+    return TestSets(torch.stack(latents), captions, keys, known, urls, draw)
 
 
 @dataclass
@@ -195,23 +227,84 @@ def _versions() -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def generate_for_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, context_encoder=None,
-                          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(preceding pixels (B, n_c, 3, H, W), generated pixels (B, K, 3, H, W)), both in [-1, 1]."""
+def _generated_batches(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, context_encoder=None,
+                       progress: bool = True, desc: str = "evaluate: generating"):
+    """(start, context latents (b, n_c, C, h, w), generated pixels (b, K, 3, H, W)) per batch of sets; set i
+    samples with seed + i, so the images do not depend on the batching."""
     from m2m_pipeline.sampling import generate
 
     b = len(test_sets.keys)
     window = 0 if config.unconditional else config.window
-    generated = []
-    for start in tqdm(range(0, b, config.batch_size), desc="evaluate: generating", disable=not progress):
+    for start in tqdm(range(0, b, config.batch_size), desc=desc, disable=not progress):
         context = test_sets.latents[start : start + config.batch_size].to(net.device)
         seeds = [config.seed + i for i in range(start, start + len(context))]
         z = generate(net, context, config.generated_images, context_encoder=context_encoder, steps=config.steps,
                      guidance_scale=config.guidance_scale, window=window, anchors=config.anchors, seed=seeds,
                      sampler=config.sampler, progress=False)  # (b, K, C, H, W)
-        generated.append(_decode(autoencoder, z))
+        yield start, context, _decode(autoencoder, z)
+
+
+@torch.no_grad()
+def generate_for_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, context_encoder=None,
+                          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(preceding pixels (B, n_c, 3, H, W), generated pixels (B, K, 3, H, W)), both in [-1, 1]."""
+    generated = [g for _, _, g in _generated_batches(net, autoencoder, test_sets, config, context_encoder, progress)]
     return _decode(autoencoder, test_sets.latents.to(net.device)), torch.cat(generated)
+
+
+# Table 1's columns and the per-position metric each one summarises (mean +- std over the positions).
+TABLE1_COLUMNS: dict[str, str] = {"FID": "fid", "IS": "inception_score", "CLIP-T": "clip_text_image",
+                                  "CLIP-I": "clip_image_image"}
+
+
+def table1_row(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The Table 1 row of one model: exactly FID, IS, CLIP-T, CLIP-I as {mean, std} over positions."""
+    return {column: dict(summary[metric]) for column, metric in TABLE1_COLUMNS.items()}
+
+
+@torch.no_grad()
+def run_paper_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, fid_network: FeatureNetwork,
+                       clip: Any, context_encoder=None, keep: int = 8, progress: bool = True
+                       ) -> tuple[dict[str, list[float]], dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Table 1's metrics per position, computed batch by batch while generating: only Inception features and
+    logits and CLIP embeddings are kept (10,000 sets x 14 images of 512 px would not fit in memory), so
+    the numbers equal `score_sets` on the whole arrays with the same scorers. Returns (per-position metrics,
+    real-image references, preceding and generated pixels of the first `keep` sets for the grid).
+
+    FID: n-th generated images vs the first preceding image of every set; IS: of the n-th generated images;
+    CLIP text-image: vs the set's caption; CLIP image-image: mean over all of the set's preceding images."""
+    real, second, feats, logits, clip_t, clip_i, real_t, real_i = [], [], [], [], [], [], [], []
+    kept_prec, kept_gen = [], []
+    for start, context, gen in _generated_batches(net, autoencoder, test_sets, config, context_encoder, progress):
+        b, k = gen.shape[:2]
+        prec = _decode(autoencoder, context)  # (b, n_c, 3, H, W)
+        real.append(extract_features(prec[:, 0], fid_network))
+        if prec.shape[1] > 1:
+            second.append(extract_features(prec[:, 1], fid_network))
+        feats.append(extract_features(gen.flatten(0, 1), fid_network).reshape(b, k, -1))
+        logits.append(extract_logits(gen.flatten(0, 1), fid_network).reshape(b, k, -1))
+        ge, pe = clip.image_embeddings(gen), clip.image_embeddings(prec)  # (b, K, E), (b, n_c, E)
+        te = clip.text_embeddings(test_sets.captions[start : start + b])  # (b, E)
+        clip_t.append(clip.text_image_from_embeddings(ge, te))             # (b, K)
+        clip_i.append(clip.image_image_from_embeddings(ge, pe))            # (b, K)
+        real_t.append(clip.text_image_from_embeddings(pe[:, 0], te))
+        if prec.shape[1] > 1:
+            real_i.append(clip.image_image_from_embeddings(pe[:, -1], pe[:, :-1]))
+        if start < keep:
+            kept_prec.append(prec[: keep - start])
+            kept_gen.append(gen[: keep - start])
+    real_f, feats_a, logits_a = np.concatenate(real), np.concatenate(feats), np.concatenate(logits)
+    t, i = torch.cat(clip_t), torch.cat(clip_i)
+    k = feats_a.shape[1]
+    per = {"fid": [fid_from_features(feats_a[:, n], real_f) for n in range(k)],
+           "inception_score": [inception_score_from_logits(logits_a[:, n], config.is_splits) for n in range(k)],
+           "clip_text_image": [float(t[:, n].mean()) for n in range(k)],
+           "clip_image_image": [float(i[:, n].mean()) for n in range(k)]}
+    ref: dict[str, Any] = {"clip_text_image_real": float(torch.cat(real_t).mean())}
+    if second:  # FID of two real images per set: the floor at this number of sets
+        ref["fid_real_second_vs_first"] = fid_from_features(np.concatenate(second), real_f)
+        ref["clip_image_image_real"] = float(torch.cat(real_i).mean())
+    return per, ref, torch.cat(kept_prec), torch.cat(kept_gen)
 
 
 def score_sets(preceding: torch.Tensor, generated: torch.Tensor, captions: Sequence[str],
@@ -238,6 +331,9 @@ def score_sets(preceding: torch.Tensor, generated: torch.Tensor, captions: Seque
         if preceding.shape[1] > 1:
             ref["clip_image_image_real"] = float(clip.image_image(preceding[:, -1], preceding[:, :-1]).mean())
     if scorers.oracle is not None:
+        # the shapes world only: imported here so the paper's path never loads the oracle module
+        from m2m_pipeline.evaluation.oracle import attribute_targets
+
         predicted = scorers.oracle.predict(generated)  # {attr: (B, K)}
         targets = attribute_targets(attributes) if attributes is not None else attribute_targets(captions=captions)
         for name, values in attribute_consistency(predicted, targets).items():
@@ -279,7 +375,7 @@ def run_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolConfig, 
         **asdict(config), "num_sets": b, "window": 0 if config.unconditional else config.window,
         "sampler": "DDIM (diffusers DDIMScheduler, eta 0, SD settings)", "seeds": f"{config.seed}..{config.seed + b - 1}",
         "fid_reference": "first preceding image of every set", "std": "population std over positions",
-        "test_shards": test_sets.shards, "set_keys_sha256": hashlib.sha256("\n".join(test_sets.keys).encode()).hexdigest(),
+        "test_shards": test_sets.shards, "set_keys_sha256": keys_digest(test_sets.keys), "test_draw": test_sets.draw,
         "model": {"variant": net.config.variant, "image_size": net.config.image_size,
                   "autoencoder": net.config.autoencoder},
         "versions": _versions(), "device": str(net.device),

@@ -20,8 +20,11 @@ from typing import Any
 import torch
 
 from m2m_pipeline.evaluation.learnability import SamplingSweep
-from m2m_pipeline.io import atomic_write_bytes
+from m2m_pipeline.io import atomic_write_bytes, sha256_file
 from m2m_pipeline.sampling import DEFAULT_POLICY, PAPER_POLICY, context_policy
+
+
+SCORERS = ("oracle", "paper")  # EvalSpec.scorers
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,22 @@ class EvalSpec:
     # Guidance and DDIM steps chosen on the validation split before the test protocol (None: use the two
     # fields above as they are).
     sweep: SamplingSweep | None = None
+    # Which judges score the report (docs/evaluation.md): "oracle", the shapes world's attribute oracle
+    # (consistency, oracle-feature FID / IS, learnability verdict; the CPU profiles), or "paper", Table 1's
+    # scorers on real captions (clean-fid Inception FID / IS, open_clip CLIP-T / CLIP-I; no oracle). It shapes
+    # the asset graph (the oracle and learnability assets exist only for "oracle"): RunProfile.shapes_world.
+    scorers: str = "oracle"
+    draw_seed: int = 0                    # seed of the random draw of the test (and validation) sets
 
     def __post_init__(self) -> None:
         context_policy(self.context_policy)  # an unknown name fails here, naming the choices
+        if self.scorers not in SCORERS:
+            raise ValueError(f"EvalSpec.scorers must be one of {SCORERS}, got {self.scorers!r}")
+        if self.scorers == "paper" and self.sweep is not None:
+            raise ValueError("EvalSpec.sweep scores validation sets with the shapes-world oracle; the 'paper' "
+                             "scorers have none (set sweep=None)")
+        if self.draw_seed < 0:
+            raise ValueError(f"EvalSpec.draw_seed must be >= 0, got {self.draw_seed}")
         for name in ("num_sets", "context_images", "generated_images", "steps", "drift_images", "drift_sets",
                      "zero_shot_images", "benchmark_images", "benchmark_steps", "benchmark_repeats"):
             if getattr(self, name) < 1:
@@ -79,14 +95,14 @@ EVAL_PRESETS: dict[str, EvalSpec] = {
     "demo": EvalSpec(num_sets=64, context_images=4, generated_images=10, steps=25, drift_images=25,
                       drift_sets=12, benchmark_images=2, benchmark_steps=20, sweep=SamplingSweep()),
     "paper": EvalSpec(num_sets=10_000, context_images=4, generated_images=10, steps=50, guidance_scale=7.5,
-                      context_policy=PAPER_POLICY, drift_sets=64, benchmark_images=2, benchmark_steps=50),
+                      context_policy=PAPER_POLICY, drift_sets=64, benchmark_images=2, benchmark_steps=50,
+                      scorers="paper"),
     # `make paper-dryrun`: every evaluation step once at the paper's shapes, two sets (FID needs two), one DDIM step
     # (orchestration/dryrun.py); nothing it reports is a result.
     "dryrun": EvalSpec(num_sets=2, context_images=4, generated_images=1, steps=1, guidance_scale=7.5,
                        drift_images=2, drift_sets=1, context_counts=(1,), zero_shot_images=1, benchmark_contexts=(1,),
-                       benchmark_images=1, benchmark_steps=1, benchmark_repeats=1,
-                       oracle_overrides={"train_images": 64, "heldout_images": 16, "epochs": 1, "min_accuracy": None},
-                       autoencoder_min_accuracy=None),
+                       benchmark_images=1, benchmark_steps=1, benchmark_repeats=1, autoencoder_min_accuracy=None,
+                       scorers="paper"),
 }
 
 
@@ -96,13 +112,22 @@ def _decode(autoencoder: Any, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLike, oracle_dir: str | os.PathLike,
-                        out: str | os.PathLike, ev: EvalSpec, *, variant: str | None = None,
-                        validation_dir: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        dino: str | os.PathLike | None = None, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLike,
+                        oracle_dir: str | os.PathLike | None, out: str | os.PathLike, ev: EvalSpec, *,
+                        variant: str | None = None, validation_dir: str | os.PathLike | None = None,
+                        vae: str | os.PathLike | None = None, dino: str | os.PathLike | None = None,
+                        device: str = "cpu", seed: int = 0, inception_weights: str | os.PathLike | None = None,
+                        clip_model: str | None = None, clip_pretrained: str | os.PathLike | None = None
+                        ) -> dict[str, Any]:
     """Everything one model's evaluation report holds; writes report.json, table.txt and the figures to `out`.
-    The evaluation assets and `m2m evaluate --report` both call this (same numbers, same seeds).
+    The evaluation assets and `m2m evaluate --report` both call this (same numbers, same seeds). The test
+    sets are `ev.num_sets` drawn at random with `ev.draw_seed` (protocol.load_test_sets).
 
+    `ev.scorers == "paper"` (real captions, no shapes world): Table 1 of Sec. 8.4 with clean-fid Inception
+    FID / IS (`inception_weights`) and open_clip CLIP-T / CLIP-I (`clip_model`, `clip_pretrained`), the drift
+    and Fig. 6 studies by CLIP image-image consistency; see `_paper_report`. `oracle_dir` is not used.
+
+    `ev.scorers == "oracle"` (the shapes world, `oracle_dir` a trained attribute oracle):
     0. With `eval.sweep` and validation shards: guidance and DDIM steps chosen on validation sets (position-1
        learnability score, evaluation/learnability.py), then used for everything below; never on test sets.
     1. The Sec. 8.4 protocol with guidance (`eval.generated_images` after `eval.context_images`), scored with
@@ -114,17 +139,42 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
     6. Fig. 4: a grid of preceding | generated images.
     """
     from m2m_pipeline.bundle import load_bundle
+
+    checkpoint, test_dir, out = Path(checkpoint), Path(test_dir), Path(out)
+    if ev.scorers == "paper" and (inception_weights is None or clip_model is None):
+        raise ValueError("EvalSpec.scorers 'paper' needs inception_weights (clean-fid's inception-2015-12-05.pt) "
+                         "and clip_model (+ clip_pretrained): the paper's FID / IS and CLIP scorers")
+    if ev.scorers == "oracle" and oracle_dir is None:
+        raise ValueError("EvalSpec.scorers 'oracle' needs oracle_dir, a trained shapes-world attribute oracle")
+    validation_dir = None if validation_dir is None else Path(validation_dir)
+    bundle = load_bundle(checkpoint, vae=vae, dino=dino, device=device)
+    net = bundle.net
+    variant = variant or net.config.variant
+    if net.config.variant != variant:
+        raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
+    if ev.scorers == "paper":
+        return _paper_report(bundle, checkpoint, test_dir, out, ev, variant, inception_weights, clip_model,
+                             clip_pretrained, device, seed)
+    return _oracle_report(bundle, checkpoint, test_dir, Path(oracle_dir), out, ev, variant, validation_dir, seed)
+
+
+def _timer(timings: dict[str, float]):
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - start, 2)
+        return value
+    return timed
+
+
+def _oracle_report(bundle: Any, checkpoint: Path, test_dir: Path, oracle_dir: Path, out: Path, ev: EvalSpec,
+                   variant: str, validation_dir: Path | None, seed: int) -> dict[str, Any]:
+    """The shapes world's report (evaluate_checkpoint, scorers "oracle")."""
     from m2m_pipeline.evaluation import protocol, studies
     from m2m_pipeline.evaluation.fid import oracle_feature_network
     from m2m_pipeline.evaluation.oracle import AttributeOracle, attribute_targets
 
-    checkpoint, test_dir, oracle_dir, out = Path(checkpoint), Path(test_dir), Path(oracle_dir), Path(out)
-    validation_dir = None if validation_dir is None else Path(validation_dir)
-    bundle = load_bundle(checkpoint, vae=vae, dino=dino, device=device)
     net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
-    variant = variant or net.config.variant
-    if net.config.variant != variant:
-        raise ValueError(f"{checkpoint} holds an M2M-{net.config.variant} model, expected M2M-{variant}")
     oracle = AttributeOracle.load(oracle_dir)
     ev, sampling_sweep = _choose_on_validation(bundle, ev, oracle, validation_dir, seed)
     shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
@@ -132,7 +182,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
         raise FileNotFoundError(f"no test feature shards in {test_dir}")
     n_ctx = max(ev.context_images, max(ev.context_counts))
     bundle.check_cache(shards)
-    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx)
+    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
     targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
     scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))
     spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
@@ -142,13 +192,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
                                   guidance_scale=ev.guidance_scale, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-
-    def timed(name: str, fn):
-        start = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - start, 2)
-        return value
-
+    timed = _timer(timings)
     context = dataclasses.replace(test, latents=test.latents[:, :ev.context_images])
     preceding, generated = timed("protocol_generate", lambda: protocol.generate_for_protocol(
         net, autoencoder, context, cfg, encoder, progress=False))
@@ -172,9 +216,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, test_dir: str | os.PathLi
         "seeds": f"{seed}..{seed + len(test.keys) - 1} (set i uses seed + i)",
         "fid": scorers.fid_network.info, "oracle_dir": str(oracle_dir),
         "oracle_heldout_accuracy": oracle.heldout_accuracy, "fid_reference": "first preceding image of every set",
-        "device": str(net.device)}, timings)
+        "test_sets": test.draw, "device": str(net.device)}, timings)
     record = {
-        "report": report.to_dict(), "position1": {"guided": guided, "unconditional": unconditional},
+        "kind": "oracle", "report": report.to_dict(), "test_sets": test.draw, "position1": {"guided": guided, "unconditional": unconditional},
         "verdict": studies.learnability_verdict(guided, unconditional), "chance": chance,
         "drift": {name: v.tolist() for name, v in drift.items()},
         "context_count": {str(n): {name: float(v[0]) for name, v in c.items()} for n, c in by_count.items()},
@@ -199,7 +243,7 @@ def _choose_on_validation(bundle: Any, ev: EvalSpec, oracle: Any, validation_dir
     if ev.sweep is None or not val_shards:
         return ev, None
     bundle.check_cache(val_shards)
-    val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images)
+    val = protocol.load_test_sets(val_shards, ev.sweep.num_sets, ev.context_images, seed=ev.draw_seed)
     best, rows = choose_sampling(bundle.net, bundle.autoencoder, val, oracle, ev.sweep,
                                  context_images=ev.context_images, window=ev.window, seed=seed,
                                  context_encoder=bundle.context_encoder)

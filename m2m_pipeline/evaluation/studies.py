@@ -1,7 +1,8 @@
 """The paper's qualitative studies as measurements (Sec. 8.1-8.3, 9): generation for drift over long runs,
 for a varying number of preceding images (Fig. 6), and zero-shot continuation of real photographs (Fig. 5).
 
-Plain functions over a network and clean context latents; scoring is the caller's (oracle, CLIP).
+Plain functions over a network and clean context latents; scoring is the caller's (oracle on the shapes
+world, CLIP where the sets carry real captions: `clip_consistency`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,29 @@ def real_photo_sets(image_size: int, views: int = 4, names: Sequence[str] = REAL
                                        align_corners=False)[0])
         sets.append(torch.stack(crops))
     return torch.stack(sets).clamp(-1, 1), list(names)
+
+
+# ---------------------------------------------------------------------- CLIP scoring (the paper's sets)
+@torch.no_grad()
+def clip_consistency(net, autoencoder, clip, context: torch.Tensor, references: torch.Tensor, num_images: int,
+                     spec: SamplingSpec, *, context_encoder: Encoder = None, batch_size: int = 16, keep: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where no oracle applies (real captions): CLIP image-image consistency by position of `num_images`
+    images generated after `context` (B, k, C, h, w) against each set's `references` (B, R, C, h, w), the
+    set's preceding images (mean over them, 100 x cosine, as the protocol's CLIP-I). Generated batch by batch
+    (set b still samples with spec.seed + b, so the images equal one `continue_sets` call); only embeddings
+    are kept. Returns ((num_images,) mean over sets, decoded pixels (keep, num_images, 3, H, W) or None)."""
+    scores, kept = [], []
+    decode = lambda z: autoencoder.decode(z.flatten(0, 1).to(net.device)).unflatten(0, z.shape[:2]).float().cpu()  # noqa: E731
+    for start in range(0, context.shape[0], batch_size):
+        part = SamplingSpec(**{**spec.to_dict(), "seed": spec.seed + start})
+        z = continue_sets(net, context[start : start + batch_size], num_images, part, context_encoder=context_encoder)
+        images = decode(z)
+        ref = clip.image_embeddings(decode(references[start : start + batch_size]))
+        scores.append(clip.image_image_from_embeddings(clip.image_embeddings(images), ref))  # (b, num_images)
+        if start < keep:
+            kept.append(images[: keep - start])
+    return torch.cat(scores).mean(0), (torch.cat(kept) if kept else None)
 
 
 # ---------------------------------------------------------------------- oracle scoring (shapes world)

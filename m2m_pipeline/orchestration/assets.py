@@ -268,9 +268,11 @@ def build_profile_assets(profile: RunProfile) -> list[Any]:
     with warnings.catch_warnings():
         # single_run backfill policies let one run hold a whole partition range; we rely on them knowingly
         warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
+        # the attribute oracle and the learnability verdict belong to the shapes world (RunProfile.shapes_world)
+        shapes = [attribute_oracle_asset(g), learnability_asset(g)] if profile.shapes_world else []
         return [raw_captions_asset(g), filtered_captions_asset(g), mis_shards_asset(g), feature_caches_asset(g),
-                *(checkpoint_asset(g, v) for v in VARIANTS), attribute_oracle_asset(g),
-                *(report_asset(g, v) for v in VARIANTS), learnability_asset(g), sampling_benchmark_asset(g),
+                *(checkpoint_asset(g, v) for v in VARIANTS), *shapes,
+                *(report_asset(g, v) for v in VARIANTS), sampling_benchmark_asset(g),
                 *(autoencoder_assets(g) if profile.autoencoder_preset is not None else []),
                 *([base_model_asset(g)] if profile.base_model_preset is not None else []),
                 *([dataset_version_asset(g)] if profile.executor in ("celery", "k8s") else []),
@@ -555,14 +557,19 @@ def attribute_oracle_asset(g: ProfileGraph) -> Any:
 
 def report_asset(g: ProfileGraph, variant: str) -> Any:
     name, ckpt = f"m2m_{variant}_evaluation_report", f"m2m_{variant}_checkpoint"
+    shapes = g.profile.shapes_world
+    what = ("the Sec. 8.4 protocol per position (oracle consistency, caption agreement, FID / IS on oracle "
+            "features), the unconditional branch, drift over 25 images, 1-4 preceding images, zero-shot real "
+            "photographs, and their figures" if shapes else
+            "Table 1 of Sec. 8.4 (FID and IS on Inception features, CLIP text-image and image-image per position, "
+            "mean +- std over positions), drift and 1-4 preceding images by CLIP image-image consistency, and "
+            "their figures")
 
     @asset(key=g.key(name), group_name="evaluation",
-           deps=[g.key(ckpt), g.key("latent_cache"), g.key("dino_features"), g.key("attribute_oracle")],
+           deps=[g.key(ckpt), g.key("latent_cache"), g.key("dino_features"),
+                 *([g.key("attribute_oracle")] if shapes else [])],
            kinds={"pytorch"}, op_tags=g.gpu_tags, pool=GPU_POOL,
-           description=f"M2M-{variant.capitalize()} on the test split: the Sec. 8.4 protocol per position "
-                       f"(oracle consistency, caption agreement, FID / IS on oracle features), the "
-                       f"unconditional branch, drift over 25 images, 1-4 preceding images, zero-shot real "
-                       f"photographs, and their figures.")
+           description=f"M2M-{variant.capitalize()} on the test split: {what}.")
     def report(context: AssetExecutionContext, config: EvaluationConfig, settings: M2MSettings,
                compute: ComputeResource, mlflow: MLflowResource, dvc: DVCResource) -> MaterializeResult:
         from m2m_pipeline.orchestration import evaluation
@@ -575,7 +582,8 @@ def report_asset(g: ProfileGraph, variant: str) -> Any:
             r, out = step.r, step.r.path(g.paths[name])
             features = r.path(g.paths["features"])
             res = evaluation.evaluate_variant(r, variant, r.path(g.paths[ckpt]) / "final", features / "test",
-                                              r.path(g.paths["attribute_oracle"]), out, compute, seed=config.seed,
+                                              r.path(g.paths["attribute_oracle"]) if shapes else None, out, compute,
+                                              seed=config.seed,
                                               validation_dir=features / "validation")
             _log_report(step.run, res, out)
         return MaterializeResult(metadata={"variant": variant, **_report_metadata(res, r.eval, variant),
@@ -585,14 +593,18 @@ def report_asset(g: ProfileGraph, variant: str) -> Any:
 
 
 def _log_report(run: MlflowRun, res: dict[str, Any], out: Path) -> None:
-    """An evaluation report into its MLflow run: per-position metrics with step = n, position-1 branches, the
-    validation sweep, drift, and the files."""
+    """An evaluation report (either kind, evaluation/report.py) into its MLflow run: per-position metrics with
+    step = n, Table 1's row (paper) or the position-1 branches (shapes world), the validation sweep, drift, and
+    the files."""
     for metric, values in res["report"]["per_position"].items():  # one MLflow step per position n
         for n, value in enumerate(values, start=1):
             run.log_metrics({f"eval/{metric}": value}, step=n)
     for metric, stats in res["report"]["summary"].items():
         run.log_metrics({f"eval/{metric}_mean": stats["mean"], f"eval/{metric}_std": stats["std"]})
-    for branch, values in res["position1"].items():
+    for column, stats in res.get("table1", {}).items():
+        run.log_metrics({f"table1/{column}_mean": stats["mean"], f"table1/{column}_std": stats["std"]})
+    run.log_params({f"test_sets.{k}": v for k, v in res.get("test_sets", {}).items() if k != "method"})
+    for branch, values in res.get("position1", {}).items():
         run.log_metrics({f"position1/{branch}/{k}": v for k, v in values.items()})
     run.log_params({f"chosen.{k}": v for k, v in res["sampling"].items()})
     for i, row in enumerate((res["sweep"] or {}).get("rows", [])):
@@ -606,6 +618,8 @@ def _log_report(run: MlflowRun, res: dict[str, Any], out: Path) -> None:
 
 
 def _report_metadata(res: dict[str, Any], ev: Any, variant: str) -> dict[str, Any]:
+    if res.get("kind") == "paper":
+        return _paper_report_metadata(res, ev, variant)
     g, u = res["position1"]["guided"], res["position1"]["unconditional"]
     table = "| position 1 | guided | unconditional | chance | target |\n|---|---|---|---|---|\n" + "".join(
         f"| {k} | {g[k]:.3f} | {u[k]:.3f} | {res['chance'][k]:.3f} | "
@@ -622,6 +636,26 @@ def _report_metadata(res: dict[str, Any], ev: Any, variant: str) -> dict[str, An
         "drift": image_markdown(res["files"]["drift"], "consistency by position"),
         "context_count": image_markdown(res["files"]["context_count"], "vs preceding images (Fig. 6)"),
         "zero_shot": image_markdown(res["files"]["zero_shot"], "real photographs, zero-shot (Fig. 5)"),
+        "seconds": MetadataValue.json(res["seconds"])}
+
+
+def _paper_report_metadata(res: dict[str, Any], ev: Any, variant: str) -> dict[str, Any]:
+    """The paper report's metadata: the Table 1 row, the draw of the test sets, the figures."""
+    row = res["table1"]
+    table = ("| model | " + " | ".join(row) + " |\n|---|" + "---|" * len(row) + "\n"
+             + f"| M2M-{variant} | " + " | ".join(f"{v['mean']:.2f} +- {v['std']:.2f}" for v in row.values()) + " |\n")
+    draw = res["test_sets"]
+    return {
+        "sets": res["num_sets"], "context_images": ev.context_images, "generated_images": ev.generated_images,
+        "steps": res["sampling"]["steps"], "guidance_scale": res["sampling"]["guidance_scale"],
+        "table1": MetadataValue.md(table), "protocol_table": MetadataValue.md("```\n" + res["table"] + "\n```"),
+        **{f"{c}_mean": round(v["mean"], 4) for c, v in row.items()},
+        "test_sets": MetadataValue.json(draw), "draw_seed": draw["seed"], "candidate_sets": draw["candidates"],
+        "grid": image_markdown(res["files"]["grid"], f"M2M-{variant}: preceding | generated (Fig. 4)"),
+        **{m: image_markdown(res["files"][m], f"{m} by position") for m in ("fid", "inception_score",
+                                                                           "clip_text_image", "clip_image_image")},
+        "drift": image_markdown(res["files"]["drift"], "CLIP image-image consistency by position"),
+        "context_count": image_markdown(res["files"]["context_count"], "vs preceding images (Fig. 6)"),
         "seconds": MetadataValue.json(res["seconds"])}
 
 

@@ -19,16 +19,19 @@ def train_oracle_for(r: Resolved, out: Path, compute: ComputeResource) -> tuple[
                     "train_images": oracle.config.train_images, "epochs": oracle.config.epochs}
 
 
-def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, oracle_dir: Path, out: Path,
-                     compute: ComputeResource, seed: int = 0, validation_dir: Path | None = None) -> dict[str, Any]:
-    """`evaluate_checkpoint` with the profile's EvalSpec, DINO folder and device."""
+def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path, oracle_dir: Path | None,
+                     out: Path, compute: ComputeResource, seed: int = 0, validation_dir: Path | None = None
+                     ) -> dict[str, Any]:
+    """`evaluate_checkpoint` with the profile's EvalSpec, DINO folder, device and, for the paper's scorers
+    (EvalSpec.scorers "paper"), the Inception and CLIP files the settings resolved (`oracle_dir` None)."""
     from m2m_pipeline.evaluation.report import evaluate_checkpoint
 
     if not (checkpoint / "model.safetensors").exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
     return evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, r.eval, variant=variant,
                                validation_dir=validation_dir, dino=r.mis.dino_path,
-                               device=compute.resolved_device(), seed=seed)
+                               device=compute.resolved_device(), seed=seed, inception_weights=r.inception_weights,
+                               clip_model=r.clip_model, clip_pretrained=r.clip_pretrained)
 
 
 def benchmark(r: Resolved, checkpoints: dict[str, Path], out: Path, compute: ComputeResource

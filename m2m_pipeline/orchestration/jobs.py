@@ -51,19 +51,22 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
     executor = profile_executor(profile)
     tags = {"m2m/profile": p}
     key = lambda *names: AssetSelection.assets(*[[p, n] for n in names])
+    # Only the shapes world has the attribute oracle and the learnability verdict (RunProfile.shapes_world); the
+    # paper profile trains neither an oracle nor an autoencoder (SD-2.1's VAE is loaded), so it has no autoencoder
+    # job. A selection of an asset the profile lacks only fails when the UI resolves every job (ui_check found it).
+    oracle = ["attribute_oracle"] if profile.shapes_world else []
+    unpartitioned = oracle + (["autoencoder"] if profile.autoencoder_preset else [])
     return [
         define_asset_job(f"m2m_{p}_job", selection=prefix, executor_def=executor, tags={**tags, **range_tags(profile)},
                          description=f"The whole M2M chain on the {p} profile: captions -> MIS -> features -> "
                                      f"M2M-Self and M2M-DINO -> evaluation."),
         define_asset_job(f"m2m_{p}_captions_job", selection=key("raw_captions", "filtered_captions"),
                          executor_def=executor, tags=tags, description="Caption source and CLIP-length filter."),
-        # The paper profile trains no autoencoder (SD-2.1's VAE is loaded): its job holds the oracle alone. A
-        # selection of an asset the profile lacks only fails when the UI resolves every job (ui_check found it).
-        define_asset_job(f"m2m_{p}_autoencoder_job",
-                         selection=key("attribute_oracle", *(["autoencoder"] if profile.autoencoder_preset else [])),
-                         executor_def=executor, tags=tags,
-                         description="The attribute oracle and the autoencoder (with its reconstruction check): "
-                                     "unpartitioned inputs every MIS partition's feature caches share."),
+        *([define_asset_job(f"m2m_{p}_autoencoder_job", selection=key(*unpartitioned), executor_def=executor,
+                            tags=tags,
+                            description="The attribute oracle and the autoencoder (with its reconstruction check): "
+                                        "unpartitioned inputs every MIS partition's feature caches share.")]
+          if unpartitioned else []),
         define_asset_job(f"m2m_{p}_mis_job", selection=key("mis_shards", "latent_cache", "dino_features"),
                          executor_def=executor, tags=tags,
                          description="Partitioned MIS generation and feature caches: one partition per run "
@@ -71,8 +74,8 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
         define_asset_job(f"m2m_{p}_training_job", selection=key("m2m_self_checkpoint", "m2m_dino_checkpoint"),
                          executor_def=executor, tags=tags, description="Train M2M-Self and M2M-DINO."),
         define_asset_job(f"m2m_{p}_evaluation_job",
-                         selection=key("attribute_oracle", "m2m_self_evaluation_report",
-                                       "m2m_dino_evaluation_report", "learnability", "sampling_benchmark"),
+                         selection=key(*oracle, "m2m_self_evaluation_report", "m2m_dino_evaluation_report",
+                                       *(["learnability"] if profile.shapes_world else []), "sampling_benchmark"),
                          executor_def=executor, tags=tags,
                          description="Oracle, protocol metrics and studies per model, the learnability verdict and "
                                      "the sampling benchmark (Fig. 9)."),

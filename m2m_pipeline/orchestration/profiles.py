@@ -102,9 +102,19 @@ class RunProfile:
     def partition_keys(self) -> list[str]:
         return [str(p) for p in range(self.num_partitions)]
 
+    @property
+    def shapes_world(self) -> bool:
+        """Whether the profile is judged by the shapes world's attribute oracle (its `attribute_oracle` and
+        `learnability` assets exist) or by the paper's scorers (Inception FID / IS, CLIP): its EvalSpec says."""
+        return self.eval.scorers == "oracle"
+
     def __post_init__(self) -> None:
         if self.executor not in ("multiprocess", "celery", "k8s"):
             raise ValueError(f"RunProfile {self.name}: executor must be multiprocess, celery or k8s, got {self.executor!r}")
+        if not self.shapes_world and (self.autoencoder_preset or self.base_model_preset):
+            # their assets are checked / judged by the attribute oracle, which only the shapes world has
+            raise ValueError(f"RunProfile {self.name}: autoencoder_preset and base_model_preset need the shapes "
+                             f"world's oracle (eval.scorers 'oracle'), got scorers {self.eval.scorers!r}")
 
     def replace(self, **changes: Any) -> RunProfile:
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,10 @@ class Resolved:
     caption_source: str
     init_from: Path | None = None  # the SD-style folder both M2M variants start from (Sec. 6.1); None: random
     from_scratch: bool = False     # random initial weights asked for (settings.train_from_scratch)
+    # The paper's scorers (EvalSpec.scorers "paper"), absolute paths; None for the shapes-world profiles.
+    inception_weights: Path | None = None   # clean-fid's inception-2015-12-05.pt
+    clip_model: str | None = None           # open_clip model name, or local-dir:/abs/path
+    clip_pretrained: Path | None = None     # local open_clip checkpoint file (None with local-dir:)
     coco_dir: Path | None = None   # a COCO 2017 folder (settings.coco_dir), its instances file checked
     coco_split: str = "val"        # which split's instances the COCO zero-shot study reads
 
@@ -103,6 +107,11 @@ class M2MSettings(ConfigurableResource):
     # images of the coco_zero_shot asset (Sec. 8.3, Figs. 16-17; m2m_pipeline/data/coco.py).
     coco_dir: str | None = None
     coco_split: str = "val"
+    # The paper's scorers (profiles whose EvalSpec.scorers is "paper"; docs/evaluation.md), relative to repo_dir:
+    # clean-fid's Inception torchscript file, an open_clip model name (or local-dir:PATH) and its weights file.
+    inception_weights: str | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
 
     @model_validator(mode="after")
     def _check_fields(self) -> M2MSettings:
@@ -203,11 +212,42 @@ class M2MSettings(ConfigurableResource):
             ev = dataclasses.replace(base_eval, **self.eval)
         except (ValueError, TypeError) as exn:
             raise Failure(f"{field}.eval: {exn}") from exn
+        if ev.scorers != profile.eval.scorers:  # the oracle and learnability assets exist for one kind only
+            raise Failure(f"{field}.eval.scorers: {ev.scorers!r}, but profile {profile.name!r} evaluates with "
+                          f"{profile.eval.scorers!r} (it shapes the asset graph: orchestration/profiles.py)")
+        scorers = self._paper_scorers(root, profile) if ev.scorers == "paper" else {}
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source, from_scratch=self.train_from_scratch,
                         coco_dir=coco_dir, coco_split=self.coco_split,
-                        init_from=None if self.train_from_scratch else initial_weights(profile, mis, root))
+                        init_from=None if self.train_from_scratch else initial_weights(profile, mis, root),
+                        **scorers)
+
+    def _paper_scorers(self, root: Path, profile: RunProfile) -> dict[str, Any]:
+        """The paper's scorers' local files, absolute, each checked before any step runs (one-line Failures)."""
+        from m2m_pipeline.evaluation.fid import INCEPTION_FILE
+
+        field = "resources.settings.config"
+        need = f"the {profile.name!r} profile's evaluation (EvalSpec.scorers 'paper') needs it"
+        absolute = lambda value: Path(value) if Path(value).is_absolute() else root / value  # noqa: E731
+        if not self.inception_weights:
+            raise Failure(f"{field}.inception_weights: not set; {need} (clean-fid's {INCEPTION_FILE})")
+        inception = absolute(self.inception_weights)
+        if not inception.is_file() or inception.name != INCEPTION_FILE:
+            raise Failure(f"{field}.inception_weights: no file {INCEPTION_FILE} at {inception}; {need}")
+        if not self.clip_model:
+            raise Failure(f"{field}.clip_model: not set; {need} (an open_clip model name, or local-dir:PATH)")
+        if self.clip_model.startswith("local-dir:"):
+            folder = absolute(self.clip_model.removeprefix("local-dir:"))
+            if not (folder / "open_clip_config.json").is_file():
+                raise Failure(f"{field}.clip_model: no open_clip_config.json in {folder}; {need}")
+            return {"inception_weights": inception, "clip_model": f"local-dir:{folder}", "clip_pretrained": None}
+        if not self.clip_pretrained:
+            raise Failure(f"{field}.clip_pretrained: not set; {need} (a local weights file for {self.clip_model!r})")
+        weights = absolute(self.clip_pretrained)
+        if not weights.is_file():
+            raise Failure(f"{field}.clip_pretrained: CLIP weights not found at {weights}; {need}")
+        return {"inception_weights": inception, "clip_model": self.clip_model, "clip_pretrained": weights}
 
 
 def initial_weights(profile: RunProfile, mis: MISConfig, root: Path) -> Path | None:
@@ -225,7 +265,9 @@ class ComputeResource(ConfigurableResource):
     """Where tensors live: device, dtype, data-loader workers, and how training is launched."""
 
     device: str = "auto"                                     # auto (cuda if present), cpu, cuda, cuda:N
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # MIS generation, training and sampling precision (m2m_pipeline/precision.py, docs/training.md "Precision"):
+    # auto: each stage's own default (fp16 SD, bf16 autocast training on CUDA; fp32 on CPU); float16 not on CPU
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     workers: int = 0                                         # data-loader worker processes
     torch_threads: int = 0                                   # intra-op CPU threads (0: torch's default)
     # The autoencoder's training may use more: it runs before the two side-by-side trainings and overlaps
@@ -243,6 +285,10 @@ class ComputeResource(ConfigurableResource):
             raise ValueError(f"resources.compute.config.num_processes must be >= 1, got {self.num_processes}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"resources.compute.config.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.device == "cpu":
+            from m2m_pipeline.precision import check_supported
+
+            check_supported("cpu", self.dtype, "resources.compute.config.dtype")
         return self
 
     _threads_before: int = PrivateAttr(default=0)
@@ -280,11 +326,6 @@ class ComputeResource(ConfigurableResource):
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
-
-    def torch_dtype(self) -> Any:
-        import torch
-
-        return getattr(torch, self.dtype)
 
 
 # ====================================================================== MLflow

@@ -23,7 +23,11 @@ from m2m_pipeline.data.coco import (
     read_instances,
     write_coco_fixture,
 )
-from m2m_pipeline.evaluation.coco_zero_shot import CocoZeroShotSpec, clip_consistency, coco_zero_shot
+from m2m_pipeline.evaluation.coco_zero_shot import (
+    CocoZeroShotSpec,
+    clip_consistency,
+    coco_zero_shot,
+)
 from m2m_pipeline.evaluation.studies import SamplingSpec
 
 FAST = SamplingSpec(steps=1, guidance_scale=2.0)
@@ -50,7 +54,7 @@ def _doc() -> dict:
     """Image 1: a crowd 'dog' region larger than its 'cat' -> cat; image 2: two equal areas -> the first listed
     (person); image 3: only a crowd region -> no category; image 4: cat beats a smaller person."""
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 24, "height": 16} for i in (1, 2, 3, 4)]
-    ann = lambda image, cat, area, crowd=0: {"image_id": image, "category_id": cat, "area": area,  # noqa: E731
+    ann = lambda image, cat, area, crowd=0: {"image_id": image, "category_id": cat, "area": area,
                                              "iscrowd": crowd}
     annotations = [ann(1, 17, 100.0), ann(1, 18, 300.0, 1), ann(1, 1, 50),
                    ann(2, 1, 80.0), ann(2, 17, 80.0),
@@ -323,10 +327,18 @@ def test_coco_asset_materializes_both_variants(tmp_path, coco_root):
     from dagster import materialize
 
     from m2m_pipeline.network import M2MConfig, M2MUNet
-    from m2m_pipeline.orchestration.assets import coco_zero_shot_asset, layout
-    from m2m_pipeline.orchestration.assets import ProfileGraph
+    from m2m_pipeline.orchestration.assets import (
+        ProfileGraph,
+        coco_zero_shot_asset,
+        layout,
+    )
     from m2m_pipeline.orchestration.profiles import PROFILES
-    from m2m_pipeline.orchestration.resources import ComputeResource, DVCResource, M2MSettings, MLflowResource
+    from m2m_pipeline.orchestration.resources import (
+        ComputeResource,
+        DVCResource,
+        M2MSettings,
+        MLflowResource,
+    )
 
     profile = PROFILES["smoke"].replace(coco_zero_shot=True)
     paths = layout(profile)
