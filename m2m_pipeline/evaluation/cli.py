@@ -46,9 +46,12 @@ from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY
               help="Write the full report (per position, summary, provenance) as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--report", "report_preset", type=click.Choice(sorted(EVAL_PRESETS)), default=None,
-              help="The evaluation assets' full report with this profile's sizes (protocol, unconditional branch, "
-                   "drift, preceding-image sweep, zero-shot photos, grids, learnability verdict): needs --oracle; "
-                   "--test-shards is then a folder; figures and report.json go to --report-dir.")
+              help="The evaluation assets' full report with this profile's sizes; --test-shards is then a folder; "
+                   "figures and report.json go to --report-dir. Shapes-world presets (smoke, demo): protocol, "
+                   "unconditional branch, drift, preceding-image sweep, zero-shot photos, learnability verdict; "
+                   "needs --oracle. Paper presets (paper, dryrun): Table 1 (Inception FID / IS, CLIP-T / CLIP-I), "
+                   "drift and preceding-image sweep by CLIP; needs --inception-weights, --clip-model "
+                   "(and --clip-pretrained).")
 @click.option("--validation-shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="With --report: validation feature shards; guidance and DDIM steps are chosen there first.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/report"),
@@ -63,7 +66,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     """Run the evaluation protocol (Sec. 8.4) on CHECKPOINT over the test shards and print the table."""
     if report_preset is not None:
         _full_report(checkpoint, Path(test_shards), oracle_dir, report_preset, validation_shards, report_dir, vae,
-                     dino, seed or 0)
+                     dino, seed or 0, inception_weights, clip_model, clip_pretrained)
         return
     from m2m_pipeline.evaluation.protocol import (
         ProtocolConfig,
@@ -126,15 +129,39 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
 
 
 def _full_report(checkpoint: Path, test_dir: Path, oracle_dir: Path | None, preset: str, validation_dir: Path | None,
-                 out: Path, vae: Path | None, dino: Path | None, seed: int) -> None:
+                 out: Path, vae: Path | None, dino: Path | None, seed: int, inception_weights: Path | None = None,
+                 clip_model: str | None = None, clip_pretrained: str | None = None) -> None:
     """What the evaluation asset materializes, printed: the same function, sizes and seeds."""
     from m2m_pipeline.evaluation.report import evaluate_checkpoint
+    from m2m_pipeline.weights import WeightsNotFoundError
 
-    if oracle_dir is None or not (oracle_dir / "oracle_config.json").is_file():
-        raise click.UsageError("--report needs --oracle DIR holding a trained attribute oracle (oracle_config.json)")
+    ev = EVAL_PRESETS[preset]
     if not test_dir.is_dir():
         raise click.BadParameter(f"{test_dir}: with --report, a folder of test feature shards", param_hint="--test-shards")
-    res = evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, EVAL_PRESETS[preset], validation_dir=validation_dir,
+    if ev.scorers == "paper":
+        if inception_weights is None or clip_model is None:
+            raise click.UsageError(f"--report {preset} scores with the paper's scorers: it needs --inception-weights "
+                                   f"(clean-fid's inception-2015-12-05.pt) and --clip-model (+ --clip-pretrained)")
+        try:
+            res = evaluate_checkpoint(checkpoint, test_dir, None, out, ev, vae=vae, dino=dino, seed=seed,
+                                      inception_weights=inception_weights, clip_model=clip_model,
+                                      clip_pretrained=clip_pretrained)
+        except WeightsNotFoundError as err:
+            raise click.ClickException(str(err)) from err
+        click.echo(res["table"])
+        click.echo("Table 1 row: " + ", ".join(f"{c} {v['mean']:.2f} +- {v['std']:.2f}"
+                                                for c, v in res["table1"].items()))
+        draw = res["test_sets"]
+        click.echo(f"test sets: {draw['drawn']} of {draw['candidates']} drawn with seed {draw['seed']} "
+                   f"(keys sha256 {draw['keys_sha256'][:16]}..)")
+        vals = res["drift"]["clip_image_image"]
+        click.echo("drift (CLIP image-image at n = 1, 10, 25): "
+                   + " / ".join(f"{vals[i - 1]:.2f}" for i in (1, 10, 25) if i <= len(vals)))
+        click.echo(f"report: {res['report_path']}; figures: {', '.join(str(f) for f in res['files'].values())}")
+        return
+    if oracle_dir is None or not (oracle_dir / "oracle_config.json").is_file():
+        raise click.UsageError("--report needs --oracle DIR holding a trained attribute oracle (oracle_config.json)")
+    res = evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, ev, validation_dir=validation_dir,
                               vae=vae, dino=dino, seed=seed)
     if res["sweep"] is not None:
         click.echo(f"sampling chosen on {res['sweep']['validation_sets']} validation sets:\n{res['sweep']['table']}")

@@ -233,6 +233,122 @@ def _oracle_report(bundle: Any, checkpoint: Path, test_dir: Path, oracle_dir: Pa
             "num_sets": len(test.keys), "seconds": timings}
 
 
+def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: EvalSpec, variant: str,
+                  inception_weights: str | os.PathLike, clip_model: str, clip_pretrained: str | os.PathLike | None,
+                  device: str, seed: int) -> dict[str, Any]:
+    """Table 1 of Sec. 8.4 on sets with real captions (evaluate_checkpoint, scorers "paper"); nothing of the
+    shapes world (no oracle, no verdict, no zero-shot photographs: the MSCOCO zero-shot is its own asset).
+
+    1. The protocol: per position n = 1..generated_images after context_images preceding images, FID and IS on
+       clean-fid Inception features, CLIP text-image (vs the set's caption) and image-image (vs all of the
+       set's preceding images, mean), 100 x cosine; mean +- std over positions = the `table1` row.
+    2. Drift: CLIP image-image consistency by position over drift_images images (drift_sets sets).
+    3. Fig. 6: CLIP image-image consistency of the first generated image after k = context_counts preceding
+       images, against the same references for every k (the set's first max(context_counts, context_images)
+       preceding images), the same seeds, so only k changes.
+    4. Fig. 4: a grid of preceding | generated images; one plot of each metric vs n.
+    """
+    from m2m_pipeline.evaluation import protocol, studies
+    from m2m_pipeline.evaluation.clip_score import ClipScorer
+    from m2m_pipeline.evaluation.fid import inception_feature_network
+
+    net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
+    shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no test feature shards in {test_dir}")
+    fid_network = inception_feature_network(inception_weights, device=device)
+    clip = ClipScorer(clip_model, clip_pretrained, device=device)
+    n_ctx = max(ev.context_images, max(ev.context_counts))
+    bundle.check_cache(shards)
+    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
+    spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
+                                anchors=ev.anchors, seed=seed)
+    cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
+                                  window=ev.window, anchors=ev.anchors, steps=ev.steps,
+                                  guidance_scale=ev.guidance_scale, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    timed = _timer(timings)
+    context = dataclasses.replace(test, latents=test.latents[:, :ev.context_images])
+    per, ref, preceding, generated = timed("protocol", lambda: protocol.run_paper_protocol(
+        net, autoencoder, context, cfg, fid_network, clip, encoder, progress=False))
+    summary = protocol.summarize(per)
+    k_drift = min(ev.drift_sets, len(test.keys))
+    drift, drift_images = timed("drift", lambda: studies.clip_consistency(
+        net, autoencoder, clip, context.latents[:k_drift], context.latents[:k_drift], ev.drift_images, spec,
+        context_encoder=encoder, batch_size=cfg.batch_size, keep=8))
+    by_count = timed("context_sweep", lambda: {k: float(studies.clip_consistency(
+        net, autoencoder, clip, test.latents[:, :k], test.latents, 1, spec, context_encoder=encoder,
+        batch_size=cfg.batch_size)[0][0]) for k in ev.context_counts})
+    files = _paper_figures(out, variant, net.config.image_size, preceding, generated, drift_images, per, ref,
+                           drift.tolist(), by_count)
+    provenance = {
+        "variant": variant, "checkpoint": str(checkpoint), **dataclasses.asdict(cfg), "num_sets": len(test.keys),
+        "context_policy": context_policy(ev.context_policy).to_dict(),
+        "sampler": "DDIM (diffusers DDIMScheduler, eta 0, SD settings)",
+        "seeds": f"{seed}..{seed + len(test.keys) - 1} (set i uses seed + i)",
+        "fid": {**fid_network.info, "library": "clean-fid fid_from_feats", "is_library": "torchmetrics InceptionScore",
+                "is_splits": cfg.is_splits},
+        "clip": clip.info, "fid_reference": "first preceding image of every set",
+        "clip_image_image_reference": f"mean over the set's {ev.context_images} preceding images",
+        "clip_text_image_reference": "the set's caption", "std": "population std over positions",
+        "test_sets": test.draw, "test_shards": len(shards), "versions": protocol._versions(),
+        "device": str(net.device)}
+    weights = checkpoint / "model.safetensors"
+    provenance["checkpoint_sha256"] = sha256_file(weights) if weights.is_file() else None
+    report = protocol.EvaluationReport(per, summary, ref, provenance, timings)
+    record = {
+        "kind": "paper", "report": report.to_dict(), "table1": protocol.table1_row(summary), "test_sets": test.draw,
+        "drift": {"clip_image_image": drift.tolist()},
+        "context_count": {str(k): {"clip_image_image": v} for k, v in by_count.items()},
+        "files": {k: str(v) for k, v in files.items()},
+        "sampling": {"guidance_scale": ev.guidance_scale, "steps": ev.steps, "chosen_on": "the EvalSpec"},
+        "sweep": None,
+    }
+    atomic_write_bytes(out / "report.json", (json.dumps(record, indent=1, default=str) + "\n").encode())
+    atomic_write_bytes(out / "table.txt", (report.table() + "\n").encode())
+    return {**record, "table": report.table(), "files": files, "report_path": out / "report.json",
+            "num_sets": len(test.keys), "seconds": timings}
+
+
+# Per-position plots of the paper report: metric -> (file stem, axis label, reference key in report.reference)
+PAPER_PLOTS: dict[str, tuple[str, str, str | None]] = {
+    "fid": ("fid", "FID (Inception) vs first preceding images", "fid_real_second_vs_first"),
+    "inception_score": ("inception_score", "Inception Score", None),
+    "clip_text_image": ("clip_text_image", "CLIP text-image (100 x cos)", "clip_text_image_real"),
+    "clip_image_image": ("clip_image_image", "CLIP image-image (100 x cos)", "clip_image_image_real"),
+}
+
+
+def _paper_figures(out: Path, variant: str, image_size: int, preceding: torch.Tensor, generated: torch.Tensor,
+                   drift_images: torch.Tensor, per: dict[str, list[float]], ref: dict[str, Any],
+                   drift: list[float], by_count: dict[int, float]) -> dict[str, Path]:
+    """Fig. 4 grid, one plot per Table 1 metric vs n, the drift grid and plot, the Fig. 6 plot."""
+    from m2m_pipeline.evaluation.figures import line_plot
+    from m2m_pipeline.visualize import save_set_grid
+
+    scale = max(1, 64 // image_size)
+    k = len(per["fid"])
+    real_i = {"real preceding images": ref["clip_image_image_real"]} if "clip_image_image_real" in ref else {}
+    files = {
+        "grid": save_set_grid(preceding, generated[:, :min(4, generated.shape[1])], out / "grid.png", scale=scale),
+        "drift_grid": save_set_grid(preceding[:len(drift_images)], drift_images, out / "drift_grid.png",
+                                    scale=scale),
+        "drift": line_plot({"CLIP image-image": (range(1, len(drift) + 1), drift)}, out / "drift.png",
+                           title=f"M2M-{variant}: consistency by position", xlabel="generated image n",
+                           ylabel="CLIP image-image (100 x cos)", hlines=real_i),
+        "context_count": line_plot({"first generated image": (list(by_count), list(by_count.values()))},
+                                   out / "context_count.png",
+                                   title=f"M2M-{variant}: first generated image vs preceding images",
+                                   xlabel="preceding images", ylabel="CLIP image-image (100 x cos)", hlines=real_i),
+    }
+    for metric, (stem, label, ref_key) in PAPER_PLOTS.items():
+        files[stem] = line_plot({f"M2M-{variant}": (range(1, k + 1), per[metric])}, out / f"{stem}.png",
+                                title=f"M2M-{variant}: {label} by position", xlabel="generated image n",
+                                ylabel=label, hlines={"real images": ref[ref_key]} if ref_key in ref else None)
+    return files
+
+
 def _choose_on_validation(bundle: Any, ev: EvalSpec, oracle: Any, validation_dir: Path | None, seed: int
                           ) -> tuple[EvalSpec, dict[str, Any] | None]:
     """Guidance and DDIM steps chosen on the validation sets (EvalSpec.sweep), never on test sets."""
