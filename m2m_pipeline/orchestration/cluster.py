@@ -344,7 +344,9 @@ def _prepare(out: Path, broker: Broker) -> Site:
     celery_cfg = executor_config(broker)
     # the workers' -y file: dagster-celery's CLI reads the run config's execution block
     atomic_write_text(out / "celery.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}})])
-    pointers = _pointer_setup(out / "dvc")
+    from m2m_pipeline.orchestration.dvc_pointers import local_pointer_config
+
+    pointers = local_pointer_config(out / "dvc")
     atomic_write_text(out / "run.yaml", [yaml.safe_dump({"execution": {"config": celery_cfg}, "resources": {
         "settings": {"config": {"repo_dir": str(out / "work")}}, "dvc": {"config": pointers}}})])
     # the venv's bin first: dagster-celery starts `celery` from PATH
@@ -438,18 +440,6 @@ def _wait_for_runs(instance, before: set[str], count: int, timeout: float = 120)
         if time.monotonic() > deadline:
             raise SystemExit(f"cluster: only {len(ids)} of {count} runs appeared in the instance")
         time.sleep(0.5)
-
-
-def _pointer_setup(folder: Path) -> dict[str, str]:
-    """The shared DVC remote, the pointer outbox, the executors' scratch and the pointer repository (bare git)."""
-    from m2m_pipeline.orchestration.dvc_pointers import init_pointer_repo
-
-    cfg = {"mode": "pointers", "pointer_remote": str(folder / "remote"), "pointer_outbox": str(folder / "outbox"),
-           "pointer_scratch": str(folder / "scratch"), "pointer_repo": str(folder / "pointers.git")}
-    for key in ("pointer_remote", "pointer_outbox", "pointer_scratch"):
-        Path(cfg[key]).mkdir(parents=True, exist_ok=True)
-    init_pointer_repo(Path(cfg["pointer_repo"]), cfg["pointer_remote"], Path(cfg["pointer_scratch"]))
-    return cfg
 
 
 def raw_hashes(root: Path) -> dict[str, str]:

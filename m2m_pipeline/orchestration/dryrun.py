@@ -35,37 +35,74 @@ from typing import Any
 
 PROFILE = "paper"
 JOB = f"m2m_{PROFILE}_job"
-# The job's ops in dependency order (asset keys paper/<name>; the feature caches are one multi-asset op).
-STAGES = ("raw_captions", "filtered_captions", "mis_shards", "feature_caches", "m2m_self_checkpoint",
-          "m2m_dino_checkpoint", "attribute_oracle", "m2m_self_evaluation_report", "m2m_dino_evaluation_report",
-          "learnability", "sampling_benchmark")
-PREPARE = "weights + captions"  # the random-weight folders in the released layouts and the caption TSV
+PREPARE = "weights + data"  # the random-weight folders in the released layouts and the data fixtures
 SD_DIR, DINO_DIR, CAPTIONS = "models/stable-diffusion-2-1-base", "models/dinov2-giant", "data/cc12m/*.tsv"
+
+
+def job_stages() -> list[str]:
+    """Every op of `m2m_paper_job`, in the job's topological order (asset keys paper/<name>; the feature caches
+    are one multi-asset op). The dry run runs all of them: nothing is listed by hand, so a new asset of the
+    paper profile is in the dry run the moment it is in the job."""
+    from m2m_pipeline.definitions import defs
+
+    graph = defs.resolve_job_def(JOB).graph
+    return [node.name.removeprefix(f"{PROFILE}__") for node in graph.nodes_in_topological_order]
 
 
 # Captions per split: FID needs two sets a side, so the test split gets two.
 SPLIT_SIZES = {"train": 1, "validation": 1, "test": 2}
 
+# Ordinary real-world captions in CC12M's style (never the shapes grammar: the paper profile's evaluation must
+# not depend on it). Subject x scene x style gives 21,000 distinct captions, enough to find a test caption at the
+# paper's 0.1 % test fraction by the filter's own hash.
+_SUBJECTS = ("a golden retriever", "an old man", "a red vintage car", "a bowl of ramen", "a wooden cabin",
+             "two children", "a cup of coffee", "a white sailboat", "a tabby cat", "a bicycle", "a young woman",
+             "a plate of pasta", "a lighthouse", "a bouquet of tulips", "an elephant", "a pair of sneakers",
+             "a city bus", "a chocolate cake", "a brown horse", "a stone bridge", "a laptop", "a hot air balloon",
+             "a street musician", "a glass of red wine", "a mountain goat", "a steam train", "a wedding couple",
+             "a green parrot", "a vegetable garden", "a leather armchair", "a fishing boat", "a snowman",
+             "a skateboarder", "a basket of apples", "a yellow taxi")
+_SCENES = ("on a sandy beach", "in a busy market", "at sunset", "in the snow", "next to a lake", "in a modern kitchen",
+           "on a rainy street", "in a pine forest", "under a clear blue sky", "in front of a brick wall",
+           "on a wooden table", "in the desert", "at a train station", "in a flower field", "on a mountain road",
+           "inside a cozy living room", "near the harbour", "in a city park", "at night with neon lights",
+           "on a farm", "by the river", "in an art gallery", "on a rooftop", "in the fog", "at the airport",
+           "in a library", "on a frozen lake", "at a street festival", "in autumn leaves", "under a bridge")
+_STYLES = ("", "close-up photo of ", "aerial view of ", "black and white photo of ", "watercolor painting of ",
+           "stock photo of ", "vintage photograph of ", "illustration of ", "wide angle shot of ", "cartoon of ",
+           "portrait of ", "blurry photo of ", "professional photo of ", "sketch of ", "3d render of ",
+           "postcard of ", "oil painting of ", "snapshot of ", "poster of ", "macro photo of ")
+
+
+def realworld_captions() -> list[str]:
+    """Every caption of the dry run's vocabulary, in a fixed order."""
+    return [f"{style}{subject} {scene}".strip().capitalize() if style else f"{subject} {scene}".capitalize()
+            for style in _STYLES for subject in _SUBJECTS for scene in _SCENES]
+
 
 def split_captions(test_fraction: float, validation_fraction: float) -> list[str]:
-    """SPLIT_SIZES captions per split, found by the same hash the caption filter splits on. Shapes-world
-    captions: the paper profile's evaluation assets judge with the shapes attribute oracle, which parses them."""
+    """SPLIT_SIZES real-world captions per split, found by the same hash the caption filter splits on."""
     from m2m_pipeline.data.captions import caption_hash, split_of
-    from m2m_pipeline.data.shapes import random_captions
     from m2m_pipeline.data.tokens import normalise_caption
 
     found: dict[str, list[str]] = {split: [] for split in SPLIT_SIZES}
-    for _, text in random_captions(200_000, seed=0):
+    for text in realworld_captions():
         split = split_of(caption_hash(normalise_caption(text)), test_fraction, validation_fraction)
-        if text not in found[split] and len(found[split]) < SPLIT_SIZES[split]:
+        if len(found[split]) < SPLIT_SIZES[split]:
             found[split].append(text)
         if all(len(found[s]) == n for s, n in SPLIT_SIZES.items()):
             return [text for split in SPLIT_SIZES for text in found[split]]
-    raise RuntimeError(f"too few captions per split in 200,000 draws: {found}")
+    raise RuntimeError(f"too few captions per split in the dry run's vocabulary: {found}")
+
+
+# Where the dry run writes what the paper run config names (paths relative to the dry run's repo root)
+INCEPTION_FILE = "models/inception/inception-2015-12-05.pt"
+CLIP_DIR = "models/open_clip"
+COCO_DIR, OBJAVERSE_DIR, VGSI_DIR, DVC_DIR = "data/coco", "data/objaverse", "data/vgsi", ".state/dvc"
 
 
 def prepare(root: Path, scale: str) -> None:
-    """The weight folders and the caption TSV under `root` (kept if already there)."""
+    """The weight folders and the data fixtures under `root` (each kept if already there)."""
     from m2m_pipeline.data.config import get_preset
     from m2m_pipeline.reference_layouts import build_dinov2_giant, build_sd21_base
 
@@ -73,26 +110,59 @@ def prepare(root: Path, scale: str) -> None:
         build_sd21_base(root / SD_DIR, scale=scale)
     if not (root / DINO_DIR / "config.json").exists():
         build_dinov2_giant(root / DINO_DIR, scale=scale)
+    _prepare_scorers(root, scale)
     mis = get_preset(PROFILE)
     tsv = root / "data" / "cc12m" / "part-00000.tsv"
     tsv.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"https://example.invalid/{i}.jpg\t{text}\n"
              for i, text in enumerate(split_captions(mis.test_fraction, mis.validation_fraction))]
     tsv.write_text("".join(lines))
+    _prepare_task_data(root)
+    from m2m_pipeline.orchestration.dvc_pointers import local_pointer_config
+
+    local_pointer_config(root / DVC_DIR)
+
+
+def _prepare_scorers(root: Path, scale: str) -> None:
+    """Inception (clean-fid's TorchScript file) and CLIP (open_clip) on random weights, in their released layouts."""
+    from m2m_pipeline.reference_layouts import build_inception, build_open_clip
+
+    if not (root / INCEPTION_FILE).exists():
+        build_inception(root / INCEPTION_FILE, scale=scale)
+    if not (root / CLIP_DIR).exists():
+        build_open_clip(root / CLIP_DIR, scale=scale)
+
+
+def _prepare_task_data(root: Path) -> None:
+    """A COCO 2017 folder (Figs. 5, 16, 17), Objaverse renders (Fig. 7) and a VGSI folder (Fig. 8), small."""
+    from m2m_pipeline.data.coco import write_coco_fixture
+    from m2m_pipeline.tasks import write_objaverse_fixture, write_vgsi_fixture
+
+    if not (root / COCO_DIR).exists():
+        write_coco_fixture(root / COCO_DIR)
+    if not (root / OBJAVERSE_DIR).exists():
+        write_objaverse_fixture(root / OBJAVERSE_DIR)
+    if not (root / VGSI_DIR).exists():
+        write_vgsi_fixture(root / VGSI_DIR)
 
 
 def dryrun_run_config(root: Path, device: str, threads: int = 0) -> dict[str, Any]:
     """The paper run config's resources, sized for a dry run (module docstring); no k8s execution block."""
+    from m2m_pipeline.orchestration.dvc_pointers import local_pointer_config
+
     return {"resources": {
         "settings": {"config": {
             "profile": PROFILE, "repo_dir": str(root), "caption_source": CAPTIONS, "sd_model_path": SD_DIR,
             "dino_path": DINO_DIR, "train_from_scratch": False,
+            "inception_weights": INCEPTION_FILE, "clip_model": _clip_model(root), "clip_pretrained": _clip_pretrained(root),
+            "coco_dir": COCO_DIR, "objaverse_dir": OBJAVERSE_DIR, "vgsi_dir": VGSI_DIR,
             "mis": {"num_inference_steps": 1, "images_per_set": 6},
             "train": {"steps": 1, "batch_size": 1, "global_batch_size": 1}, "eval_preset": "dryrun"}},
         "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess",
                                "torch_threads": threads}},
         "mlflow": {"config": {"mode": "local", "repo_dir": str(root), "experiment": "m2m-paper-dryrun"}},
-        "dvc": {"config": {"mode": "off"}},
+        # pointers mode, as configs/paper.yaml: the remote and the pointer repository are local folders here
+        "dvc": {"config": local_pointer_config(root / DVC_DIR)},
     }}
 
 
@@ -153,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", choices=("full", "small"), default="full")
     ap.add_argument("--device", default="auto", help="compute.device of the run config (auto, cpu, cuda)")
     ap.add_argument("--threads", type=int, default=0, help="compute.torch_threads (0: torch's default)")
-    ap.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES, metavar="STAGE")
+    ap.add_argument("--stages", nargs="*", default=None, metavar="STAGE", help="a subset of the job's ops "
+                    "(default: all of them, in dependency order)")
     # the child: run one op (or write the folders) and print its row
-    ap.add_argument("--stage", choices=(PREPARE, *STAGES), help=argparse.SUPPRESS)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = args.out.resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         print("DRYRUN-ROW " + json.dumps(run_stage(root, args.stage, args.device, args.threads)), flush=True)
         return 0
+    stages = job_stages()
+    unknown = sorted(set(args.stages or ()) - set(stages))
+    if unknown:
+        ap.error(f"--stages: {unknown[0]!r} is not an op of {JOB}; its ops: {', '.join(stages)}")
     root.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for stage in (PREPARE, *args.stages):  # each in its own process: its peak memory is its own
+    for stage in (PREPARE, *[s for s in stages if args.stages is None or s in args.stages]):  # each in its own process: its peak memory is its own
         print(f"--- {stage}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "m2m_pipeline.orchestration.dryrun", "--out", str(root),
                                "--scale", args.scale, "--device", args.device, "--threads", str(args.threads),

@@ -141,6 +141,19 @@ def init_pointer_repo(origin: Path, remote: str, scratch: Path) -> None:
     shutil.rmtree(seed)
 
 
+def local_pointer_config(folder: Path) -> dict[str, str]:
+    """A `resources.dvc.config` for pointers mode with everything under `folder` on this machine: the shared DVC
+    remote, the pointer outbox, the executors' scratch and the pointer repository (bare git), created here.
+    `make cluster-smoke` and the paper dry run use it in place of an object store and a git server."""
+    cfg = {"mode": "pointers", "pointer_remote": str(folder / "remote"), "pointer_outbox": str(folder / "outbox"),
+           "pointer_scratch": str(folder / "scratch"), "pointer_repo": str(folder / "pointers.git")}
+    for key in ("pointer_remote", "pointer_outbox", "pointer_scratch"):
+        Path(cfg[key]).mkdir(parents=True, exist_ok=True)
+    if not Path(cfg["pointer_repo"]).exists():
+        init_pointer_repo(Path(cfg["pointer_repo"]), cfg["pointer_remote"], Path(cfg["pointer_scratch"]))
+    return cfg
+
+
 def clone(origin: Path | str, dest: Path) -> Path:
     local = Path(origin)
     url = str(local.resolve()) if local.exists() else str(origin)  # a relative local path means the caller's cwd

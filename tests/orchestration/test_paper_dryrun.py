@@ -10,7 +10,7 @@ import pytest
 from m2m_pipeline.orchestration import dryrun
 
 
-def test_dryrun_captions_cover_every_split():
+def test_dryrun_captions_cover_every_split_and_are_not_the_shapes_grammar():
     from m2m_pipeline.data.captions import caption_hash, split_of
     from m2m_pipeline.data.shapes import attributes_of
     from m2m_pipeline.data.tokens import normalise_caption
@@ -18,7 +18,32 @@ def test_dryrun_captions_cover_every_split():
     captions = dryrun.split_captions(0.001, 0.001)
     splits = [split_of(caption_hash(normalise_caption(c)), 0.001, 0.001) for c in captions]
     assert splits == ["train", "validation", "test", "test"]
-    assert all(attributes_of(c) for c in captions)  # the shapes oracle parses them
+    for caption in captions:  # ordinary real-world text: the shapes grammar cannot parse any of it
+        with pytest.raises(ValueError, match="not in the shapes grammar"):
+            attributes_of(caption)
+
+
+def test_dryrun_runs_every_op_of_the_paper_job():
+    """The stage list is the job's own op list: an asset added to the paper profile joins the dry run."""
+    from m2m_pipeline.definitions import defs
+
+    ops = {node.name.removeprefix("paper__") for node in defs.resolve_job_def("m2m_paper_job").graph.nodes}
+    stages = dryrun.job_stages()
+    assert set(stages) == ops and len(stages) == len(ops)
+    # the chain's ends and the stages this dry run exists for are there
+    for op in ("raw_captions", "mis_shards", "feature_caches", "m2m_self_checkpoint", "m2m_dino_checkpoint",
+               "m2m_self_evaluation_report", "m2m_dino_evaluation_report", "coco_zero_shot", "nvs_checkpoint",
+               "procedure_checkpoint", "nvs_evaluation", "procedure_evaluation", "dataset_version"):
+        assert op in stages, op
+    assert stages.index("mis_shards") < stages.index("feature_caches") < stages.index("m2m_dino_checkpoint") \
+        < stages.index("m2m_dino_evaluation_report")
+    assert not {"attribute_oracle", "learnability"} & ops  # the shapes world has no place in the paper job
+
+
+def test_dryrun_refuses_an_unknown_stage(capsys):
+    with pytest.raises(SystemExit):
+        dryrun.main(["--out", "/nonexistent-dryrun", "--stages", "nope"])
+    assert "'nope' is not an op of m2m_paper_job" in capsys.readouterr().err
 
 
 def test_dryrun_settings_are_checked():
@@ -31,12 +56,11 @@ def test_dryrun_settings_are_checked():
 
 
 @pytest.mark.slow
-def test_small_paper_dryrun_through_training(tmp_path, capsys):
-    stages = ["raw_captions", "filtered_captions", "mis_shards", "feature_caches", "m2m_self_checkpoint",
-              "m2m_dino_checkpoint"]
-    assert dryrun.main(["--out", str(tmp_path), "--scale", "small", "--device", "cpu", "--stages", *stages]) == 0
+def test_small_paper_dryrun_runs_the_whole_job(tmp_path, capsys):
+    """CI's twin of `make paper-dryrun`: every op of m2m_paper_job, small shapes, on real-world captions."""
+    assert dryrun.main(["--out", str(tmp_path), "--scale", "small", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert all(f"| {s} |" in table for s in stages) and "(failed)" not in table
+    assert all(f"| {s} |" in table for s in dryrun.job_stages()) and "(failed)" not in table
     mis = json.loads(next((tmp_path / "assets/paper/mis/train").glob("mis-*.json")).read_text())
     features = json.loads(next((tmp_path / "assets/paper/features/train").glob("mis-*.json")).read_text())
     assert mis["num_samples"] == 1 and features["dino_features"] == "online" and features["dino_shape"] is None
@@ -44,3 +68,8 @@ def test_small_paper_dryrun_through_training(tmp_path, capsys):
     dino = json.loads((tmp_path / "models/paper/m2m_dino/final/config.json").read_text())
     assert dino["encoder_spec"]["dino_path"] == str(tmp_path / "models/dinov2-giant")
     assert (tmp_path / "models/paper/m2m_self/final/model.safetensors").is_file()
+    for variant in ("self", "dino"):  # Table 1's row per variant, from Inception and CLIP, no oracle
+        report = json.loads(next((tmp_path / "assets/paper").rglob(f"*{variant}*/report.json")).read_text())
+        assert set(report["table1"]) == {"fid", "inception_score", "clip_text_image", "clip_image_image"}
+        assert all(len(report["report"]["per_position"][m]) == 1 for m in report["table1"])
+        assert "verdict" not in report and "oracle" not in json.dumps(report["report"]["provenance"]).lower()
