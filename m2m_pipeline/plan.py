@@ -228,14 +228,29 @@ def gpu_hours(flops: float, cluster: Cluster) -> float:
     return flops / (cluster.gpu_tflops * 1e12 * cluster.utilisation) / 3600
 
 
+def training_run(train: Any, num_sets: int) -> dict[str, Any]:
+    """One variant's training length (its TrainConfig after `for_variant`): the subset of the MIS sets it draws
+    (Sec. 7.1.1; the rule of training.draw_subset), epochs, global batch and the steps, derived or given."""
+    from m2m_pipeline.training import SUBSET_RULE
+
+    if train.subset_sets > num_sets:
+        raise ValueError(f"TrainConfig.subset_sets={train.subset_sets:,} is more than the {num_sets:,} MIS sets planned")
+    return {"subset_sets": train.subset_sets or num_sets, "of_sets": num_sets,
+            "rule": SUBSET_RULE if train.subset_sets else "all", "seed": train.seed, "epochs": train.epochs,
+            "global_batch": train.global_batch_size, "steps": train.steps, "steps_derived": bool(train.epochs)}
+
+
 def make_plan(net_preset: str, mis: Any, train: Any, cluster: Cluster, inputs: PlanInputs = PlanInputs()
               ) -> dict[str, Any]:
-    """Storage, per-GPU training memory and micro-batch, FLOPs per image and GPU-hours per stage."""
+    """Storage, per-GPU training memory and micro-batch, FLOPs per image and GPU-hours per stage. `train` may
+    hold a per-variant subset (the paper preset): each variant's steps are its own (TrainConfig.for_variant)."""
     out: dict[str, Any] = {"cluster": asdict(cluster), "inputs": asdict(inputs), "variants": {}}
+    base_train = train
     sd = sd_generation_flops_per_image(mis.num_inference_steps)
     dino = dino_flops_per_image()
     sets, images = inputs.num_sets, inputs.num_sets * mis.images_per_set
     for variant in ("self", "dino"):
+        train = base_train.for_variant(variant)
         cfg = M2MConfig.preset(net_preset, variant)
         prof = training_profile(cfg, train.n_images)
         per_set = prof["activation_bytes_checkpointed" if train.gradient_checkpointing else "activation_bytes"]
@@ -243,7 +258,8 @@ def make_plan(net_preset: str, mis: Any, train: Any, cluster: Cluster, inputs: P
         if variant == "dino":  # each generated image is encoded by DINOv2 before it becomes context
             sampling = {k: v + dino for k, v in sampling.items()}
         out["variants"][variant] = {
-            **prof, "micro_batch": micro_batch(per_set, prof["parameters"], cluster, train.global_batch_size),
+            **prof, "train": training_run(train, sets),
+            "micro_batch": micro_batch(per_set, prof["parameters"], cluster, train.global_batch_size),
             "sampling_flops_per_image": sampling,
             "train_gpu_hours": gpu_hours(train.steps * train.global_batch_size * prof["train_flops"], cluster),
             "sampling_gpu_hours_per_1000_images": gpu_hours(1000 * sampling["cached"], cluster)}
@@ -257,6 +273,7 @@ def make_plan(net_preset: str, mis: Any, train: Any, cluster: Cluster, inputs: P
                       "read_bytes_per_step": {m: train.global_batch_size * b for m, b in stores.items()},
                       "read_bytes_per_step_used_images": train.global_batch_size * stores["cache"] * train.n_images
                       / mis.images_per_set}
+    train = base_train.for_variant("dino")  # the online DINO store serves M2M-DINO's training only
     online_flops = (train.n_images - 1) * dino  # the N - 1 context images of a set, in the training step
     out["dino_store"] = {"chosen": mis.dino_features, "online_flops_per_set": online_flops,
                          "online_fraction_of_training": online_flops / out["variants"]["dino"]["train_flops"],
@@ -296,6 +313,11 @@ def format_plan(plan: dict[str, Any]) -> str:
              f"of M2M-DINO's training FLOPs, {d['online_gpu_hours']:,.0f} GPU-hours |",
              "", "| training (per GPU) | M2M-Self | M2M-DINO |", "|---|---|---|"]
     row = lambda label, f: lines.append(f"| {label} | {f(v['self'])} | {f(v['dino'])} |")  # noqa: E731
+    row("training subset (Sec. 7.1.1: rule, seed)", lambda x: f"{x['train']['subset_sets']:,} of "
+        f"{x['train']['of_sets']:,} sets ({x['train']['rule']}, seed {x['train']['seed']})")
+    row("steps: ceil(subset x epochs / global batch)", lambda x: (
+        f"ceil({x['train']['subset_sets']:,} x {x['train']['epochs']} / {x['train']['global_batch']}) = "
+        f"{x['train']['steps']:,}" if x["train"]["steps_derived"] else f"{x['train']['steps']:,} (given)"))
     row("parameters", lambda x: f"{x['parameters'] / 1e6:.0f} M")
     row("weights + grads + AdamW + EMA", lambda x: f"{x['micro_batch']['static_gib']:.1f} GiB")
     row("activations per set (bf16, checkpointing)", lambda x: f"{x['micro_batch']['activation_gib_per_set']:.2f} GiB")

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m2m_pipeline.network.context import ContextKV
+from m2m_pipeline.precision import autocast_context
 
 Callback = Callable[[int, int, int, torch.Tensor], None]  # (image k, step i, timestep t, z_t (B, C, H, W))
 
@@ -232,6 +233,7 @@ def generate(
     progress: bool = True,
     callback: Callback | None = None,
     context_noise: int = 0,
+    precision: str | torch.dtype = "float32",
 ) -> torch.Tensor:
     """Generate `num_images` latents after the given context images, one at a time (Fig. 1).
 
@@ -252,12 +254,15 @@ def generate(
     callback:            called after every denoising step with (image k, step i, timestep t, z_t).
     context_noise:       M2M-Self trained with context noise: every context image (given or generated) is noised
                          to this fixed timestep t_c before the network reads it (seeded per image); 0: clean.
+    precision:           autocast dtype of the network calls (m2m_pipeline/precision.py; float32: none); the
+                         latents and the scheduler stay in the network's dtype (fp32 for a fp32 network).
     Returns (B, num_images, C, H, W) latents.
     """
     cfg = net.config
     seeds = _check_inputs(cfg, context, num_images, context_encoder, task_cond, task_guidance_scale, seed)
     b, n_c, c, h, w = context.shape
     device, dtype = net.device, net.dtype
+    amp = lambda: autocast_context(device, precision)  # noqa: E731  (around network calls only)
     encode = context_encoder or (lambda z: z)
     br = Branches.build(b, cfg.task != "none", guidance_scale, task_guidance_scale, device)
     reps: list[torch.Tensor] = []   # per image: what the network attends to, (B, 1, ...)
@@ -275,13 +280,15 @@ def generate(
         # the cached and recomputed paths agree bit for bit.
         cond = None if task_cond is None else task_cond[:, j : j + 1].to(device)
         extra = {} if context_t is None else {"context_t": br.kv_tile(context_t)}
-        return net.encode_context(br.kv_tile(reps[j]), br.kv_tile(cond), br.kv_drop_task, **extra)
+        with amp():
+            return net.encode_context(br.kv_tile(reps[j]), br.kv_tile(cond), br.kv_drop_task, **extra)
 
     def add_image(z_0: torch.Tensor) -> None:
         if context_t is not None:  # seeded per (set, image), apart from the images' own initial noise
             eps = image_noise(tuple(z_0.shape[1:]), seeds, 50_000 + len(reps), dtype, device)
             z_0 = noiser.add_noise(z_0.to(device=device, dtype=dtype), eps, context_t)
-        reps.append(encode(z_0.to(device=device, dtype=dtype))[:, None])  # (B, 1, ...)
+        with amp():
+            reps.append(encode(z_0.to(device=device, dtype=dtype))[:, None])  # (B, 1, ...)
         if use_cache:
             cache.append(image_kv(len(reps) - 1))
 
@@ -303,8 +310,10 @@ def generate(
                 kv = ContextKV.cat_images([image_kv(j) for j in idx])
             z_in = torch.cat([z] * br.count)[:, None]  # (count*B, 1, C, H, W)
             t_in = torch.full((z_in.shape[0],), int(t), device=device, dtype=torch.long)
-            eps = net.denoise(z_in, t_in, kv, ctx_index=br.q_index if kv is not None else None, task_cond=q_cond,
-                              drop_task=br.q_drop_task, first_position=len(idx))[:, 0]
+            with amp():
+                eps = net.denoise(z_in, t_in, kv, ctx_index=br.q_index if kv is not None else None, task_cond=q_cond,
+                                  drop_task=br.q_drop_task, first_position=len(idx))[:, 0]
+            eps = eps.to(z.dtype)  # the guidance combination and the scheduler step in the latents' dtype
             noise = image_noise((c, h, w), seeds, 10_000 * (position + 1) + i, dtype, device) if eta > 0 else None
             z = step(br.combine(eps), t, z, noise)
             if callback is not None:

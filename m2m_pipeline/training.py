@@ -8,12 +8,15 @@ checkpoint holds and the exactness guarantee of a resume.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +33,21 @@ from m2m_pipeline.rollout import RolloutConfig, rollout_context
 
 MetricsFn = Callable[[dict[str, float], int], None]
 RANK_SEED_STRIDE = 1_000_003  # objective generator of rank r: seed + r * stride (rank 0 keeps `seed`)
+VARIANTS = ("self", "dino")
+# How TrainConfig.subset_sets picks the training sets (docs/training.md "Training subset"): whole feature shards in
+# a permutation seeded by TrainConfig.seed, taken until they hold at least subset_sets sets.
+SUBSET_RULE = "seeded-shard-draw"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000                 # optimizer steps (applied updates; skipped non-finite steps do not count)
+    # Sec. 7.1.1: each variant trains on a subset of MIS (M2M-Self 9M sets, M2M-DINO 6M): 0 every set of the
+    # training shards; n: a seeded draw of shards holding n sets (SUBSET_RULE); {"self": n, "dino": m}: per variant.
+    subset_sets: int | dict[str, int] = 0
+    # > 0: `steps` is derived, ceil(subset_sets x epochs / global_batch_size) (Appendix A: one epoch at 256);
+    # 0: `steps` as given
+    epochs: int = 0
     batch_size: int = 4               # image sets per process per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step (derived instead if global_batch_size > 0)
     global_batch_size: int = 0        # 0: batch_size x processes x grad_accum; > 0: grad_accum is derived from it
@@ -66,9 +79,10 @@ class TrainConfig:
             object.__setattr__(self, "drops", DropConfig(**self.drops))
         if isinstance(self.rollout, dict):
             object.__setattr__(self, "rollout", RolloutConfig(**self.rollout))
-        for name in ("steps", "batch_size", "grad_accum", "n_images", "log_every", "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "n_images", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_subset_and_derive_steps()
         if self.snr_gamma < 0:
             raise ValueError(f"TrainConfig.snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
         if self.lr <= 0 or self.checkpoint_every < 0 or self.grad_clip <= 0:
@@ -83,6 +97,53 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.global_batch_size and self.grad_accum != 1:
             raise ValueError("TrainConfig: set grad_accum or global_batch_size, not both")
+
+    def _check_subset_and_derive_steps(self) -> None:
+        subset = self.subset_sets
+        if isinstance(subset, Mapping):  # also from YAML / JSON
+            subset = {str(k): v for k, v in subset.items()}
+            object.__setattr__(self, "subset_sets", subset)
+            if sorted(subset) != sorted(VARIANTS):
+                raise ValueError(f"TrainConfig.subset_sets: a per-variant subset names every variant {list(VARIANTS)}, "
+                                 f"got {sorted(subset)}")
+            sizes = list(subset.values())
+        else:
+            sizes = [subset]
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(f"TrainConfig.subset_sets must be sets >= 0 (0: all), got {self.subset_sets!r}")
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig.epochs must be >= 0 (0: steps as given), got {self.epochs}")
+        if not self.epochs:
+            if self.steps < 1:
+                raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+            return
+        if not all(sizes) or not self.global_batch_size:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} derives the steps from subset_sets and "
+                             f"global_batch_size, both > 0 (got {self.subset_sets!r}, {self.global_batch_size}); or "
+                             f"give steps with epochs=0")
+        derived = self.epoch_steps()
+        if self.steps not in (0, derived):
+            per = f"{derived} steps" if derived else "steps per variant"
+            raise ValueError(f"TrainConfig.steps={self.steps} contradicts epochs={self.epochs} of subset_sets="
+                             f"{self.subset_sets!r} at global_batch_size={self.global_batch_size} ({per}); give steps "
+                             f"with epochs=0, or leave steps 0 to derive them")
+        object.__setattr__(self, "steps", derived)  # 0 until for_variant() picks a per-variant subset
+
+    def epoch_steps(self) -> int:
+        """ceil(subset_sets x epochs / global_batch_size): the optimizer steps of `epochs` passes over the subset
+        (0 while the subset is per variant, or without epochs)."""
+        if not self.epochs or isinstance(self.subset_sets, Mapping):
+            return 0
+        return -(-self.subset_sets * self.epochs // self.global_batch_size)
+
+    def for_variant(self, variant: str) -> TrainConfig:
+        """This config for one M2M variant: its own subset_sets picked from a per-variant one, steps derived."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+        if not isinstance(self.subset_sets, Mapping):
+            return self
+        return dataclasses.replace(self, subset_sets=self.subset_sets[variant], steps=0 if self.epochs else self.steps)
 
     def accumulation(self, num_processes: int) -> int:
         """Micro-batches per optimizer step, so that batch_size x num_processes x accumulation = global batch."""
@@ -99,9 +160,17 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named preset with field overrides. Steps given explicitly win over a preset's epochs (they become 0:
+        train that many steps on the subset); otherwise a preset's epoch steps are re-derived from the overridden
+        subset_sets / epochs / global_batch_size."""
         if name not in TRAIN_PRESETS:
             raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+        base = TRAIN_PRESETS[name]
+        if "steps" in overrides and "epochs" not in overrides:
+            overrides = {**overrides, "epochs": 0}
+        elif "steps" not in overrides and overrides.get("epochs", base.epochs):
+            overrides = {**overrides, "steps": 0}
+        return dataclasses.replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,10 +185,13 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # 15-minute budget stops first (~3500 steps of the latent demo U-Net on one core).
     "demo": TrainConfig(steps=8000, batch_size=12, n_images=5, lr=1e-3, checkpoint_every=100, log_every=10,
                         ema_decay=0.999, max_seconds=900.0),
-    # Sec. 7: 8 x A100, global batch 256, constant lr 1e-5. The micro-batch comes from `m2m plan --gpus 8`
-    # (activations counted on the real U-Net, bf16, checkpointing): 8 sets fit an 80 GB GPU for M2M-Self
-    # (4.4 GiB per set, 13 fit) and M2M-DINO (2.2 GiB, 27 fit); 8 GPUs accumulate 4 micro-batches.
-    "paper": TrainConfig(steps=47_000, batch_size=8, global_batch_size=256, n_images=5, lr=1e-5,
+    # Sec. 7 / Appendix A: 8 x A100, global batch 256, one epoch, constant lr 1e-5; Sec. 7.1.1: M2M-Self on a
+    # subset of 9M sets, M2M-DINO of 6M, so 35,157 and 23,438 steps (derived: ceil(subset x epochs / 256)).
+    # The micro-batch comes from `m2m plan --gpus 8` (activations counted on the real U-Net, bf16,
+    # checkpointing): 8 sets fit an 80 GB GPU for M2M-Self (4.4 GiB per set, 13 fit) and M2M-DINO (2.2 GiB,
+    # 27 fit); 8 GPUs accumulate 4 micro-batches.
+    "paper": TrainConfig(steps=0, subset_sets={"self": 9_000_000, "dino": 6_000_000}, epochs=1,
+                         batch_size=8, global_batch_size=256, n_images=5, lr=1e-5,
                          lr_scheduler="constant", lr_warmup_steps=0, checkpoint_every=2000, log_every=50,
                          ema_decay=0.9999, gradient_checkpointing=True),
 }
@@ -134,6 +206,7 @@ class TrainResult:
     skipped_steps: int = 0            # non-finite steps skipped (this run and any it resumed)
     resumed_from: Path | None = None
     stopped_early: bool = False       # the max_seconds budget ended the run before `steps`
+    data_subset: dict[str, Any] | None = None  # the training sets (draw_subset's record); None: not feature shards
 
     @property
     def final_loss(self) -> float:
@@ -191,6 +264,51 @@ def data_refs(batch: dict[str, Any]) -> list[str]:
     return list(keys) if keys is not None else ([str(s) for s in shards] if shards is not None else ["?"])
 
 
+def draw_subset(shards: Any, subset_sets: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The training sets (Sec. 7.1.1): (the shards to train on, the record a checkpoint keeps of them).
+
+    subset_sets 0: every shard, as given. n > 0 (SUBSET_RULE): the shards, ordered by name, are permuted by a
+    generator seeded with ("m2m-subset", seed) and taken until they hold >= n sets (whole shards: the subset
+    overshoots by less than one shard); they are returned ordered by name, so the loader's own seeded shard
+    shuffle does not depend on the draw's order. One seed gives nested subsets: a smaller subset is a prefix of the
+    same permutation (M2M-DINO's 6M sets are within M2M-Self's 9M). Set counts come from the shards' manifests;
+    the record hashes the chosen shards' names and manifest sha256s (their bytes, so their keys).
+    """
+    from m2m_pipeline.data.loader import expand_shards
+    from m2m_pipeline.data.shards import read_manifest
+
+    urls = expand_shards(shards)
+    entries = []
+    for url in urls:
+        manifest = read_manifest(url)
+        if manifest is None:
+            raise ValueError(f"{url}: no manifest, so the training subset cannot count its sets (TrainConfig.subset_sets)")
+        entries.append((os.path.basename(url), int(manifest["num_samples"]), str(manifest["sha256"]), url))
+    total = sum(e[1] for e in entries)
+    if subset_sets > total:
+        raise ValueError(f"TrainConfig.subset_sets={subset_sets:,}: the {len(urls)} training shards ({urls[0]} ...) hold "
+                         f"only {total:,} sets")
+    by_name = sorted(entries)
+    if subset_sets:
+        order = list(by_name)
+        random.Random(f"m2m-subset:{seed}").shuffle(order)
+        chosen, count = [], 0
+        for entry in order:
+            if count >= subset_sets:
+                break
+            chosen.append(entry)
+            count += entry[1]
+        chosen.sort()
+        data: Any = [e[3] for e in chosen]
+    else:
+        chosen, data = by_name, shards  # unchanged: the loader's shard order is that of the whole set as given
+    digest = hashlib.sha256(json.dumps([[e[0], e[1], e[2]] for e in chosen]).encode()).hexdigest()
+    record = {"rule": SUBSET_RULE if subset_sets else "all", "seed": seed if subset_sets else None,
+              "requested_sets": subset_sets, "sets": sum(e[1] for e in chosen), "shards": len(chosen),
+              "of_sets": total, "of_shards": len(entries), "shards_sha256": digest}
+    return data, record
+
+
 def make_accelerator(tc: TrainConfig, device: str | None):
     from accelerate import (
         Accelerator,
@@ -198,8 +316,12 @@ def make_accelerator(tc: TrainConfig, device: str | None):
         DistributedDataParallelKwargs,
     )
 
+    from m2m_pipeline.precision import check_supported, from_accelerate
+
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     precision = tc.mixed_precision if tc.mixed_precision != "auto" else ("no" if cpu else "bf16")
+    # docs/training.md "Precision": fp16 is refused on CPU; fp16 on CUDA gets accelerate's GradScaler
+    check_supported("cpu" if cpu else "cuda", from_accelerate(precision), "TrainConfig.mixed_precision")
     return Accelerator(
         cpu=cpu, mixed_precision=precision,
         # Sampler seeded by seed + epoch: a map-style dataset's order is reproducible after a resume.
@@ -226,6 +348,7 @@ def train(net_config: M2MConfig, train_config: TrainConfig, data, out_dir: str |
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     tc = train_config if max_seconds is None else dataclasses.replace(train_config, max_seconds=max_seconds)
+    tc = tc.for_variant(net.config.variant if net is not None else net_config.variant)  # its subset and steps
     owns_state = not PartialState._shared_state  # a launcher script may have its own Accelerator
     accelerator = make_accelerator(tc, device)
     try:
@@ -379,13 +502,27 @@ class _Trainer:
             resume_from: str | os.PathLike | None) -> TrainResult:
         from m2m_pipeline.data.stream import BatchStream
 
+        from m2m_pipeline.data.stream import is_shard_source
+
         acc, tc = self.acc, self.tc
         accum = tc.accumulation(acc.num_processes)
+        subset = None
+        if is_shard_source(data):
+            data, subset = draw_subset(data, tc.subset_sets, tc.seed)
+        elif tc.subset_sets:
+            raise ValueError(f"TrainConfig.subset_sets={tc.subset_sets} draws whole feature shards; this data is a "
+                             f"{type(data).__name__} (give feature shards, or subset_sets=0)")
         resume_dir = ckpt.resolve_resume(resume_from, self.out)
         reader = ckpt.CheckpointReader(resume_dir) if resume_dir is not None else None  # refuses unknown files
         if reader is not None:
             ckpt.check_config(reader, self.net.config)
         prior = reader.state if reader is not None else {}
+        before = prior.get("data_subset")
+        if before and subset and before.get("shards_sha256") != subset["shards_sha256"]:
+            raise ValueError(f"{resume_dir}: trained on another subset of the training sets ({before.get('sets')} sets "
+                             f"in {before.get('shards')} shards, sha256 {str(before.get('shards_sha256'))[:12]}..) than "
+                             f"this data and TrainConfig give ({subset['sets']} in {subset['shards']}, "
+                             f"{subset['shards_sha256'][:12]}..); resume with the same shards, subset_sets and seed")
         position = prior.get("data_position", {"epoch": 0, "consumed": 0})
         # The stream (and its first iterator) is built before the RNG states are restored, as in the first run.
         stream = BatchStream(data, acc, n_images=tc.n_images, batch_size=tc.batch_size, num_workers=tc.num_workers,
@@ -403,7 +540,8 @@ class _Trainer:
             return {"step": step, "losses": losses, "seconds": seconds_before + time.perf_counter() - start, "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row,
                     "data_position": stream.position, "world_size": acc.num_processes, "accumulation": accum,
                     "global_batch_size": tc.batch_size * acc.num_processes * accum,
-                    "inference_weights": "ema" if self.ema is not None else "raw", "train_config": tc.to_dict()}
+                    "inference_weights": "ema" if self.ema is not None else "raw", "train_config": tc.to_dict(),
+                    "data_subset": subset}
 
         window: list[float] = []
         last_saved, stopped_early = step if resume_dir is not None else -1, False
@@ -450,7 +588,7 @@ class _Trainer:
         else:
             stream.verify_consumed()  # final/ too holds only verified data's updates
         final = self.save_final(state())
-        return TrainResult(final, losses, step, seconds, skipped, resume_dir, stopped_early)
+        return TrainResult(final, losses, step, seconds, skipped, resume_dir, stopped_early, subset)
 
     def _step(self, stream: Any, accum: int) -> tuple[float, float, list[str]]:
         """Forward/backward over `accum` micro-batches and, if every rank's loss and the gradient are finite,

@@ -39,8 +39,17 @@ from m2m_pipeline.data.shards import (
 log = logging.getLogger(__name__)
 
 
-def make_generator(cfg: MISConfig, device: str | None = None) -> SetGenerator:
-    """The generator a preset names; Stable Diffusion is imported only when asked for."""
+def make_generator(cfg: MISConfig, device: str | None = None, dtype: str = "auto") -> SetGenerator:
+    """The generator a preset names; Stable Diffusion is imported only when asked for.
+
+    dtype: the run's compute precision (m2m_pipeline/precision.py); "auto" keeps cfg.dtype, anything else
+    replaces it (a cfg.dtype set to another dtype is refused: one run, one precision). The procedural shapes
+    world draws with numpy and has no precision.
+    """
+    if dtype != "auto":
+        if cfg.dtype not in ("auto", dtype):
+            raise ValueError(f"MISConfig.dtype={cfg.dtype} contradicts the compute dtype {dtype}: set one of them")
+        cfg = cfg.replace(dtype=dtype)
     if cfg.generator == "shapes":
         from m2m_pipeline.data.shapes import ShapesSetGenerator
 

@@ -17,15 +17,18 @@ import torch
 from m2m_pipeline.data.captions import Caption
 from m2m_pipeline.data.config import MISConfig
 from m2m_pipeline.data.generators import ImageSet, image_seed
+from m2m_pipeline.precision import DTYPES, check_supported
 
 SCHEDULER = "EulerDiscreteScheduler"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The SD pipeline's weight dtype. Inference only: the weights themselves are cast (half the memory, no
+    autocast casts per op), unlike training's fp32 master weights under autocast (m2m_pipeline/precision.py)."""
     if dtype == "auto":
         # fp16 on CUDA as SD 2.1 is usually run; fp32 on CPU where half precision is slow and inexact.
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return DTYPES[check_supported(device, dtype, "MISConfig.dtype")]
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:

@@ -425,7 +425,7 @@ def _generate_owned_mis(r: Resolved, root: Path, mine: list[int], world: int, fo
         for split in SPLITS:
             for tar in owned_shards(root / split, mine, world):
                 tar.with_suffix(".json").unlink(missing_ok=True)  # uncommit: regenerated below
-    generator = make_generator(r.mis, device=compute.resolved_device())
+    generator = make_generator(r.mis, device=compute.resolved_device(), dtype=compute.dtype)
     start = time.perf_counter()
     manifests: list[dict[str, Any]] = []
     shards: list[Path] = []
@@ -527,6 +527,8 @@ def checkpoint_asset(g: ProfileGraph, variant: str) -> Any:
             "variant": variant, "steps": result["steps"], "final_loss": round(result["final_loss"], 5),
             "seconds": round(result["seconds"], 1), "steps_per_s": round(steps_per_s, 2),
             "parameters": result["parameters"], "checkpoint": str(Path(result["checkpoint_dir"]).relative_to(r.root)),
+            # the training sets (Sec. 7.1.1; training.draw_subset), also in the checkpoint's train_state.json
+            **({"data_subset": MetadataValue.json(result["data_subset"])} if result.get("data_subset") else {}),
             "loss_curve": image_markdown(plot, "training loss"), **step.metadata([out])})
 
     return checkpoint

@@ -27,7 +27,8 @@ def main() -> None:
                      else NullRun()).metrics_logger("train")  # the asset's own run: the child never ends it
 
         net_config = M2MConfig.preset(extras["net_preset"], variant=extras["variant"])
-        train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"])
+        # the variant's own subset and steps, as train() resolves them (TrainConfig.for_variant)
+        train_config = TrainConfig.preset(extras["train_preset"], **extras["train_overrides"]).for_variant(extras["variant"])
         # metrics stream back into the Dagster run as Pipes log lines, about 20 per run (and to MLflow, every one)
         every = max(train_config.log_every, train_config.steps // 20 // train_config.log_every * train_config.log_every)
 

@@ -18,12 +18,29 @@ from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
 from m2m_pipeline.tracking import MlflowRun
 
 
+def train_overrides(r: Resolved, compute: ComputeResource) -> dict[str, Any]:
+    """The run config's TrainConfig overrides plus what the compute resource decides: data-loader workers and the
+    precision (compute.dtype -> mixed_precision, docs/training.md "Precision"; "auto" keeps the TrainConfig's)."""
+    from m2m_pipeline.precision import accelerate_precision
+
+    overrides = {**r.train_overrides, "num_workers": compute.workers}
+    precision = accelerate_precision(compute.dtype)
+    if precision != "auto":
+        own = overrides.get("mixed_precision", "auto")
+        if own not in ("auto", precision):
+            raise ValueError(f"resources.compute.config.dtype={compute.dtype} contradicts "
+                             f"resources.settings.config.train.mixed_precision={own}: set one of them")
+        overrides["mixed_precision"] = precision
+    return overrides
+
+
 def train_configs(r: Resolved, variant: str, compute: ComputeResource) -> tuple[Any, Any]:
+    """The variant's network and training configs; the TrainConfig is the variant's own (its subset, its steps)."""
     from m2m_pipeline.network import M2MConfig
     from m2m_pipeline.training import TrainConfig
 
     net_config = M2MConfig.preset(r.net_preset, variant=variant)
-    train_config = TrainConfig.preset(r.train_preset, **{**r.train_overrides, "num_workers": compute.workers})
+    train_config = TrainConfig.preset(r.train_preset, **train_overrides(r, compute)).for_variant(variant)
     return net_config, train_config
 
 
@@ -62,7 +79,7 @@ def summarise(result: Any, out: Path) -> dict[str, Any]:
             parameters += _numel(f.get_slice(name).get_shape())
     summary = {"losses": list(result.losses), "final_loss": float(result.final_loss), "steps": int(result.steps),
                "seconds": float(result.seconds), "checkpoint_dir": str(result.checkpoint_dir),
-               "parameters": parameters}
+               "parameters": parameters, "data_subset": result.data_subset}
     (out / "train_result.json").write_text(json.dumps(summary))
     return summary
 
@@ -91,7 +108,7 @@ def _run_with_pipes(context: Any, r: Resolved, variant: str, shards: list[str], 
     else:
         command = [sys.executable, *entry]
     extras = {"net_preset": r.net_preset, "variant": variant, "train_preset": r.train_preset,
-              "train_overrides": {**r.train_overrides, "num_workers": compute.workers}, "shards": shards,
+              "train_overrides": train_overrides(r, compute), "shards": shards,
               "out": str(out), "device": compute.resolved_device(), "init_from": str(r.init_from or ""),
               "from_scratch": r.from_scratch,
               "tracking_uri": run.client.tracking_uri if run.client is not None else "", "mlflow_run_id": run.run_id}
