@@ -66,6 +66,9 @@ class Resolved:
     clip_pretrained: Path | None = None     # local open_clip checkpoint file (None with local-dir:)
     coco_dir: Path | None = None   # a COCO 2017 folder (settings.coco_dir), its instances file checked
     coco_split: str = "val"        # which split's instances the COCO zero-shot study reads
+    # The real task folders a "folder" profile fine-tunes on ({"objaverse_dir": ..., "vgsi_dir": ...}, checked;
+    # orchestration/finetune_assets.py TASK_DATA); empty for the stand-in profiles.
+    task_dirs: dict[str, Path] = field(default_factory=dict)
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
@@ -112,6 +115,10 @@ class M2MSettings(ConfigurableResource):
     inception_weights: str | None = None
     clip_model: str | None = None
     clip_pretrained: str | None = None
+    # The paper profile's task data (Sec. 7.1.2), relative to repo_dir: Objaverse renders in Zero-1-to-3's layout
+    # and VGSI (index.json or folders); docs/tasks.md. Checked when the config resolves, before any step runs.
+    objaverse_dir: str | None = None
+    vgsi_dir: str | None = None
 
     @model_validator(mode="after")
     def _check_fields(self) -> M2MSettings:
@@ -199,6 +206,9 @@ class M2MSettings(ConfigurableResource):
         source = self.caption_source or profile.caption_source
         if source != "shapes" and not caption_files(str(root / source)):
             raise Failure(f"{field}.caption_source: no caption TSV matches {root / source}")
+        from m2m_pipeline.orchestration.finetune_assets import task_data_dirs
+
+        task_dirs = task_data_dirs(profile, {"objaverse_dir": self.objaverse_dir, "vgsi_dir": self.vgsi_dir}, root)
         from m2m_pipeline.training import TrainConfig
 
         train_overrides = {**profile.train_overrides, **self.train}
@@ -219,7 +229,7 @@ class M2MSettings(ConfigurableResource):
         return Resolved(profile=profile, root=root, mis=mis, net_preset=self.net_preset or profile.net_preset,
                         train_preset=train_preset, train_overrides=train_overrides,
                         eval=ev, caption_source=source, from_scratch=self.train_from_scratch,
-                        coco_dir=coco_dir, coco_split=self.coco_split,
+                        coco_dir=coco_dir, coco_split=self.coco_split, task_dirs=task_dirs,
                         init_from=None if self.train_from_scratch else initial_weights(profile, mis, root),
                         **scorers)
 

@@ -63,7 +63,8 @@ def eval_options(fn):
               help="Local DINOv2 folder for an M2M-DINO base (default: the CPU presets' seeded random encoder).")
 @click.option("--autoencoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of a latent base's AutoencoderKL (holding vae/, e.g. models/demo/autoencoder).")
-@click.option("--preset", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "demo", "paper"]), default="demo", show_default=True,
+              help="FINETUNE_PRESETS (tasks/finetune.py); paper: Sec. 6.2 / App. A on GPUs (docs/tasks.md).")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="Fine-tuning steps (default: the preset's).")
 @click.option("--batch-size", type=POSITIVE_INT, default=None)
 @click.option("--lr", type=POSITIVE_FLOAT, default=None)
@@ -76,10 +77,12 @@ def eval_options(fn):
                    "--no-spatial-bias to resume runs made before the option).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (1 on shared cores).")
+@click.option("--device", default=None, help="Where the model trains and the encoders encode (default: cuda if present).")
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True, help="Evaluate on the test split after.")
 @eval_options
 def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, batch_size, lr, max_seconds, checkpoint_every, resume,
-                 spatial_bias, seed, threads, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c) -> None:
+                 spatial_bias, seed, threads, device, evaluate, eval_steps, s_i, s_c, items, sweep, sweep_s_i,
+                 sweep_s_c) -> None:
     """Fine-tune M2M for a task on its train split, then evaluate on held-out objects / procedures."""
     from m2m_pipeline.io import atomic_write_text
     from m2m_pipeline.tasks.finetune import FinetuneConfig, finetune
@@ -98,7 +101,7 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
     with MlflowRun.start(f"finetune-{cfg.task}-{preset}", experiment=TASK_EXPERIMENT, tags={"m2m.task": cfg.task}) as run:
         run.log_params({**flatten("", cfg.to_dict()), "data": data, "base": base or "scratch"})
         result, splits = finetune(cfg, data, out_dir, base=base, resume_from="latest" if resume else None, dino=dino,
-                                  autoencoder=autoencoder, on_metrics=run.metrics_logger("train"))
+                                  autoencoder=autoencoder, on_metrics=run.metrics_logger("train"), device=device)
         atomic_write_text(out_dir / "splits.json", [json.dumps(
             {"data": str(data), "base": str(base) if base else None, "dino": str(dino) if dino else None,
              "autoencoder": str(autoencoder) if autoencoder else None, "config": cfg.to_dict(),
@@ -107,7 +110,8 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
         click.echo(f"fine-tuned {result.steps} steps in {result.seconds:.0f} s; final loss {result.final_loss:.4f}; "
                    f"checkpoint {result.checkpoint_dir}")
         if evaluate:
-            _evaluate(cfg, data, out_dir / "final", out_dir / "eval", base, run, dino, autoencoder=autoencoder)
+            _evaluate(cfg, data, out_dir / "final", out_dir / "eval", base, run, dino, autoencoder=autoencoder,
+                      device=device)
 
 
 @click.command("evaluate-task")
@@ -120,37 +124,33 @@ def finetune_cmd(task, data, out_dir, base, dino, autoencoder, preset, steps, ba
               help="Items evaluated: the test split, or the validation split (to follow a run's progress "
                    "without looking at test items).")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch threads (1 on shared cores).")
+@click.option("--device", default=None, help="Where the models sample and the encoders encode (default: cuda if present).")
 @eval_options
-def evaluate_task_cmd(run_dir, checkpoint, split, threads, eval_steps, s_i, s_c, items, sweep, sweep_s_i,
+def evaluate_task_cmd(run_dir, checkpoint, split, threads, device, eval_steps, s_i, s_c, items, sweep, sweep_s_i,
                       sweep_s_c) -> None:
     """Evaluate a fine-tuned task model on its held-out split against the baselines and the model before."""
-    from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskEvalConfig
+    from m2m_pipeline.tasks.finetune import FinetuneConfig
     from m2m_pipeline.tracking import MlflowRun
-    from m2m_pipeline.training import TrainConfig
 
     _threads(threads)
     meta = json.loads((run_dir / "splits.json").read_text())
-    c = meta["config"]
-    cfg = FinetuneConfig(c["task"], c["net_preset"], TrainConfig(**{k: v for k, v in c["train"].items()
-                                                                    if k != "drops"}),
-                         c["held_out"], c["validation"], c["split_seed"],
-                         TaskEvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["eval"].items()}),
-                         spatial_bias=c.get("spatial_bias", False))  # runs from before the option had none
+    cfg = FinetuneConfig.from_dict(meta["config"])
     cfg = _eval_overrides(cfg, eval_steps, s_i, s_c, items, sweep, sweep_s_i, sweep_s_c)
     weights = checkpoint or run_dir / "final"
     out = run_dir / "eval" if checkpoint is None and split == "test" else weights / f"eval-{split}"
     with MlflowRun.start(f"evaluate-{cfg.task}", experiment=TASK_EXPERIMENT, tags={"m2m.task": cfg.task, "m2m.checkpoint": str(weights),
                                                "m2m.split": split}) as run:
         _evaluate(cfg, Path(meta["data"]), weights, out, meta["base"], run, meta.get("dino"), split,
-                  meta.get("autoencoder"))
+                  meta.get("autoencoder"), device)
 
 
 def _evaluate(cfg, data, weights: Path, out: Path, base, run, dino=None, split: str = "test",
-              autoencoder=None) -> None:
+              autoencoder=None, device=None) -> None:
     from m2m_pipeline.tasks.evaluate import evaluate_finetune, report_metrics
     from m2m_pipeline.tracking import flatten
 
-    report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split, autoencoder=autoencoder)
+    report = evaluate_finetune(cfg, data, weights, out, base=base, dino=dino, split=split, autoencoder=autoencoder,
+                               device=device)
     run.log_params(flatten("eval", {k: v for k, v in report["sampler"].items()}))
     run.log_metrics(report_metrics(report))
     for path in report["files"].values():

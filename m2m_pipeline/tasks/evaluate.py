@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from m2m_pipeline.io import atomic_write_bytes, atomic_write_text
 from m2m_pipeline.network import M2MUNet
 from m2m_pipeline.sampling import generate
-from m2m_pipeline.tasks.batching import make_task_loader
 from m2m_pipeline.tasks.finetune import (
     FinetuneConfig,
     Task,
     TaskEvalConfig,
     TaskFeatures,
+    default_device,
     init_task_model,
     make_splits,
     task_autoencoder,
@@ -53,27 +53,31 @@ LOWER_IS_BETTER = ("lpips", "progress_error")
 
 # ---------------------------------------------------------------------- examples and methods
 def heldout_batches(task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                    image_size: int, items: int | None = None, autoencoder: Any | None = None
+                    image_size: int, items: int | None = None, autoencoder: Any | None = None,
+                    device: str | torch.device | None = "cpu", encode_batch_size: int = 64
                     ) -> list[dict[str, Any]]:
     """Fixed examples of the given items: context_images + target_images views / consecutive steps each,
-    drawn with `ec.seed` (the same for every method and every run); "images" are the pixels, "latents" their
-    codes under `autoencoder` (the pixels themselves when it is None)."""
+    drawn with `ec.seed` (the same for every method and every run); "images" are the pixels (CPU), "latents"
+    their codes under `autoencoder` (the pixels themselves when it is None), encoded in batches on `device`."""
     keys = list(keys)[: items if items is not None else ec.max_items]
     if not keys:
         raise ValueError("no held-out items to evaluate")
     data = task_dataset(task, root, keys, ec.context_images + ec.target_images, image_size, seed=ec.seed)
-    return list(make_task_loader(TaskFeatures(data, autoencoder), ec.batch_size, shuffle=False, drop_last=False))
+    features = TaskFeatures(data, autoencoder, device=device, encode_batch_size=encode_batch_size)
+    return list(features.batches(ec.batch_size, shuffle=False, drop_last=False))
 
 
 def context_encoder_of(net: M2MUNet, dino: str | os.PathLike | None = None, autoencoder: Any | None = None
                        ) -> Callable | None:
     """What generate() encodes each context latent with: None (M2M-Self attends to the latents) or, for
-    M2M-DINO, the DINO encoder applied to the decoded image (the latent itself for pixel models)."""
+    M2M-DINO, the DINO encoder (on the network's device) applied to the decoded image (the latent itself for
+    pixel models)."""
     if net.config.variant != "dino":
         return None
     from m2m_pipeline.bundle import checkpoint_encoder_spec, context_dino
 
     encoder = context_dino(net, checkpoint_encoder_spec(net, dino=dino), dino)  # the encoder it was trained with
+    encoder.to(net.device)
     if autoencoder is None:
         return encoder.encode
     return lambda z: encoder.encode(autoencoder.decode(z))
@@ -83,11 +87,11 @@ def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C
                  context_encoder: Callable | None = None, autoencoder: Any | None = None) -> Method:
     """Autoregressive generation of the targets with dual guidance; deterministic DDIM (eta 0); latents are
     decoded with `autoencoder` (pixel models: none). `context_encoder`: `context_encoder_of(net)`, built once
-    by the caller (a real DINOv2 is gigabytes)."""
+    by the caller (a real DINOv2 is gigabytes). Samples on the network's device; returns CPU images."""
     net = net.eval()
 
     def predict(batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
-        context = batch["latents"][:, : ec.context_images]  # (B, n_c, C, h, w)
+        context = batch["latents"][:, : ec.context_images].to(net.device)  # (B, n_c, C, h, w)
         g_I, g_C = ec.s_I if s_I is None else s_I, ec.s_C if s_C is None else s_C
         if g_I == 1.0 and g_C == 1.0:
             # Eq. 7 at s_I = s_C = 1 is eps(z_0, c_C) alone: one network branch instead of three, same images.
@@ -98,7 +102,7 @@ def model_method(net: M2MUNet, ec: TaskEvalConfig, s_I: float | None = None, s_C
         if autoencoder is not None:
             b, k = out.shape[:2]
             out = autoencoder.decode(out.flatten(0, 1)).unflatten(0, (b, k))  # (B, K, 3, S, S)
-        return out.float().clamp(-1, 1)
+        return out.float().clamp(-1, 1).cpu()
 
     return predict
 
@@ -229,12 +233,12 @@ def metrics_table(summary: dict[str, dict[str, float]]) -> str:
 
 # ---------------------------------------------------------------------- guidance sweep
 def sweep_guidance(net: M2MUNet, task: Task, root: str | os.PathLike, keys: Sequence[str], ec: TaskEvalConfig,
-                   progress: bool = True, context_encoder: Callable | None = None, autoencoder: Any | None = None
-                   ) -> tuple[float, float, list[dict[str, float]]]:
+                   progress: bool = True, context_encoder: Callable | None = None, autoencoder: Any | None = None,
+                   encode_batch_size: int = 64) -> tuple[float, float, list[dict[str, float]]]:
     """(s_I, s_C) with the best mean PSNR on validation items (never test items), over the grid
     ec.sweep_s_I x ec.sweep_s_C; returns the choice and every grid point's PSNR."""
     batches = heldout_batches(task, root, keys, ec, net.config.image_size, items=ec.sweep_items,
-                              autoencoder=autoencoder)
+                              autoencoder=autoencoder, device=net.device, encode_batch_size=encode_batch_size)
     rows = []
     for s_I in ec.sweep_s_I:
         for s_C in ec.sweep_s_C:
@@ -255,12 +259,26 @@ def _tile(images: torch.Tensor) -> np.ndarray:
     return np.concatenate(list(to_uint8(images)), axis=1)
 
 
-def save_grid(context: torch.Tensor, predictions: dict[str, torch.Tensor], truth: torch.Tensor,
-              path: str | os.PathLike, scale: int = 3, gap: int = 4) -> Path:
-    """One row per item: context | each method's targets | truth, white gaps between the groups."""
+GRID_TILE_MAX = 128  # px a grid tile is drawn at, at most: 16 / 32 px images x 3, 512 px images / 4
+
+
+def save_grid(context: torch.Tensor, predictions: dict[str, torch.Tensor], truth: torch.Tensor | None,
+              path: str | os.PathLike, scale: int = 3, gap: int = 4, max_tile: int = GRID_TILE_MAX) -> Path:
+    """One row per item: context | each method's targets | truth (None: no truth columns), white gaps between
+    the groups. Small images are enlarged `scale` times (nearest: pixels stay visible), large ones reduced so
+    a tile is at most `max_tile` px (box filter)."""
     from PIL import Image
 
-    groups = [context] + list(predictions.values()) + [truth]
+    side = context.shape[-1]
+    if side * scale > max_tile:  # reduce every image first, so the gaps keep their width
+        size = max(1, max_tile)
+        shrink = lambda x: torch.nn.functional.interpolate(  # noqa: E731
+            x.flatten(0, 1).float(), size=(size, size), mode="area").unflatten(0, tuple(x.shape[:2]))
+        context, truth = shrink(context), None if truth is None else shrink(truth)
+        predictions = {k: shrink(v) for k, v in predictions.items()}
+        scale = 1
+
+    groups = [context] + list(predictions.values()) + ([truth] if truth is not None else [])
     rows = []
     for i in range(context.shape[0]):
         parts = []
@@ -313,15 +331,19 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
                       out_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
                       grid_items: int = 4, progress: bool = True, dino: str | os.PathLike | None = None,
                       split: Literal["test", "validation"] = "test",
-                      autoencoder: str | os.PathLike | None = None) -> dict[str, Any]:
+                      autoencoder: str | os.PathLike | None = None,
+                      device: str | torch.device | None = None) -> dict[str, Any]:
     """Fine-tuned model vs the model before fine-tuning (the base, or the untrained task model) vs the
     task's copy baseline on the test split (or the validation split, to follow a run without looking at
-    test items; no guidance sweep then). Writes metrics.json, table.md, grid.png, psnr.png to out_dir.
-    `autoencoder`: the AutoencoderKL folder of a latent model (both models share the base's)."""
+    test items; no guidance sweep then). Writes metrics.json, table.md, grid.png (every method),
+    figure.png (context | fine-tuned, as Figs. 7-8) and psnr.png to out_dir.
+    `autoencoder`: the AutoencoderKL folder of a latent model (both models share the base's).
+    `device` (default: cuda when present): where both models sample and the encoders encode."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, ec = cfg.task, cfg.eval
-    splits = make_splits(task, root, cfg.held_out, cfg.validation, cfg.split_seed)
+    device = default_device(device)
+    splits = make_splits(task, root, cfg.held_out, cfg.validation, cfg.split_seed, cfg.min_steps)
     keys = {"test": splits.test, "validation": splits.validation}.get(split)
     if not keys:
         raise ValueError(f"split must be 'test' or 'validation' with items in it, got {split!r} "
@@ -330,21 +352,26 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
     if tuned.config.task != task:
         raise ValueError(f"{checkpoint}: a '{tuned.config.task}' model cannot be evaluated on task '{task}'")
     before = init_task_model(task, base, cfg.net_preset, seed=cfg.train.seed, spatial_bias=cfg.spatial_bias)
+    tuned, before = tuned.to(device), before.to(device)
     if before.config.autoencoder != tuned.config.autoencoder:
         raise ValueError(f"{checkpoint} works in '{tuned.config.autoencoder}' space, the model before fine-tuning "
                          f"in '{before.config.autoencoder}' space; evaluate against its own base")
     ae = task_autoencoder(tuned, autoencoder)
+    if isinstance(ae, torch.nn.Module):
+        ae.to(device)
     tuned_encoder = context_encoder_of(tuned, dino, ae)
     before_encoder = (tuned_encoder if before.config.variant == tuned.config.variant
                       else context_encoder_of(before, dino, ae))
     s_I, s_C, sweep = ec.s_I, ec.s_C, []
     if ec.sweep_s_I and ec.sweep_s_C and splits.validation and split == "test":
         s_I, s_C, sweep = sweep_guidance(tuned, task, root, splits.validation, ec, progress=progress,
-                                         context_encoder=tuned_encoder, autoencoder=ae)
+                                         context_encoder=tuned_encoder, autoencoder=ae,
+                                         encode_batch_size=cfg.encode_batch_size)
     methods = {"fine-tuned": model_method(tuned, ec, s_I, s_C, tuned_encoder, ae),
                "before fine-tuning": model_method(before, ec, s_I, s_C, before_encoder, ae),
                BASELINE[task]: baseline_method(task, ec)}
-    batches = heldout_batches(task, root, keys, ec, tuned.config.image_size, autoencoder=ae)
+    batches = heldout_batches(task, root, keys, ec, tuned.config.image_size, autoencoder=ae, device=device,
+                              encode_batch_size=cfg.encode_batch_size)
     with_lpips = lpips_available()
     values, preds = run_methods(methods, task, root, batches, ec, with_lpips, progress)
     summary = summarize(values)
@@ -353,19 +380,22 @@ def evaluate_finetune(cfg: FinetuneConfig, root: str | os.PathLike, checkpoint: 
                "seeds": f"item i of the {split} split: seed + i", "split": split, "context_images": ec.context_images,
                "target_images": ec.target_images, "test_items": len(values["fine-tuned"]["psnr"]),
                "lpips": with_lpips, "base": str(base) if base else "untrained (from scratch)",
-               "variant": tuned.config.variant}
+               "variant": tuned.config.variant, "device": str(device)}
     table = metrics_table(summary) + "\n" + paired_table(paired)
     context = torch.cat([b["images"][:, : ec.context_images] for b in batches])[:grid_items]
     truth = torch.cat([b["images"][:, ec.context_images:] for b in batches])[:grid_items]
     files = {
         "grid": save_grid(context, {k: v[:grid_items] for k, v in preds.items()}, truth, out / "grid.png"),
+        # Figs. 7-8: the given images, then the fine-tuned model's generations (no baselines, no truth)
+        "figure": save_grid(context, {"fine-tuned": preds["fine-tuned"][:grid_items]}, None, out / "figure.png"),
         "psnr_chart": save_bar_chart(summary, out / "psnr.png", f"{task}: held-out PSNR"),
     }
     report = {"task": task, "summary": summary, "paired": paired, "sampler": sampler, "sweep": sweep,
               "split": split, f"{split}_keys": keys,
               "per_item": {m: {k: v.tolist() for k, v in per.items()} for m, per in values.items()}}
     atomic_write_text(out / "metrics.json", [json.dumps(report, indent=1)])
-    grid_note = "rows: held-out items; columns: context | " + " | ".join(methods) + " | truth\n"
+    grid_note = ("grid.png rows: held-out items; columns: context | " + " | ".join(methods) + " | truth\n"
+                 "figure.png (as Figs. 7-8): context | fine-tuned\n")
     atomic_write_text(out / "table.md", [table, "\n", json.dumps(sampler), "\n\n", grid_note])
     files.update(metrics=out / "metrics.json", table=out / "table.md")
     return {**report, "table": table, "files": files}

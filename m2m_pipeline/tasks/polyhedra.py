@@ -142,11 +142,12 @@ def object_uid(index: int) -> str:
 
 
 def write_object(root: str | os.PathLike, index: int, seed: int = 0,
-                 settings: RenderSettings = RenderSettings(), overwrite: bool = False) -> Path:
-    """Render object `index` into `<root>/<uid>/`; a function of (seed, index) only, so any subset
-    can be (re)written in any order or process. The folder appears whole (renamed from a temp dir)."""
+                 settings: RenderSettings = RenderSettings(), overwrite: bool = False, uid: str | None = None) -> Path:
+    """Render object `index` into `<root>/<uid>/` (default uid `object_uid(index)`); a function of (seed, index)
+    only, so any subset can be (re)written in any order or process. The folder appears whole (renamed from a
+    temp dir)."""
     root = Path(root)
-    final = root / object_uid(index)
+    final = root / (uid or object_uid(index))
     if final.exists() and not overwrite:
         return final
     rng = np.random.default_rng([seed, index])
