@@ -34,6 +34,9 @@ from m2m_pipeline.rollout import RolloutConfig, rollout_context
 MetricsFn = Callable[[dict[str, float], int], None]
 RANK_SEED_STRIDE = 1_000_003  # objective generator of rank r: seed + r * stride (rank 0 keeps `seed`)
 VARIANTS = ("self", "dino")
+# fp16 loss-scale overflows in a row before training aborts: the GradScaler halves its scale at each (2^16 ->
+# 2^-24 after 40), so more are not the scale's doing
+MAX_SCALE_OVERFLOWS = 40
 # How TrainConfig.subset_sets picks the training sets (docs/training.md "Training subset"): whole feature shards in
 # a permutation seeded by TrainConfig.seed, taken until they hold at least subset_sets sets.
 SUBSET_RULE = "seeded-shard-draw"
@@ -548,8 +551,16 @@ class _Trainer:
         start = time.perf_counter()
         bar = tqdm(total=tc.steps, initial=step, desc=f"train m2m-{self.net.variant}",
                    disable=not (progress and acc.is_main_process))
+        overflows = 0
         while step < tc.steps:
             step_loss, grad_norm, bad_refs = self._step(stream, accum)
+            if bad_refs is None:  # fp16: the GradScaler skipped this update and lowered its scale; not bad data
+                overflows += 1
+                if overflows > MAX_SCALE_OVERFLOWS:
+                    raise FloatingPointError(f"{overflows} fp16 gradient overflows in a row at step {step + 1} "
+                                             f"(finite loss {step_loss}); train in bf16 or fp32")
+                continue
+            overflows = 0
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if not finite:
                 # A bad batch (NaN/inf in the data or the loss) is skipped, not learned from; persistent ones abort.
@@ -590,9 +601,10 @@ class _Trainer:
         final = self.save_final(state())
         return TrainResult(final, losses, step, seconds, skipped, resume_dir, stopped_early, subset)
 
-    def _step(self, stream: Any, accum: int) -> tuple[float, float, list[str]]:
+    def _step(self, stream: Any, accum: int) -> tuple[float, float, list[str] | None]:
         """Forward/backward over `accum` micro-batches and, if every rank's loss and the gradient are finite,
-        one optimizer update. Returns (global-batch loss, grad norm, refs of bad data); every rank agrees."""
+        one optimizer update. Returns (global-batch loss, grad norm, refs of bad data, None for an fp16 loss-scale
+        overflow); every rank agrees."""
         from accelerate.utils import gather_object
 
         acc, net = self.acc, self.net
@@ -622,6 +634,13 @@ class _Trainer:
         ok = torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(grad_norm, device=step_loss.device))
         ok = bool(acc.reduce(ok.float(), "min").item())  # all ranks take the same branch
         if not ok:
+            if acc.scaler is not None:
+                # fp16 (docs/training.md "Precision"): the GradScaler has to see the non-finite gradient: its step
+                # skips the update and lowers the scale (else the scale never drops, and the next unscale_ fails)
+                self.optimizer.step()
+                if math.isfinite(float(step_loss)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return float(step_loss), float("nan"), None
             self.optimizer.zero_grad(set_to_none=True)
             bad = [r for loss, rs in zip(micro_losses, refs) if not torch.isfinite(loss) for r in rs]
             if not bad and math.isfinite(float(step_loss)):

@@ -58,6 +58,33 @@ def test_plan_cli_on_the_paper_preset():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "8 x 4 -> 256" in proc.stdout and "240.8 TB" in proc.stdout and "MIS generation" in proc.stdout
     assert "5.3 GB / 771.6 MB" in proc.stdout and "DINO store chosen: online" in proc.stdout and "14 %" in proc.stdout
+    assert "= 35,157 | ceil(6,000,000 x 1 / 256) = 23,438 |" in proc.stdout  # Sec. 7.1.1's subsets, one epoch
+
+
+def test_the_plan_shows_each_variants_subset_and_steps(monkeypatch):
+    """Sec. 7.1.1 / Appendix A: M2M-Self 9M sets, M2M-DINO 6M, one epoch at 256; the steps derived per variant.
+    (The SD and DINOv2-giant FLOP counts, seconds on the meta device, are stubbed: they do not enter here.)"""
+    from m2m_pipeline import plan
+    from m2m_pipeline.data.config import get_preset
+    from m2m_pipeline.training import TrainConfig
+
+    monkeypatch.setattr(plan, "sd_generation_flops_per_image", lambda steps: {"unet": 1, "vae_decode": 1, "total": 2})
+    monkeypatch.setattr(plan, "dino_flops_per_image", lambda: 1)
+    result = plan.make_plan("tiny-latent", get_preset("paper"), TrainConfig.preset("paper"), Cluster(gpus=8))
+    runs = {v: result["variants"][v]["train"] for v in ("self", "dino")}
+    assert (runs["self"]["subset_sets"], runs["self"]["steps"]) == (9_000_000, 35_157)
+    assert (runs["dino"]["subset_sets"], runs["dino"]["steps"]) == (6_000_000, 23_438)
+    assert runs["self"]["rule"] == "seeded-shard-draw" and runs["self"]["seed"] == 0 and runs["self"]["epochs"] == 1
+    text = plan.format_plan(result)
+    assert "| training subset (Sec. 7.1.1: rule, seed) | 9,000,000 of 12,200,000 sets (seeded-shard-draw, seed 0) | " \
+           "6,000,000 of 12,200,000 sets (seeded-shard-draw, seed 0) |" in text
+    assert "| ceil(9,000,000 x 1 / 256) = 35,157 | ceil(6,000,000 x 1 / 256) = 23,438 |" in text
+    hours = {v: result["variants"][v]["train_gpu_hours"] for v in ("self", "dino")}
+    flops = {v: result["variants"][v]["train_flops"] for v in ("self", "dino")}
+    assert hours["self"] / hours["dino"] == pytest.approx(35_157 * flops["self"] / (23_438 * flops["dino"]))
+    with pytest.raises(ValueError, match="more than the 1,000 MIS sets"):
+        plan.make_plan("tiny-latent", get_preset("paper"), TrainConfig.preset("paper"), Cluster(gpus=8),
+                       plan.PlanInputs(num_sets=1000))
 
 
 def test_the_online_dino_store_reads_images_not_tokens():
