@@ -28,9 +28,20 @@ from dagster import (
     asset,
 )
 
-from m2m_pipeline.orchestration.assets import GPU_POOL, ProfileGraph, image_markdown, loss_plot, tracked_step
+from m2m_pipeline.orchestration.assets import (
+    GPU_POOL,
+    ProfileGraph,
+    image_markdown,
+    loss_plot,
+    tracked_step,
+)
 from m2m_pipeline.orchestration.profiles import RunProfile
-from m2m_pipeline.orchestration.resources import ComputeResource, DVCResource, M2MSettings, MLflowResource
+from m2m_pipeline.orchestration.resources import (
+    ComputeResource,
+    DVCResource,
+    M2MSettings,
+    MLflowResource,
+)
 
 TASKS = {"nvs": "camera", "procedure": "position"}
 DataSource = Literal["stand-in", "folder"]
@@ -313,7 +324,7 @@ def finetune_checkpoint_asset(profile: RunProfile, task: str) -> Any:
 
         ft = _finetune_config(profile, task, config)
         device = compute.resolved_device()
-        params = lambda r: {"task": ft.task, "preset": spec.preset, "device": device,  # noqa: E731
+        params = lambda r: {"task": ft.task, "preset": spec.preset, "device": device,
                             "steps": ft.train.steps, "batch_size": ft.train.batch_size, "lr": ft.train.lr,
                             "global_batch_size": ft.train.global_batch_size, "base": str(profile.models_dir / spec.base_dir),
                             "data": str(task_data_root(profile, r, task))}
@@ -358,7 +369,7 @@ def finetune_evaluation_asset(profile: RunProfile, task: str) -> Any:
         # the fine-tune's own config (its splits, sizes and eval settings); older outputs recorded none
         ft = (_with_eval_overrides(FinetuneConfig.from_dict(recorded), config) if recorded
               else _finetune_config(profile, task, config))
-        params = lambda r: {"task": ft.task, "steps": ft.eval.steps, "context_images": ft.eval.context_images,  # noqa: E731
+        params = lambda r: {"task": ft.task, "steps": ft.eval.steps, "context_images": ft.eval.context_images,
                             "target_images": ft.eval.target_images, "device": device}
         with tracked_step(profile, context, settings, mlflow, dvc, name, params, tags={"m2m.task": ft.task}) as step:
             r, out = step.r, step.r.path(paths[name])
@@ -380,6 +391,21 @@ def finetune_evaluation_asset(profile: RunProfile, task: str) -> Any:
             "seconds": round(time.perf_counter() - start, 1), "device": device, **step.metadata([out])})
 
     return evaluation
+
+
+# The smallest task run: one fine-tuning step of one example, one held-out item through one DDIM step (the paper
+# dry run, orchestration/dryrun.py). Its fixtures need DRYRUN_TASK_ITEMS objects / procedures (test + validation +
+# one training batch, and one to spare) of DRYRUN_TASK_STEPS steps (the paper preset's min_steps).
+DRYRUN_TASK_ITEMS, DRYRUN_TASK_STEPS = 4, 8
+
+
+def dryrun_task_ops(profile: RunProfile) -> dict[str, Any]:
+    """`ops:` run config sizing the profile's task steps for a dry run (FinetuneAssetConfig of each op)."""
+    train = {"steps": 1, "finetune": {"held_out": 1, "validation": 1},
+             "train": {"batch_size": 1, "global_batch_size": 1, "num_workers": 0, "checkpoint_every": 0}}
+    evaluate = {"eval_items": 1, "eval": {"steps": 1, "sweep_s_C": [7.5], "sweep_items": 1, "batch_size": 1}}
+    return {f"{profile.name}__{task}_{kind}": {"config": config} for task in TASKS
+            for kind, config in (("checkpoint", train), ("evaluation", evaluate))}
 
 
 def finetune_jobs(profile: RunProfile) -> list[Any]:

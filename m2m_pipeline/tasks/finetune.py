@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Subset
 
-from m2m_pipeline.network import M2MConfig, M2MUNet
 from m2m_pipeline.data.loader import collate_examples
+from m2m_pipeline.network import M2MConfig, M2MUNet
 from m2m_pipeline.tasks.batching import make_task_loader
 from m2m_pipeline.tasks.errors import TaskDataError
 from m2m_pipeline.tasks.objaverse import ObjaverseViews, list_objects, split_uids

@@ -29,7 +29,12 @@ from PIL import Image
 from m2m_pipeline.io import atomic_directory, atomic_write_bytes, atomic_write_text
 from m2m_pipeline.tasks.errors import TaskDataError
 from m2m_pipeline.tasks.images import to_uint8
-from m2m_pipeline.tasks.objaverse import VIEWS_PER_OBJECT, check_object, list_objects, load_views
+from m2m_pipeline.tasks.objaverse import (
+    VIEWS_PER_OBJECT,
+    check_object,
+    list_objects,
+    load_views,
+)
 from m2m_pipeline.tasks.vgsi import INDEX_NAME, list_procedures
 
 PREVIEW_SIZE = 64          # px per preview tile

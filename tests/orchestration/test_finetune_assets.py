@@ -83,7 +83,10 @@ def test_task_folder_settings_are_checked_when_the_config_resolves(tmp_path: Pat
 
 
 def test_asset_config_overrides_are_checked() -> None:
-    from m2m_pipeline.orchestration.finetune_assets import FinetuneAssetConfig, _finetune_config
+    from m2m_pipeline.orchestration.finetune_assets import (
+        FinetuneAssetConfig,
+        _finetune_config,
+    )
 
     ft = _finetune_config(PROFILES["paper"], "procedure", FinetuneAssetConfig(
         steps=1, finetune={"held_out": 1, "validation": 1}, train={"batch_size": 1, "global_batch_size": 1},
@@ -91,6 +94,29 @@ def test_asset_config_overrides_are_checked() -> None:
     assert (ft.train.steps, ft.train.batch_size, ft.held_out, ft.eval.steps, ft.eval.target_images) == (1, 1, 1, 1, 4)
     with pytest.raises(Failure, match=r"config\.train\.batch: not a TrainConfig field"):
         _finetune_config(PROFILES["paper"], "nvs", FinetuneAssetConfig(train={"batch": 1}))
+
+
+def test_dryrun_task_ops_validate_against_the_paper_job(defs) -> None:
+    """The op config the paper dry run gives the task steps is valid for m2m_paper_job and sizes them down."""
+    import yaml
+    from dagster import validate_run_config
+
+    from m2m_pipeline.orchestration.finetune_assets import (
+        DRYRUN_TASK_ITEMS,
+        DRYRUN_TASK_STEPS,
+        FinetuneAssetConfig,
+        _finetune_config,
+        dryrun_task_ops,
+    )
+    from m2m_pipeline.tasks.finetune import FinetuneConfig
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "m2m_pipeline/configs/paper.yaml").read_text())
+    ops = dryrun_task_ops(PROFILES["paper"])
+    assert validate_run_config(defs.resolve_job_def("m2m_paper_job"), {**config, "ops": ops})
+    ft = _finetune_config(PROFILES["paper"], "procedure",
+                          FinetuneAssetConfig(**ops["paper__procedure_checkpoint"]["config"]))
+    assert ft.train.steps == 1 and ft.held_out + ft.validation + ft.train.batch_size < DRYRUN_TASK_ITEMS
+    assert DRYRUN_TASK_STEPS >= FinetuneConfig.preset("paper", "position").min_steps
 
 
 def _base_and_autoencoder(project: Path, variant: str) -> None:
@@ -111,7 +137,10 @@ def _materializations(result) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_finetune_assets_materialize_on_smoke(project: Path) -> None:
-    from m2m_pipeline.orchestration.finetune_assets import TASK_DATA, build_finetune_assets
+    from m2m_pipeline.orchestration.finetune_assets import (
+        TASK_DATA,
+        build_finetune_assets,
+    )
 
     _base_and_autoencoder(project, TASK_DATA["smoke"].base_variant)
     result = materialize(build_finetune_assets(PROFILES["smoke"]), resources=resources_for(project, dvc_on=False),

@@ -12,8 +12,19 @@ import torch
 from PIL import Image
 
 from m2m_pipeline.network import M2MConfig, M2MUNet
-from m2m_pipeline.tasks import ObjaverseViews, ProcedureSteps, TaskDataError, list_objects, list_procedures
-from m2m_pipeline.tasks.finetune import FinetuneConfig, TaskFeatures, make_splits, task_dataset
+from m2m_pipeline.tasks import (
+    ObjaverseViews,
+    ProcedureSteps,
+    TaskDataError,
+    list_objects,
+    list_procedures,
+)
+from m2m_pipeline.tasks.finetune import (
+    FinetuneConfig,
+    TaskFeatures,
+    make_splits,
+    task_dataset,
+)
 from m2m_pipeline.tasks.folders import (
     objaverse_catalog,
     vgsi_catalog,
