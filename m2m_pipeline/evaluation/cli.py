@@ -8,7 +8,12 @@ import click
 
 from m2m_pipeline.cli_types import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from m2m_pipeline.evaluation.report import EVAL_PRESETS
-from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY, SCHEDULERS
+from m2m_pipeline.sampling import (
+    CONTEXT_POLICIES,
+    DEFAULT_POLICY,
+    PAPER_POLICY,
+    SCHEDULERS,
+)
 
 
 @click.command(short_help="Per-position FID, IS, CLIP and oracle metrics of a checkpoint on a test split.")

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m2m_pipeline.io import atomic_write_text, sha256_file
 from m2m_pipeline.evaluation.consistency import (
     attribute_consistency,
     caption_agreement,
@@ -42,7 +41,13 @@ from m2m_pipeline.evaluation.fid import (
     inception_score,
     inception_score_from_logits,
 )
-from m2m_pipeline.sampling import CONTEXT_POLICIES, DEFAULT_POLICY, PAPER_POLICY, context_policy
+from m2m_pipeline.io import atomic_write_text, sha256_file
+from m2m_pipeline.sampling import (
+    CONTEXT_POLICIES,
+    DEFAULT_POLICY,
+    PAPER_POLICY,
+    context_policy,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,14 @@ def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_
     so its bytes are checked against its manifest before any of its sets is evaluated. The sets come back in
     shard order (set i samples with seed + i in the protocol)."""
     from m2m_pipeline.data.loader import expand_shards
-    from m2m_pipeline.data.shards import decode_json, decode_npy, decode_text, manifest_path, read_manifest, read_samples
+    from m2m_pipeline.data.shards import (
+        decode_json,
+        decode_npy,
+        decode_text,
+        manifest_path,
+        read_manifest,
+        read_samples,
+    )
 
     urls = expand_shards(shards)
     listed: list[list[str]] = []

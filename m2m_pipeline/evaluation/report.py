@@ -23,7 +23,6 @@ from m2m_pipeline.evaluation.learnability import SamplingSweep
 from m2m_pipeline.io import atomic_write_bytes, sha256_file
 from m2m_pipeline.sampling import DEFAULT_POLICY, PAPER_POLICY, context_policy
 
-
 SCORERS = ("oracle", "paper")  # EvalSpec.scorers
 
 

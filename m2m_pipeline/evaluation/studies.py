@@ -99,7 +99,7 @@ def clip_consistency(net, autoencoder, clip, context: torch.Tensor, references: 
     (set b still samples with spec.seed + b, so the images equal one `continue_sets` call); only embeddings
     are kept. Returns ((num_images,) mean over sets, decoded pixels (keep, num_images, 3, H, W) or None)."""
     scores, kept = [], []
-    decode = lambda z: autoencoder.decode(z.flatten(0, 1).to(net.device)).unflatten(0, z.shape[:2]).float().cpu()  # noqa: E731
+    decode = lambda z: autoencoder.decode(z.flatten(0, 1).to(net.device)).unflatten(0, z.shape[:2]).float().cpu()
     for start in range(0, context.shape[0], batch_size):
         part = SamplingSpec(**{**spec.to_dict(), "seed": spec.seed + start})
         z = continue_sets(net, context[start : start + batch_size], num_images, part, context_encoder=context_encoder)

@@ -239,7 +239,7 @@ class M2MSettings(ConfigurableResource):
 
         field = "resources.settings.config"
         need = f"the {profile.name!r} profile's evaluation (EvalSpec.scorers 'paper') needs it"
-        absolute = lambda value: Path(value) if Path(value).is_absolute() else root / value  # noqa: E731
+        absolute = lambda value: Path(value) if Path(value).is_absolute() else root / value
         if not self.inception_weights:
             raise Failure(f"{field}.inception_weights: not set; {need} (clean-fid's {INCEPTION_FILE})")
         inception = absolute(self.inception_weights)

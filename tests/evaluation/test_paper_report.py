@@ -185,3 +185,23 @@ def test_evaluate_report_paper_from_the_terminal(tiny_checkpoint, tiny_test_spli
     assert from_cli["table1"] == json.loads(json.dumps(direct["table1"]))
     assert from_cli["report"]["per_position"] == json.loads(json.dumps(direct["report"]["per_position"]))
     assert from_cli["test_sets"] == direct["test_sets"]
+
+
+def test_evaluation_asset_call_builds_the_paper_scorers_from_resolved(tiny_checkpoint, tiny_test_split,
+                                                                      inception_file, small_clip, tmp_path,
+                                                                      monkeypatch, cheap_fid):
+    """orchestration.evaluation.evaluate_variant (what the report asset runs) hands the settings' resolved
+    Inception and CLIP files to the library; the oracle stays unimportable throughout."""
+    from m2m_pipeline.data import get_preset
+    from m2m_pipeline.orchestration.evaluation import evaluate_variant
+    from m2m_pipeline.orchestration.profiles import PROFILES
+    from m2m_pipeline.orchestration.resources import ComputeResource, Resolved
+
+    monkeypatch.setitem(sys.modules, "m2m_pipeline.evaluation.oracle", None)
+    r = Resolved(profile=PROFILES["paper"], root=tmp_path, mis=get_preset("tiny"), net_preset="tiny",
+                 train_preset="tiny", train_overrides={}, eval=TINY_PAPER, caption_source="shapes",
+                 inception_weights=inception_file, clip_model=small_clip.model, clip_pretrained=None)
+    res = evaluate_variant(r, "self", tiny_checkpoint, tiny_test_split, None, tmp_path / "out",
+                           ComputeResource(device="cpu"))
+    assert res["kind"] == "paper" and list(res["table1"]) == ["FID", "IS", "CLIP-T", "CLIP-I"]
+    assert res["report"]["provenance"]["fid"]["weights"] == str(inception_file)

@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m2m_pipeline.data.shards import DeterministicTarWriter, ShardError, dump_fp16, shard_name, write_manifest
+from m2m_pipeline.data.shards import (
+    DeterministicTarWriter,
+    ShardError,
+    dump_fp16,
+    shard_name,
+    write_manifest,
+)
 from m2m_pipeline.evaluation.protocol import keys_digest, load_test_sets
 
 SHARDS, PER_SHARD = 6, 10
