@@ -37,14 +37,15 @@ VARIANTS = ("self", "dino")
 # fp16 loss-scale overflows in a row before training aborts: the GradScaler halves its scale at each (2^16 ->
 # 2^-24 after 40), so more are not the scale's doing
 MAX_SCALE_OVERFLOWS = 40
-# How TrainConfig.subset_sets picks the training sets (docs/training.md "Training subset"): whole feature shards in
+# How TrainConfig.subset_sets picks the training sets (docs/training.md "Training length"): whole feature shards in
 # a permutation seeded by TrainConfig.seed, taken until they hold at least subset_sets sets.
 SUBSET_RULE = "seeded-shard-draw"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000                 # optimizer steps (applied updates; skipped non-finite steps do not count)
+    steps: int = 1000                 # optimizer steps (applied updates; skipped non-finite steps do not count);
+                                      # derived when epochs > 0 (give 0 there)
     # Sec. 7.1.1: each variant trains on a subset of MIS (M2M-Self 9M sets, M2M-DINO 6M): 0 every set of the
     # training shards; n: a seeded draw of shards holding n sets (SUBSET_RULE); {"self": n, "dino": m}: per variant.
     subset_sets: int | dict[str, int] = 0
@@ -290,7 +291,7 @@ def draw_subset(shards: Any, subset_sets: int, seed: int) -> tuple[Any, dict[str
     total = sum(e[1] for e in entries)
     if subset_sets > total:
         raise ValueError(f"TrainConfig.subset_sets={subset_sets:,}: the {len(urls)} training shards ({urls[0]} ...) hold "
-                         f"only {total:,} sets")
+                         f"only {total:,} sets; ask for fewer, or subset_sets=0 for all of them")
     by_name = sorted(entries)
     if subset_sets:
         order = list(by_name)
