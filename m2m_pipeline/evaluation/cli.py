@@ -43,6 +43,8 @@ from m2m_pipeline.sampling import (
               help="Scheduler (protocol: ddim); dpm++: DPM-Solver++.")
 @click.option("--guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Guidance scale s of Eq. 6 (protocol: 7.5).")
 @click.option("--seed", type=NON_NEGATIVE_INT, default=None, help="Set i samples with seed + i (protocol: 0).")
+@click.option("--draw-seed", type=NON_NEGATIVE_INT, default=0, show_default=True,
+              help="Seed of the random draw of --sets test sets (with --report: the preset's draw_seed).")
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="Sets sampled together (memory only).")
 @click.option("--unconditional", is_flag=True, help="Drop the image condition (W = 0): a chance-level baseline.")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="Local SD folder (latent checkpoints).")
@@ -66,7 +68,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
              num_sets: int | None, context_images: int | None, generated_images: int | None, policy: str,
              window: int | None,
              anchors: int | None, steps: int | None, sampler: str | None, guidance: float | None, seed: int | None,
-             batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
+             draw_seed: int, batch_size: int | None, unconditional: bool, vae: Path | None, dino: Path | None, out: Path | None,
              quiet: bool, report_preset: str | None, validation_shards: Path | None, report_dir: Path) -> None:
     """Run the evaluation protocol (Sec. 8.4) on CHECKPOINT over the test shards and print the table."""
     if report_preset is not None:
@@ -120,7 +122,7 @@ def evaluate(checkpoint: Path, test_shards: str, oracle_dir: Path | None, fid_fe
     except WeightsNotFoundError as err:
         raise click.ClickException(f"{err}\n(offline evaluation: pass --oracle DIR and --fid-features oracle)") from err
 
-    sets = load_test_sets(test_shards, config.num_sets, config.context_images)
+    sets = load_test_sets(test_shards, config.num_sets, config.context_images, seed=draw_seed)
     try:
         bundle.check_cache(sets.shards)  # test latents / tokens of other encoders would be judged wrongly
     except ValueError as err:

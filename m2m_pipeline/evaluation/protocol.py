@@ -1,7 +1,8 @@
 """The evaluation protocol of Sec. 8.4 (design-notes 8) on a checkpoint and a test split.
 
-Per test set: the first `context_images` images (index order) are the preceding images; `generated_images`
-images are generated autoregressively after them with `sampling.generate`. Per position n = 1..K:
+The test sets are drawn at random with a recorded seed (`load_test_sets`). Per test set: the first
+`context_images` images (index order) are the preceding images; `generated_images` images are generated
+autoregressively after them with `sampling.generate`. Per position n = 1..K:
 - FID: n-th generated image of every set vs the *first* preceding image of every set;
 - IS of the n-th generated images;
 - CLIP text-image vs the set's caption, image-image vs the set's preceding images (mean over them);
@@ -9,6 +10,8 @@ images are generated autoregressively after them with `sampling.generate`. Per p
   caption agreement.
 Each metric is reported per position and as mean +- std (population std) over the K positions, with a
 provenance record saying exactly how it was measured.
+`run_paper_protocol` is Table 1's path at the paper's scale (Inception FID / IS and CLIP only, streamed batch
+by batch: docs/evaluation.md "The paper report").
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The evaluation report of a checkpoint (issue 13: the library owns every result): the Sec. 8.4 protocol
 (per-position FID / IS / CLIP / oracle consistency), the studies behind the paper's figures (drift over 25
 images, number of preceding images, zero-shot real photographs), the learnability verdict, and sampling speed.
+Two kinds (EvalSpec.scorers): "oracle", the shapes world's; "paper", Table 1 with Inception FID / IS and CLIP
+(no oracle, no verdict, no photographs).
 
 `evaluate_checkpoint` is the one entry point: the Dagster evaluation assets call it and only add metadata,
 MLflow and DVC; `m2m evaluate --report PRESET` calls it from a terminal. `EVAL_PRESETS` holds each profile's

@@ -205,3 +205,37 @@ def test_evaluation_asset_call_builds_the_paper_scorers_from_resolved(tiny_check
                            ComputeResource(device="cpu"))
     assert res["kind"] == "paper" and list(res["table1"]) == ["FID", "IS", "CLIP-T", "CLIP-I"]
     assert res["report"]["provenance"]["fid"]["weights"] == str(inception_file)
+
+
+class _RecordingRun:
+    """What _log_report calls on an MLflow run."""
+
+    def __init__(self):
+        self.metrics, self.params, self.artifacts = {}, {}, []
+
+    def log_metrics(self, values, step=None):
+        self.metrics.update({(k, step): v for k, v in values.items()})
+
+    def log_params(self, values):
+        self.params.update(values)
+
+    def log_artifact(self, path):
+        self.artifacts.append(str(path))
+
+
+def test_report_asset_metadata_and_mlflow_for_the_paper_kind(tiny_checkpoint, tiny_test_split, inception_file,
+                                                              small_clip, tmp_path, cheap_fid):
+    """The report asset's metadata and MLflow logging take the paper report (no position1 / verdict)."""
+    from m2m_pipeline.orchestration.assets import _log_report, _report_metadata
+
+    res = evaluate_checkpoint(tiny_checkpoint, tiny_test_split, None, tmp_path, TINY_PAPER,
+                              inception_weights=inception_file, clip_model=small_clip.model)
+    meta = _report_metadata(res, TINY_PAPER, "self")
+    assert "| M2M-self |" in meta["table1"].value and "position1" not in meta
+    assert {"FID_mean", "IS_mean", "CLIP-T_mean", "CLIP-I_mean", "draw_seed", "candidate_sets"} <= set(meta)
+    assert all("data:image/png;base64," in meta[k].value for k in ("grid", "fid", "clip_image_image", "drift"))
+    run = _RecordingRun()
+    _log_report(run, res, tmp_path)
+    assert ("table1/FID_mean", None) in run.metrics and ("eval/clip_image_image", 2) in run.metrics
+    assert ("drift/clip_image_image", 3) in run.metrics and run.params["test_sets.seed"] == 3
+    assert str(tmp_path / "report.json") in run.artifacts
