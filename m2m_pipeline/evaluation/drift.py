@@ -191,6 +191,7 @@ def run_drift(checkpoint: str | Path, test_shards: Any, oracle_dir: str | Path, 
         result = drift_study(bundle.net, bundle.autoencoder, bundle.context_encoder, test.latents,
                              attribute_targets(test.attributes), oracle, oracle_feature_network(oracle), chosen,
                              spec, progress=progress)
-    result.update(checkpoint=str(checkpoint), variant=bundle.net.config.variant, keys=test.keys)
+    result.update(checkpoint=str(checkpoint), variant=bundle.net.config.variant, keys=test.keys,
+                  test_sets=test.draw)  # drawn at random with a recorded seed (protocol.load_test_sets)
     result["files"] = {k: str(v) for k, v in write_drift(result, out, f"M2M-{bundle.net.config.variant}").items()}
     return result

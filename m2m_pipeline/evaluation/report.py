@@ -245,8 +245,8 @@ def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: 
        set's preceding images, mean), 100 x cosine; mean +- std over positions = the `table1` row.
     2. Drift: CLIP image-image consistency by position over drift_images images (drift_sets sets).
     3. Fig. 6: CLIP image-image consistency of the first generated image after k = context_counts preceding
-       images, against the same references for every k (the set's first max(context_counts, context_images)
-       preceding images), the same seeds, so only k changes.
+       images, against the same references for every k (the set's first max(context_images, max(context_counts))
+       images), the same seeds, so only k changes.
     4. Fig. 4: a grid of preceding | generated images; one plot of each metric vs n.
     """
     from m2m_pipeline.evaluation import protocol, studies
