@@ -77,6 +77,7 @@ def profile_jobs(profile: RunProfile) -> list[Any]:
                          selection=key(*oracle, "m2m_self_evaluation_report", "m2m_dino_evaluation_report",
                                        *(["learnability"] if profile.shapes_world else []), "sampling_benchmark"),
                          executor_def=executor, tags=tags,
-                         description="Oracle, protocol metrics and studies per model, the learnability verdict and "
+                         description="Protocol metrics and studies per model (Table 1's scorers on the paper "
+                                     "profile; the oracle and the learnability verdict in the shapes world) and "
                                      "the sampling benchmark (Fig. 9)."),
     ]
