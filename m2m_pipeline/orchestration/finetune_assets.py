@@ -42,6 +42,7 @@ from m2m_pipeline.orchestration.resources import (
     M2MSettings,
     MLflowResource,
 )
+from m2m_pipeline.tasks.folders import FIXTURE_ITEMS, FIXTURE_STEPS
 
 TASKS = {"nvs": "camera", "procedure": "position"}
 DataSource = Literal["stand-in", "folder"]
@@ -394,9 +395,9 @@ def finetune_evaluation_asset(profile: RunProfile, task: str) -> Any:
 
 
 # The smallest task run: one fine-tuning step of one example, one held-out item through one DDIM step (the paper
-# dry run, orchestration/dryrun.py). Its fixtures need DRYRUN_TASK_ITEMS objects / procedures (test + validation +
-# one training batch, and one to spare) of DRYRUN_TASK_STEPS steps (the paper preset's min_steps).
-DRYRUN_TASK_ITEMS, DRYRUN_TASK_STEPS = 4, 8
+# dry run, orchestration/dryrun.py), on the fixtures' default sizes (tasks/folders.py FIXTURE_ITEMS /
+# FIXTURE_STEPS: test + validation + one training batch and one to spare; the paper preset's min_steps).
+DRYRUN_TASK_ITEMS, DRYRUN_TASK_STEPS = FIXTURE_ITEMS, FIXTURE_STEPS
 
 
 def dryrun_task_ops(profile: RunProfile) -> dict[str, Any]:

@@ -4,10 +4,12 @@ on-disk layout so every held-out image has ground truth. A library: no orchestra
 
 from m2m_pipeline.tasks.cameras import camera_condition, flatten_extrinsics, relative_extrinsics
 from m2m_pipeline.tasks.errors import MetricWeightsNotFoundError, TaskDataError
+from m2m_pipeline.tasks.folders import write_objaverse_fixture, write_vgsi_fixture
 from m2m_pipeline.tasks.objaverse import ObjaverseViews, list_objects, split_uids
 from m2m_pipeline.tasks.vgsi import ProcedureSteps, list_procedures
 
 __all__ = [
     "MetricWeightsNotFoundError", "ObjaverseViews", "ProcedureSteps", "TaskDataError", "camera_condition",
     "flatten_extrinsics", "list_objects", "list_procedures", "relative_extrinsics", "split_uids",
+    "write_objaverse_fixture", "write_vgsi_fixture",
 ]

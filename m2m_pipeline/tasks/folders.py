@@ -40,6 +40,10 @@ from m2m_pipeline.tasks.vgsi import INDEX_NAME, list_procedures
 PREVIEW_SIZE = 64          # px per preview tile
 PREVIEW_ITEMS = 4          # objects / procedures shown in a preview
 FIXTURE_JPEG_QUALITY = 90  # wikiHow step photos are JPEG
+# Default fixture sizes: enough items for a test, a validation and a training item of one example each, plus
+# one (the smallest split the fine-tune accepts), and as many steps as the paper preset's examples need
+# (FinetuneConfig.preset("paper", "position").min_steps).
+FIXTURE_ITEMS, FIXTURE_STEPS = 4, 8
 
 
 def keys_digest(keys: list[str]) -> str:
@@ -115,7 +119,7 @@ def fixture_uid(seed: int, index: int) -> str:
     return hashlib.sha256(f"objaverse-fixture/{seed}/{index}".encode()).hexdigest()[:32]
 
 
-def write_objaverse_fixture(root: str | os.PathLike, objects: int, views: int = VIEWS_PER_OBJECT,
+def write_objaverse_fixture(root: str | os.PathLike, objects: int = FIXTURE_ITEMS, views: int = VIEWS_PER_OBJECT,
                             image_size: int = 256, seed: int = 0) -> list[str]:
     """`objects` objects in Zero-1-to-3's layout under `root`: `<uid>/NNN.png` (RGBA on a transparent
     background, `image_size` px: Zero-1-to-3 renders 256) and `<uid>/NNN.npy` ((3, 4) float32 world-to-camera),
@@ -131,7 +135,8 @@ def write_objaverse_fixture(root: str | os.PathLike, objects: int, views: int = 
     return [write_object(root, i, seed, settings, uid=fixture_uid(seed, i)).name for i in range(objects)]
 
 
-def write_vgsi_fixture(root: str | os.PathLike, procedures: int, steps: int = 8, image_size: int = 256,
+def write_vgsi_fixture(root: str | os.PathLike, procedures: int = FIXTURE_ITEMS, steps: int = FIXTURE_STEPS,
+                       image_size: int = 256,
                        seed: int = 0) -> list[str]:
     """`procedures` procedures in the VGSI index layout under `root`: `images/<article>/<method>/step_KK.jpg`
     (4:3 JPEG photos, `image_size` px high, as wikiHow's; the reader centre-crops them back to the square
