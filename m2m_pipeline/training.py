@@ -164,14 +164,15 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:
-        """A named preset with field overrides. Steps given explicitly win over a preset's epochs (they become 0:
-        train that many steps on the subset); otherwise a preset's epoch steps are re-derived from the overridden
-        subset_sets / epochs / global_batch_size."""
+        """A named preset with field overrides. Steps given explicitly replace a preset's epoch arithmetic: its
+        epochs become 0 and, unless subset_sets is given too, so does its subset (that many steps on every set of
+        the data: a dry run, a fine-tune on task data); otherwise a preset's epoch steps are re-derived from the
+        overridden subset_sets / epochs / global_batch_size."""
         if name not in TRAIN_PRESETS:
             raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
         base = TRAIN_PRESETS[name]
         if "steps" in overrides and "epochs" not in overrides:
-            overrides = {**overrides, "epochs": 0}
+            overrides = {"subset_sets": 0, **overrides, "epochs": 0} if base.epochs else overrides
         elif "steps" not in overrides and overrides.get("epochs", base.epochs):
             overrides = {**overrides, "steps": 0}
         return dataclasses.replace(base, **overrides)

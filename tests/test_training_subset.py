@@ -50,9 +50,11 @@ def test_the_paper_preset_derives_each_variants_steps():
     assert TrainConfig.preset("paper", epochs=2).for_variant("dino").steps == 46_875
     assert TrainConfig.preset("paper", global_batch_size=512).for_variant("self").steps == 17_579
     assert TrainConfig.preset("paper", subset_sets=1000).steps == 4
-    # typed steps win over the epochs (and say so: epochs 0), the subset stays
+    # typed steps replace the epoch arithmetic (and say so: epochs 0) and its subset, unless one is given too
     quick = TrainConfig.preset("paper", steps=30).for_variant("self")
-    assert (quick.steps, quick.epochs, quick.subset_sets) == (30, 0, 9_000_000)
+    assert (quick.steps, quick.epochs, quick.subset_sets) == (30, 0, 0)
+    capped = TrainConfig.preset("paper", steps=30, subset_sets={"self": 90, "dino": 60}).for_variant("dino")
+    assert (capped.steps, capped.epochs, capped.subset_sets) == (30, 0, 60)
     # the checkpoint's train_config reloads to the same config
     assert TrainConfig(**self_.to_dict()) == self_
     # the CPU presets keep their step counts
