@@ -262,7 +262,7 @@ def generate(
     seeds = _check_inputs(cfg, context, num_images, context_encoder, task_cond, task_guidance_scale, seed)
     b, n_c, c, h, w = context.shape
     device, dtype = net.device, net.dtype
-    amp = lambda: autocast_context(device, precision)  # noqa: E731  (around network calls only)
+    amp = lambda: autocast_context(device, precision)  # around the network calls only
     encode = context_encoder or (lambda z: z)
     br = Branches.build(b, cfg.task != "none", guidance_scale, task_guidance_scale, device)
     reps: list[torch.Tensor] = []   # per image: what the network attends to, (B, 1, ...)

@@ -505,9 +505,7 @@ class _Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, data: Any, *, on_metrics: MetricsFn | None, progress: bool,
             resume_from: str | os.PathLike | None) -> TrainResult:
-        from m2m_pipeline.data.stream import BatchStream
-
-        from m2m_pipeline.data.stream import is_shard_source
+        from m2m_pipeline.data.stream import BatchStream, is_shard_source
 
         acc, tc = self.acc, self.tc
         accum = tc.accumulation(acc.num_processes)

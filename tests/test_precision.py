@@ -4,7 +4,6 @@ finite outputs, float32 is the identity, float16 on CPU is refused; compute.dtyp
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +52,7 @@ def test_bf16_sampling_is_finite_and_float32_is_unchanged(variant):
     proj = torch.randn(cfg.in_channels * cfg.sample_size ** 2, cfg.dino_tokens * cfg.dino_dim) * 0.01
     encoder = None if variant == "self" else (lambda z: (z.flatten(1) @ proj.to(z.dtype)).view(
         z.shape[0], cfg.dino_tokens, cfg.dino_dim))
-    common = dict(context_encoder=encoder, steps=3, guidance_scale=2.0, seed=0, progress=False)
+    common = {"context_encoder": encoder, "steps": 3, "guidance_scale": 2.0, "seed": 0, "progress": False}
     plain = generate(net, context, 2, **common)
     fp32 = generate(net, context, 2, precision="float32", **common)
     bf16 = generate(net, context, 2, precision="bfloat16", **common)
