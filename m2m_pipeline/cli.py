@@ -118,7 +118,8 @@ def train(preset: str, variant: str, data: str, out_dir: Path, steps: int | None
     overrides = {k: v for k, v in options.items() if v is not None}
     if grad_accum is not None and global_batch_size is None:
         overrides["global_batch_size"] = 0  # an explicit accumulation wins over the preset's global batch
-    train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides)
+    # this variant's own subset and derived steps (the paper: 9 M sets for Self, 6 M for DINO)
+    train_cfg = TrainConfig.preset(_base_preset(preset), seed=seed, **overrides).for_variant(variant)
     shards = _procedural_features(preset, out_dir / "data") if data == "procedural" else data
     try:
         net = initial_network(init_from, net_cfg, from_scratch)

@@ -56,7 +56,7 @@ class CocoZeroShotSpec:
         return cls(sets=CocoSetsConfig(views=ev.context_images, seed=seed,
                                        max_sets=ev.coco_sets if max_sets is None else max_sets, **sets),
                    sampling=SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
-                                         anchors=ev.anchors, seed=seed),
+                                         anchors=ev.anchors, seed=seed, precision=ev.precision),
                    generated_images=ev.zero_shot_images)
 
 

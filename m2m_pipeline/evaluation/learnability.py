@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from m2m_pipeline.evaluation.oracle import attribute_targets
 from m2m_pipeline.evaluation.protocol import ProtocolConfig, TestSets, generate_for_protocol
 from m2m_pipeline.evaluation.studies import LEARNABILITY_TARGETS, oracle_consistency
 
@@ -41,6 +40,8 @@ def position1_consistency(net, autoencoder, sets: TestSets, oracle, *, context_i
                           guidance_scale: float, window: int | None, seed: int = 0, unconditional: bool = False,
                           context_encoder: Callable | None = None, sampler: str = "ddim") -> dict[str, float]:
     """Oracle consistency of the first image generated after each set's first `context_images` images."""
+    from m2m_pipeline.evaluation.oracle import attribute_targets  # shapes world only: paper runs never load it
+
     cfg = ProtocolConfig(context_images=context_images, generated_images=1, window=window, steps=steps,
                          guidance_scale=guidance_scale, seed=seed, unconditional=unconditional, sampler=sampler)
     context = dataclasses.replace(sets, latents=sets.latents[:, :context_images])

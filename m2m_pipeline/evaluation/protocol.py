@@ -69,6 +69,7 @@ class ProtocolConfig:
     batch_size: int = 16              # sets sampled together (memory only; results do not depend on it)
     unconditional: bool = False       # drop the image condition (window 0): consistency should sit at chance
     is_splits: int = 1                # Inception Score splits per position
+    precision: str = "float32"        # autocast of the network calls while sampling (compute.dtype; scores in fp32)
 
     @classmethod
     def paper(cls, **overrides: Any) -> ProtocolConfig:
@@ -255,7 +256,7 @@ def _generated_batches(net, autoencoder, test_sets: TestSets, config: ProtocolCo
         seeds = [config.seed + i for i in range(start, start + len(context))]
         z = generate(net, context, config.generated_images, context_encoder=context_encoder, steps=config.steps,
                      guidance_scale=config.guidance_scale, window=window, anchors=config.anchors, seed=seeds,
-                     sampler=config.sampler, progress=False)  # (b, K, C, H, W)
+                     sampler=config.sampler, progress=False, precision=config.precision)  # (b, K, C, H, W)
         yield start, context, _decode(autoencoder, z)
 
 

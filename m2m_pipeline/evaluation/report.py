@@ -38,6 +38,9 @@ class EvalSpec:
     # Which earlier images each generated image sees (sampling.CONTEXT_POLICIES): DEFAULT_POLICY, anchors-4
     # (issue 15); the paper preset keeps the paper's W = 4 sliding window (PAPER_POLICY) to reproduce its table.
     context_policy: str = DEFAULT_POLICY
+    # Autocast of the network calls while sampling (m2m_pipeline/precision.py): the evaluation assets pass the
+    # run's compute.dtype; scorers (Inception, CLIP, oracle) always run in float32.
+    precision: str = "float32"
     drift_images: int = 25                # images generated in the drift study (consistency by position)
     drift_sets: int = 8                   # test sets of the drift study
     context_counts: tuple[int, ...] = (1, 2, 3, 4)  # preceding images in the Fig. 6 study
@@ -98,13 +101,14 @@ EVAL_PRESETS: dict[str, EvalSpec] = {
     "paper": EvalSpec(num_sets=10_000, context_images=4, generated_images=10, steps=50, guidance_scale=7.5,
                       context_policy=PAPER_POLICY, drift_sets=64, benchmark_images=2, benchmark_steps=50,
                       scorers="paper"),
-    # `make paper-dryrun`: every evaluation step once at the paper's shapes, two sets (FID needs two), one DDIM step
-    # (orchestration/dryrun.py); nothing it reports is a result.
-    "dryrun": EvalSpec(num_sets=2, context_images=4, generated_images=1, steps=1, guidance_scale=7.5,
-                       drift_images=2, drift_sets=1, context_counts=(1,), zero_shot_images=1, benchmark_contexts=(1,),
-                       benchmark_images=1, benchmark_steps=1, benchmark_repeats=1, autoencoder_min_accuracy=None,
-                       scorers="paper"),
 }
+# `make paper-dryrun`: the paper preset (its scorers, W = 4 policy, guidance) with every size cut to a few seconds:
+# two sets (FID needs two), two positions (so mean +- std has two values), one DDIM step per study
+# (orchestration/dryrun.py); nothing it reports is a result.
+EVAL_PRESETS["dryrun"] = dataclasses.replace(
+    EVAL_PRESETS["paper"], num_sets=2, generated_images=2, steps=1, drift_images=2, drift_sets=1,
+    context_counts=(1,), zero_shot_images=1, coco_sets=2, benchmark_contexts=(1,), benchmark_images=1,
+    benchmark_steps=1, benchmark_repeats=1, autoencoder_min_accuracy=None)
 
 
 def _decode(autoencoder: Any, z: torch.Tensor) -> torch.Tensor:
@@ -187,10 +191,10 @@ def _oracle_report(bundle: Any, checkpoint: Path, test_dir: Path, oracle_dir: Pa
     targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
     scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))
     spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
-                                anchors=ev.anchors, seed=seed)
+                                anchors=ev.anchors, seed=seed, precision=ev.precision)
     cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
                                   window=ev.window, anchors=ev.anchors, steps=ev.steps,
-                                  guidance_scale=ev.guidance_scale, seed=seed)
+                                  guidance_scale=ev.guidance_scale, seed=seed, precision=ev.precision)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     timed = _timer(timings)
@@ -263,10 +267,10 @@ def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: 
     bundle.check_cache(shards)
     test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
     spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
-                                anchors=ev.anchors, seed=seed)
+                                anchors=ev.anchors, seed=seed, precision=ev.precision)
     cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
                                   window=ev.window, anchors=ev.anchors, steps=ev.steps,
-                                  guidance_scale=ev.guidance_scale, seed=seed)
+                                  guidance_scale=ev.guidance_scale, seed=seed, precision=ev.precision)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     timed = _timer(timings)

@@ -32,6 +32,7 @@ class SamplingSpec:
     window: int | None = None        # context window W (None: every preceding image)
     anchors: int = 0                 # first images always kept in the window (sampling.window_indices)
     seed: int = 0                    # set b uses seed + b; image k of a set depends on (seed + b, k) only
+    precision: str = "float32"       # autocast of the network calls (m2m_pipeline/precision.py; compute.dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +45,8 @@ def continue_sets(net, context: torch.Tensor, num_images: int, spec: SamplingSpe
     b = context.shape[0]
     return generate(net, context.to(net.device), num_images, context_encoder=context_encoder, steps=spec.steps,
                     guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
-                    window=spec.window, anchors=spec.anchors, seed=[spec.seed + i for i in range(b)], progress=progress).cpu()
+                    window=spec.window, anchors=spec.anchors, seed=[spec.seed + i for i in range(b)], progress=progress,
+                    precision=spec.precision).cpu()
 
 
 def context_count_sweep(net, context: torch.Tensor, spec: SamplingSpec, counts: Sequence[int] = (1, 2, 3, 4), *,

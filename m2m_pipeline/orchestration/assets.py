@@ -9,6 +9,7 @@ re-materialized alone, from the UI, the CLI or `dvc repro`, without an IO manage
 
 
 import base64
+import dataclasses
 import io
 import json
 import time
@@ -753,7 +754,7 @@ def coco_zero_shot_asset(g: ProfileGraph) -> Any:
             for v, ckpt in checkpoints.items():
                 if not (ckpt / "model.safetensors").exists():
                     raise FileNotFoundError(f"no checkpoint at {ckpt}; materialize m2m_{v}_checkpoint first")
-            spec = CocoZeroShotSpec.from_eval(r.eval, config.seed)
+            spec = CocoZeroShotSpec.from_eval(dataclasses.replace(r.eval, precision=compute.dtype), config.seed)
             sets = load_coco_sets(r.coco_dir, r.coco_split, spec.sets)  # one draw: both variants see the same sets
             device = compute.resolved_device()
             scorer = None

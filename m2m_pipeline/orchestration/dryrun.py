@@ -96,8 +96,8 @@ def split_captions(test_fraction: float, validation_fraction: float) -> list[str
 
 
 # Where the dry run writes what the paper run config names (paths relative to the dry run's repo root)
-INCEPTION_FILE = "models/inception/inception-2015-12-05.pt"
-CLIP_DIR = "models/open_clip"
+INCEPTION_DIR = "models/inception"  # clean-fid's file inception-2015-12-05.pt inside
+CLIP_DIR = "models/clip/dryrun"
 COCO_DIR, OBJAVERSE_DIR, VGSI_DIR, DVC_DIR = "data/coco", "data/objaverse", "data/vgsi", ".state/dvc"
 
 
@@ -124,13 +124,22 @@ def prepare(root: Path, scale: str) -> None:
 
 
 def _prepare_scorers(root: Path, scale: str) -> None:
-    """Inception (clean-fid's TorchScript file) and CLIP (open_clip) on random weights, in their released layouts."""
+    """Inception (clean-fid's TorchScript file) and CLIP (open_clip) on random weights, in their released layouts;
+    CLIP's settings (model name or local-dir, weights file) are recorded beside it for the run config."""
+    from m2m_pipeline.evaluation.fid import INCEPTION_FILE
     from m2m_pipeline.reference_layouts import build_inception, build_open_clip
 
-    if not (root / INCEPTION_FILE).exists():
-        build_inception(root / INCEPTION_FILE, scale=scale)
-    if not (root / CLIP_DIR).exists():
-        build_open_clip(root / CLIP_DIR, scale=scale)
+    if not (root / INCEPTION_DIR / INCEPTION_FILE).exists():
+        build_inception(root / INCEPTION_DIR, scale=scale)
+    if not (root / CLIP_DIR / "settings.json").exists():
+        clip = build_open_clip(root / CLIP_DIR, scale=scale)
+        settings = {"clip_model": clip.model,
+                    "clip_pretrained": None if clip.pretrained is None else str(Path(clip.pretrained).relative_to(root))}
+        (root / CLIP_DIR / "settings.json").write_text(json.dumps(settings) + "\n")
+
+
+def _clip_settings(root: Path) -> dict[str, Any]:
+    return json.loads((root / CLIP_DIR / "settings.json").read_text())
 
 
 def _prepare_task_data(root: Path) -> None:
@@ -149,21 +158,26 @@ def _prepare_task_data(root: Path) -> None:
 def dryrun_run_config(root: Path, device: str, threads: int = 0) -> dict[str, Any]:
     """The paper run config's resources, sized for a dry run (module docstring); no k8s execution block."""
     from m2m_pipeline.orchestration.dvc_pointers import local_pointer_config
+    from m2m_pipeline.orchestration.finetune_assets import dryrun_task_ops
+    from m2m_pipeline.orchestration.profiles import PROFILES
 
     return {"resources": {
         "settings": {"config": {
             "profile": PROFILE, "repo_dir": str(root), "caption_source": CAPTIONS, "sd_model_path": SD_DIR,
             "dino_path": DINO_DIR, "train_from_scratch": False,
-            "inception_weights": INCEPTION_FILE, "clip_model": _clip_model(root), "clip_pretrained": _clip_pretrained(root),
+            "inception_weights": f"{INCEPTION_DIR}/inception-2015-12-05.pt", **_clip_settings(root),
             "coco_dir": COCO_DIR, "objaverse_dir": OBJAVERSE_DIR, "vgsi_dir": VGSI_DIR,
             "mis": {"num_inference_steps": 1, "images_per_set": 6},
-            "train": {"steps": 1, "batch_size": 1, "global_batch_size": 1}, "eval_preset": "dryrun"}},
+            # one epoch of a one-set subset per variant: the paper preset's derived length, at the dry run's size
+            "train": {"subset_sets": {"self": 1, "dino": 1}, "epochs": 1, "steps": 0, "batch_size": 1,
+                      "global_batch_size": 1},
+            "eval_preset": "dryrun"}},
         "compute": {"config": {"device": device, "dtype": "float32", "workers": 0, "launcher": "inprocess",
                                "torch_threads": threads}},
         "mlflow": {"config": {"mode": "local", "repo_dir": str(root), "experiment": "m2m-paper-dryrun"}},
         # pointers mode, as configs/paper.yaml: the remote and the pointer repository are local folders here
         "dvc": {"config": local_pointer_config(root / DVC_DIR)},
-    }}
+    }, "ops": dryrun_task_ops(PROFILES[PROFILE])}
 
 
 def run_stage(root: Path, stage: str, device: str, threads: int = 0) -> dict[str, Any]:
@@ -178,8 +192,10 @@ def run_stage(root: Path, stage: str, device: str, threads: int = 0) -> dict[str
     (root / ".state" / "dagster").mkdir(parents=True, exist_ok=True)
     instance = DagsterInstance.local_temp(tempdir=str(root / ".state" / "dagster"))
     start = time.perf_counter()
-    result = job.execute_in_process(run_config=dryrun_run_config(root, device, threads), instance=instance,
-                                    op_selection=[f"{PROFILE}__{stage}"], tags=range_tags(PROFILES[PROFILE]),
+    run_config = dryrun_run_config(root, device, threads)
+    op = f"{PROFILE}__{stage}"
+    run_config["ops"] = {k: v for k, v in run_config["ops"].items() if k == op}  # config only for the op that runs
+    result = job.execute_in_process(run_config=run_config, instance=instance, op_selection=[op], tags=range_tags(PROFILES[PROFILE]),
                                     raise_on_error=True)
     seconds = time.perf_counter() - start
     row = {"stage": stage, "success": result.success, "seconds": round(seconds, 1),

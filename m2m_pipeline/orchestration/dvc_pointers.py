@@ -61,7 +61,9 @@ class PointerStore:
         """Version `files` (under `root`) of one partition of `asset`: own working copy, add, push, then publish
         the pointers by one rename. Returns the published pointer folder."""
         if not files:
-            raise PointerError(f"{asset} partition {partition}: no files to version")
+            # A partition may own no shard (more partitions than shards: a small caption source, or the last
+            # shard groups): it is versioned as an empty pointer set, so the collecting step sees it finished.
+            return self._publish_empty(asset, partition)
         work = self.scratch / f"{asset}-{partition}-{uuid.uuid4().hex[:8]}"
         work.mkdir(parents=True)
         try:
@@ -84,6 +86,15 @@ class PointerStore:
             return final
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _publish_empty(self, asset: str, partition: str) -> Path:
+        staged = self.outbox / asset / f".{partition}.{uuid.uuid4().hex[:8]}.tmp"
+        staged.mkdir(parents=True)
+        final = self.outbox / asset / partition
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        return final
 
     def collect(self, repo: Path, expected: dict[str, list[str]], message: str) -> dict[str, object]:
         """Copy every expected partition's pointer set (and any other published set: checkpoints) into the git

@@ -4,6 +4,8 @@ profile's sizes and device go in, nothing else is computed here; no dagster here
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ def evaluate_variant(r: Resolved, variant: str, checkpoint: Path, test_dir: Path
 
     if not (checkpoint / "model.safetensors").exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}; materialize the training asset first")
-    return evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, r.eval, variant=variant,
+    ev = dataclasses.replace(r.eval, precision=compute.dtype)  # sampling autocast follows the run's compute.dtype
+    return evaluate_checkpoint(checkpoint, test_dir, oracle_dir, out, ev, variant=variant,
                                validation_dir=validation_dir, dino=r.mis.dino_path,
                                device=compute.resolved_device(), seed=seed, inception_weights=r.inception_weights,
                                clip_model=r.clip_model, clip_pretrained=r.clip_pretrained)

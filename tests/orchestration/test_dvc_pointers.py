@@ -63,3 +63,17 @@ def test_an_executor_killed_before_publishing_leaves_no_pointer(tmp_path, monkey
     repo = clone(tmp_path / "pointers.git", tmp_path / "collector")
     with pytest.raises(PointerError, match=r"no pointer set for \['mis_shards/0'\]"):
         store.collect(repo, {"mis_shards": ["0"]}, "incomplete")
+
+
+def test_a_partition_that_owns_no_shard_is_versioned_empty(tmp_path):
+    """More partitions than shards (the paper's 256 shard groups on a small caption source): the empty ones
+    publish an empty pointer set, so the collecting step finds every partition finished."""
+    store = _store(tmp_path)
+    root = tmp_path / "work"
+    store.push_partition(root, "mis_shards", "0", [_write(root, "assets/x/mis/train/mis-000000.tar", b"shard 0")])
+    empty = store.push_partition(root, "mis_shards", "1", [])
+    assert empty.is_dir() and not list(empty.iterdir())
+    repo = clone(tmp_path / "pointers.git", tmp_path / "collector")
+    assert store.collect(repo, {"mis_shards": ["0", "1"]}, "v1")["pointers"] == 1
+    with pytest.raises(PointerError, match=r"no pointer set for \['mis_shards/2'\]"):
+        store.collect(repo, {"mis_shards": ["0", "1", "2"]}, "v2")  # a partition never run is still refused

@@ -69,7 +69,15 @@ def test_small_paper_dryrun_runs_the_whole_job(tmp_path, capsys):
     assert dino["encoder_spec"]["dino_path"] == str(tmp_path / "models/dinov2-giant")
     assert (tmp_path / "models/paper/m2m_self/final/model.safetensors").is_file()
     for variant in ("self", "dino"):  # Table 1's row per variant, from Inception and CLIP, no oracle
-        report = json.loads(next((tmp_path / "assets/paper").rglob(f"*{variant}*/report.json")).read_text())
-        assert set(report["table1"]) == {"fid", "inception_score", "clip_text_image", "clip_image_image"}
-        assert all(len(report["report"]["per_position"][m]) == 1 for m in report["table1"])
-        assert "verdict" not in report and "oracle" not in json.dumps(report["report"]["provenance"]).lower()
+        report = json.loads((tmp_path / f"assets/paper/evaluation/m2m_{variant}/report.json").read_text())
+        assert report["kind"] == "paper" and set(report["table1"]) == {"FID", "IS", "CLIP-T", "CLIP-I"}
+        per = report["report"]["per_position"]
+        assert set(per) == {"fid", "inception_score", "clip_text_image", "clip_image_image"}
+        assert all(len(values) == 2 for values in per.values())  # the dryrun preset's two positions
+        assert report["report"]["provenance"]["window"] == 4 and report["report"]["provenance"]["anchors"] == 0
+        assert "oracle" not in json.dumps(report).lower() and "verdict" not in report
+        coco = json.loads((tmp_path / f"assets/paper/evaluation/coco_zero_shot/m2m_{variant}/report.json").read_text())
+        assert coco["variant"] == variant and coco["clip_image_image"]
+    for task in ("nvs", "procedure"):  # both task fine-tunes (Figs. 7-8) trained and evaluated
+        assert (tmp_path / f"models/paper/{task}/final/model.safetensors").is_file()
+        assert json.loads((tmp_path / f"assets/paper/evaluation/{task}/metrics.json").read_text())
