@@ -8,7 +8,13 @@ import hashlib
 import pytest
 
 from m2m_pipeline.orchestration import dvc_pointers
-from m2m_pipeline.orchestration.dvc_pointers import PointerError, PointerStore, clone, init_pointer_repo, restore
+from m2m_pipeline.orchestration.dvc_pointers import (
+    PointerError,
+    PointerStore,
+    clone,
+    init_pointer_repo,
+    restore,
+)
 
 
 def _store(tmp_path):
