@@ -124,3 +124,27 @@ def test_exported_encoder_loads_like_the_stand_in_and_ships_pinned(tmp_path):
     entry = json.loads((tmp_path / "models" / "MANIFEST.json").read_text())["models"]["dino_standin"]
     assert entry["steps"] == 2 and entry["seed"] == cfg.seed and entry["machine"]["cpu_count"] >= 1
     torch.testing.assert_close(load_pretrained_dino("dino_standin", tmp_path / "models").encode(x), loaded.encode(x))
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "m2m_pipeline.pretrain.dino_standin", "--preset", "tiny",
+                             "--out", str(out), "--seconds", "600", "--steps", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    buffered = ""
+    deadline = time.monotonic() + 120
+    while "step/s" not in buffered and "s/step" not in buffered and time.monotonic() < deadline:
+        buffered += proc.stdout.read(1)  # tqdm's progress line: the loop is running
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, buffered + rest
+    state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
+    assert state["step"] < 1000000 and (out / "encoder" / "model.safetensors").is_file()

@@ -29,8 +29,12 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,21 +73,23 @@ class DinoPretrainConfig:
     min_lr_fraction: float = 0.1            # cosine decay over the wall-clock budget down to lr x this
     warmup_steps: int = 100
     weight_decay: float = 0.05
-    temperature: float = 0.2
+    temperature: float = 0.1                # SimCLR's best at batch 256; a low one weighs the hard negatives (same
+                                            # colour and background, another outline) that only shape separates
     projection_hidden: int = 512            # projection head (discarded after pretraining, as in SimCLR)
     projection_dim: int = 128
     seed: int = 0                           # training RNG: step k reseeds torch with (seed, k)
     # --- augmentation (torchvision.transforms.v2, one draw per image and view) ---
     crop_scale: tuple[float, float] = (0.5, 1.0)   # RandomResizedCrop area; shapes fill 0.38-0.62 of the side
     rotation_degrees: float = 180.0
-    # ColorJitter strengths: SimCLR's full-strength colour distortion (s = 1: 0.8, 0.8, 0.8, 0.2). Hue 0.2 shifts
-    # by up to +-72 degrees, so two views of one object can differ by more than the 45 degrees between the
-    # world's eight foreground hues: colour no longer identifies an instance and the outline has to. DINO's
-    # milder (0.4, 0.4, 0.2, 0.1) left most of that shortcut (docs/model.md, "DINO stand-in pretraining").
+    # ColorJitter strengths: SimCLR's full-strength colour distortion (s = 1: 0.8, 0.8, 0.8) with the hue free
+    # over the whole circle (0.5): the world has only eight foreground hues, and with SimCLR's hue 0.2 or DINO's
+    # milder (0.4, 0.4, 0.2, 0.1) colour still told instances apart (the CLS token kept colour at 0.999 and
+    # shape at chance after 600 steps), so the outline was never needed. Colour stays decodable from the
+    # patch tokens, which the loss does not shape (docs/model.md, "DINO stand-in pretraining").
     brightness: float = 0.8
     contrast: float = 0.8
     saturation: float = 0.8
-    hue: float = 0.2
+    hue: float = 0.5
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0                     # GaussianBlur (kernel 3): off, at 32 px it erases the outline
@@ -292,10 +298,32 @@ def _lr(cfg: DinoPretrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_fraction + (1.0 - cfg.min_lr_fraction) * cosine)
 
 
+@contextmanager
+def _sigterm_stops() -> Iterator[list[int]]:
+    """A list that a SIGTERM appends to (kill, nohup'd runs, schedulers), so the loop ends at a step boundary
+    and saves; the previous handler comes back afterwards. Signals go to the main thread only."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def pretrain(cfg: DinoPretrainConfig, out: str | os.PathLike, seconds: float, max_steps: int | None = None,
              threads: int | None = None, progress: bool = True, command: list[str] | None = None) -> PretrainResult:
     """Pretrain (or resume, when `out` holds a checkpoint) until `seconds` of training wall time in total, or
-    `max_steps`, whichever comes first; returns where the encoder folder and the last checkpoint are."""
+    `max_steps`, or a SIGTERM, whichever comes first; returns where the encoder folder and the last checkpoint
+    are (the run always ends with a checkpoint of its last step)."""
+    with _sigterm_stops() as stop:
+        return _pretrain(cfg, Path(out), seconds, max_steps, threads, progress, command, stop)
+
+
+def _pretrain(cfg: DinoPretrainConfig, out: Path, seconds: float, max_steps: int | None, threads: int | None,
+              progress: bool, command: list[str] | None, stop: list[int]) -> PretrainResult:
     from safetensors.torch import load_file, save
 
     from m2m_pipeline.data.shapes import render_dataset
@@ -305,7 +333,6 @@ def pretrain(cfg: DinoPretrainConfig, out: str | os.PathLike, seconds: float, ma
         raise ValueError(f"pretraining --seconds must be > 0, got {seconds}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"pretraining --steps must be >= 1, got {max_steps}")
-    out = Path(out)
     previous = checkpoints(out)
     state: dict[str, Any] = {"step": 0, "seconds": 0.0, "seed": cfg.seed, "sessions": []}
     if previous:
@@ -366,7 +393,7 @@ def pretrain(cfg: DinoPretrainConfig, out: str | os.PathLike, seconds: float, ma
     start = last_save = time.monotonic()
     base = spent
     checkpoint = previous[-1] if previous else None
-    while spent < seconds and (max_steps is None or step < max_steps):
+    while spent < seconds and (max_steps is None or step < max_steps) and not stop:
         torch.manual_seed(_step_seed(cfg.seed, step))
         progress_fraction = max(spent / seconds, step / max_steps if max_steps else 0.0)
         for group in optimizer.param_groups:
