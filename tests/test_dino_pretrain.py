@@ -118,7 +118,7 @@ def test_exported_encoder_loads_like_the_stand_in_and_ships_pinned(tmp_path):
             == {k: v for k, v in stand_in.model.config.to_dict().items() if k not in bookkeeping})
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert not torch.allclose(loaded.encode(x), stand_in.encode(x))  # the weights moved
-    shipped = ship(tmp_path / "run", tmp_path / "models")
+    shipped, _ = ship(tmp_path / "run", tmp_path / "models")
     assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "model.safetensors",
                                                           "preprocessor_config.json"]
     entry = json.loads((tmp_path / "models" / "MANIFEST.json").read_text())["models"]["dino_standin"]
@@ -148,3 +148,15 @@ def test_sigterm_ends_the_run_with_a_checkpoint(tmp_path):
     assert proc.returncode == 0, buffered + rest
     state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
     assert state["step"] < 1000000 and (out / "encoder" / "model.safetensors").is_file()
+
+
+def test_probe_reads_checkpoints_beside_the_random_stand_in(tmp_path):
+    from m2m_pipeline.pretrain.dino_standin import probe_checkpoints
+
+    cfg = get_preset("tiny")
+    pretrain(cfg, tmp_path / "run", seconds=600, max_steps=2, progress=False)
+    results = probe_checkpoints([tmp_path / "run"], cfg, train_images=40, heldout_images=20)
+    assert list(results) == ["random stand-in (tokens)", "SimCLR 2 steps, 0 s (tokens)"]
+    assert all(0.0 <= acc <= 1.0 for accs in results.values() for acc in accs.values())
+    with pytest.raises(FileNotFoundError, match="neither a pretraining checkpoint nor a run directory"):
+        probe_checkpoints([tmp_path], cfg)

@@ -10,8 +10,8 @@ the instance-discrimination task and the network must carry the outline (benchma
 shows that without them colour and background solve it and shape stays near chance).
 
     python -m m2m_pipeline.pretrain.dino_standin --preset demo --out runs/pretrain/dino_standin --seconds 3600 --threads 1
-    python -m m2m_pipeline.pretrain.dino_standin --probe runs/pretrain/dino_standin/encoder   # the probe table
-    python -m m2m_pipeline.pretrain.dino_standin --ship runs/pretrain/dino_standin --to models/pretrained
+    python -m m2m_pipeline.pretrain.dino_standin --probe runs/pretrain/dino_standin   # the probe table
+    python -m m2m_pipeline.pretrain.dino_standin --ship runs/pretrain/dino_standin --to models/pretrained --with-probe
 
 Training is resumable: every `checkpoint_seconds` it writes `checkpoint-<step>/` (safetensors weights and optimiser
 tensors, JSON state; no pickle) atomically and exports the encoder (`encoder/`, a DINOv2 folder that
@@ -425,60 +425,84 @@ def _pretrain(cfg: DinoPretrainConfig, out: Path, seconds: float, max_steps: int
 
 # ------------------------------------------------------------------------------------------------------- probe
 
-def probe_folders(folders: list[str | os.PathLike], cfg: DinoPretrainConfig,
-                  train_images: int = 5000, heldout_images: int = 1000) -> dict[str, dict[str, float]]:
-    """`m2m probe-features`'s linear probe (evaluation/probe.py) of the random stand-in and each DINOv2 folder,
-    on the same rendered images, all tokens (CLS + patches) as M2M-DINO receives them."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder itself, or a run directory's newest checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a pretraining checkpoint nor a run directory holding one")
+    return found[-1]
+
+
+def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, DinoPretrainConfig, dict[str, Any]]:
+    """(the ViT with the checkpoint's weights, its recipe, its state): the weights and the state of one step, so
+    probing or shipping a run that is still training cannot mix two steps (its encoder/ export follows later)."""
+    from safetensors.torch import load_file
+
+    from m2m_pipeline.encoders import DinoEncoder
+
+    checkpoint = resolve_checkpoint(path)
+    state = read_state(checkpoint)
+    cfg = DinoPretrainConfig.from_dict(state["config"], where=str(checkpoint / STATE_FILE))
+    weights = load_file(checkpoint / WEIGHTS_FILE)
+    vit = DinoEncoder.random(**cfg.architecture()).model
+    vit.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    return vit.eval(), cfg, state
+
+
+def probe_checkpoints(paths: list[str | os.PathLike], cfg: DinoPretrainConfig, train_images: int = 5000,
+                      heldout_images: int = 1000) -> dict[str, dict[str, float]]:
+    """`m2m probe-features`'s linear probe (evaluation/probe.py) of the random stand-in and of each checkpoint
+    (or run directory: its newest), on the same rendered images, all tokens (CLS + patches) as M2M-DINO
+    receives them."""
+    return _probe([encoder_from_checkpoint(path) for path in paths], cfg, train_images, heldout_images)
+
+
+def _probe(loaded: list[tuple[nn.Module, DinoPretrainConfig, dict[str, Any]]], cfg: DinoPretrainConfig,
+           train_images: int = 5000, heldout_images: int = 1000) -> dict[str, dict[str, float]]:
     from m2m_pipeline.encoders import DinoEncoder
     from m2m_pipeline.evaluation.probe import probe_representations
 
     encoders = {"random stand-in (tokens)": DinoEncoder.random(**cfg.architecture()).encode}
-    for folder in folders:
-        state = _folder_label(Path(folder))
-        encoders[state] = DinoEncoder.from_pretrained(folder).encode
+    for vit, recipe, state in loaded:
+        if recipe.architecture() != cfg.architecture():
+            raise ValueError(f"a {recipe.name} checkpoint is not the {cfg.name} preset's architecture "
+                             f"(pass --preset {recipe.name})")
+        label = f"SimCLR {state['step']} steps, {state['seconds']:.0f} s (tokens)"
+        encoders[label] = DinoEncoder(vit, image_size=recipe.image_size).encode
     return probe_representations(encoders, cfg.image_size, train_images, heldout_images)
-
-
-def _folder_label(folder: Path) -> str:
-    run = folder.parent
-    last = checkpoints(run)
-    if folder.name == ENCODER_DIR and last:
-        state = read_state(last[-1])
-        return f"pretrained {state['step']} steps, {state['seconds']:.0f} s ({folder})"
-    return f"pretrained ({folder})"
 
 
 # ------------------------------------------------------------------------------------------------------- ship
 
-def ship(run: str | os.PathLike, root: str | os.PathLike, name: str = "dino_standin",
-         probe: dict[str, dict[str, float]] | None = None) -> Path:
-    """Copy a run's exported encoder (weights, config.json, preprocessor config; no optimiser or head) to
-    `root/name` and pin it in `root/MANIFEST.json` with the run's provenance."""
+def ship(path: str | os.PathLike, root: str | os.PathLike, name: str = "dino_standin",
+         with_probe: bool = False) -> tuple[Path, dict[str, dict[str, float]] | None]:
+    """Export a checkpoint's encoder (or a run directory's newest; config.json, model.safetensors, preprocessor
+    config; no optimiser, no projection head) to `root/name` and pin it in `root/MANIFEST.json` with the run's
+    provenance (command, seed, steps, wall time, machine) and, `with_probe`, its probe table beside the random
+    stand-in's. The checkpoint is read once, so a run still training (pruning old checkpoints) is safe."""
     from m2m_pipeline.pretrain.manifest import write_manifest_entry
 
-    run, root = Path(run), Path(root)
-    last = checkpoints(run)
-    if not last or not (run / ENCODER_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"{run}: no pretraining checkpoint with an exported {ENCODER_DIR}/ to ship")
-    state = read_state(last[-1])
-    with atomic_directory(root / name) as tmp:
-        for file in sorted((run / ENCODER_DIR).iterdir()):
-            if file.is_file():
-                shutil.copy2(file, tmp / file.name)
+    vit, cfg, state = loaded = encoder_from_checkpoint(path)
+    results = _probe([loaded], cfg) if with_probe else None
+    export_encoder(vit, cfg, Path(root) / name)
     sessions = state.get("sessions", [])
     provenance = {
-        "what": "DINO stand-in pretrained with m2m_pipeline.pretrain.dino_standin (docs/model.md)",
-        "preset": state["config"]["name"], "config": state["config"], "seed": state["seed"],
+        "what": "DINO stand-in pretrained with m2m_pipeline.pretrain.dino_standin (docs/model.md, "
+                "\"DINO stand-in pretraining\")",
+        "preset": cfg.name, "config": state["config"], "seed": state["seed"],
         "steps": state["step"], "wall_seconds": state["seconds"], "loss": state.get("loss"),
         "command": " ".join(sessions[0]["command"]) if sessions else None,
         "sessions": [{"command": " ".join(s["command"]), "started_step": s["started_step"], "started": s["started"],
                       "machine": s["machine"]} for s in sessions],
         "machine": sessions[-1]["machine"] if sessions else machine(),
     }
-    if probe is not None:
-        provenance["probe"] = probe
+    if results is not None:
+        provenance["probe"] = results
     write_manifest_entry(root, name, provenance)
-    return root / name
+    return Path(root) / name, results
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -491,24 +515,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=3600.0, help="training wall time in total, across resumes")
     ap.add_argument("--steps", type=int, default=None, help="stop at this many steps if earlier")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--probe", action="append", default=[], metavar="FOLDER",
-                    help="print the linear-probe table of the random stand-in and these DINOv2 folders, then exit")
-    ap.add_argument("--ship", metavar="RUN", help="copy RUN's encoder into --to and pin it in its MANIFEST.json")
+    ap.add_argument("--probe", action="append", default=[], metavar="CHECKPOINT",
+                    help="print the linear-probe table of the random stand-in and these checkpoints (or run "
+                         "directories: their newest), then exit")
+    ap.add_argument("--ship", metavar="CHECKPOINT", help="export this checkpoint's (or run directory's newest) "
+                                                        "encoder into --to and pin it in its MANIFEST.json")
     ap.add_argument("--to", default="models/pretrained", help="where --ship writes")
     ap.add_argument("--with-probe", action="store_true", help="with --ship: record the probe table in the manifest")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = get_preset(args.preset)
-    if args.probe or (args.ship and args.with_probe):
+    if args.ship:
+        folder, results = ship(args.ship, args.to, with_probe=args.with_probe)
+        if results is not None:
+            from m2m_pipeline.evaluation.probe import format_probe_table
+
+            print(format_probe_table(results), flush=True)
+        print(f"shipped {folder}, pinned in {Path(args.to) / 'MANIFEST.json'}")
+        return
+    if args.probe:
         from m2m_pipeline.evaluation.probe import format_probe_table
 
-        folders = args.probe or [str(Path(args.ship) / ENCODER_DIR)]
-        results = probe_folders(folders, cfg)
-        print(format_probe_table(results), flush=True)
-        if not args.ship:
-            return
-    if args.ship:
-        print(ship(args.ship, args.to, probe=results if args.with_probe else None))
+        print(format_probe_table(probe_checkpoints(args.probe, cfg)), flush=True)
         return
     if not args.out:
         ap.error("--out is required for training")
