@@ -11,7 +11,14 @@ linear probe as `m2m probe-features`, beside the random stand-in of the same sha
     python benchmarks/dino_standin_pretraining.py --seconds 300 --patch-size 8 --threads 2
 
 Prints the probe table; --out saves the pretrained encoder with save_pretrained (a DINOv2 folder that
-`DinoEncoder.from_pretrained` loads). Not part of CI or make demo.
+`DinoEncoder.from_pretrained` loads). Not part of CI or make demo. The recipe that is shipped (colour
+distortion, resumable, hash-pinned) is the library's, m2m_pipeline/pretrain/dino_standin.py.
+
+    python benchmarks/dino_standin_pretraining.py --supervised-steps 400 --layers 2 --batch 256 --threads 1
+
+trains the same network *supervised* on the shape labels instead (cross-entropy on its CLS token, no
+augmentation) for that many steps: a ceiling for how fast this architecture can learn shape at all
+(docs/model.md, "DINO stand-in pretraining"); the table adds CLS-only rows beside all tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +61,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--supervised-steps", type=int, default=0,
+                    help="train on the shape labels for this many steps instead of SimCLR (a ceiling)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.supervised_steps:
+        supervised_ceiling(args)
+        return
 
     from tqdm import tqdm
     from transformers import Dinov2Config, Dinov2Model
@@ -96,6 +108,39 @@ def main() -> None:
     print(format_probe_table(results))
     if args.out:
         vit.save_pretrained(args.out)
+
+
+def supervised_ceiling(args: argparse.Namespace) -> None:
+    """Shape-supervised training of the stand-in's architecture, probed like the SimCLR encoder."""
+    from tqdm import tqdm
+
+    from m2m_pipeline.data.shapes import VOCABULARIES, render_dataset
+    from m2m_pipeline.encoders import DinoEncoder
+    from m2m_pipeline.evaluation.probe import format_probe_table, probe_representations
+
+    arch = dict(image_size=32, patch_size=args.patch_size, hidden_size=args.hidden, num_layers=args.layers)
+    random_encoder, encoder = DinoEncoder.random(**arch), DinoEncoder.random(**arch)
+    vit = encoder.model.train().requires_grad_(True)
+    head = nn.Linear(args.hidden, len(VOCABULARIES["shape"]))
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
+    torch.manual_seed(0)
+    images, labels = render_dataset(args.images, 32, seed=5, progress=True)
+    start = time.perf_counter()
+    for _ in tqdm(range(args.supervised_steps), desc="shape-supervised", unit="step"):
+        i = torch.randint(len(images), (args.batch,))
+        loss = F.cross_entropy(head(vit(pixel_values=encoder.preprocess(images[i])).pooler_output), labels[i, 0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vit.eval()
+    results = probe_representations({
+        "random stand-in (tokens)": random_encoder.encode,
+        "random stand-in (CLS)": lambda x: random_encoder.encode(x)[:, 0],
+        f"shape-supervised {args.supervised_steps} steps (tokens)": encoder.encode,
+        f"shape-supervised {args.supervised_steps} steps (CLS)": lambda x: encoder.encode(x)[:, 0]}, 32)
+    print(f"patch {args.patch_size}, {args.layers} layers x {args.hidden}, {args.supervised_steps} supervised steps "
+          f"in {time.perf_counter() - start:.0f} s, last training loss {loss.item():.3f}")
+    print(format_probe_table(results))
 
 
 if __name__ == "__main__":
