@@ -155,8 +155,10 @@ def test_probe_reads_checkpoints_beside_the_random_stand_in(tmp_path):
 
     cfg = get_preset("tiny")
     pretrain(cfg, tmp_path / "run", seconds=600, max_steps=2, progress=False)
-    results = probe_checkpoints([tmp_path / "run"], cfg, train_images=40, heldout_images=20)
-    assert list(results)[0] == "random stand-in (tokens)" and list(results)[1].startswith("SimCLR 2 steps, ")
+    results = probe_checkpoints([tmp_path / "run"], cfg, train_images=40, heldout_images=20, cls=True)
+    names = list(results)
+    assert names[:2] == ["random stand-in (tokens)", "random stand-in (CLS)"] and len(names) == 4
+    assert names[2].startswith("SimCLR 2 steps, ") and names[3].endswith("(CLS)")
     assert all(0.0 <= acc <= 1.0 for accs in results.values() for acc in accs.values())
     with pytest.raises(FileNotFoundError, match="neither a pretraining checkpoint nor a run directory"):
         probe_checkpoints([tmp_path], cfg)

@@ -272,6 +272,9 @@ def export_encoder(model: nn.Module, cfg: DinoPretrainConfig, folder: str | os.P
         BitImageProcessor(size={"shortest_edge": cfg.image_size},
                           crop_size={"height": cfg.image_size, "width": cfg.image_size},
                           image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 / 0600: a shipped folder is read by every user of the checkout
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
     return Path(folder)
 
 
@@ -453,25 +456,31 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, DinoPre
 
 
 def probe_checkpoints(paths: list[str | os.PathLike], cfg: DinoPretrainConfig, train_images: int = 5000,
-                      heldout_images: int = 1000) -> dict[str, dict[str, float]]:
+                      heldout_images: int = 1000, cls: bool = False) -> dict[str, dict[str, float]]:
     """`m2m probe-features`'s linear probe (evaluation/probe.py) of the random stand-in and of each checkpoint
     (or run directory: its newest), on the same rendered images, all tokens (CLS + patches) as M2M-DINO
-    receives them."""
-    return _probe([encoder_from_checkpoint(path) for path in paths], cfg, train_images, heldout_images)
+    receives them; `cls` adds a CLS-token-only row per encoder (what the loss shapes directly)."""
+    return _probe([encoder_from_checkpoint(path) for path in paths], cfg, train_images, heldout_images, cls)
 
 
 def _probe(loaded: list[tuple[nn.Module, DinoPretrainConfig, dict[str, Any]]], cfg: DinoPretrainConfig,
-           train_images: int = 5000, heldout_images: int = 1000) -> dict[str, dict[str, float]]:
+           train_images: int = 5000, heldout_images: int = 1000, cls: bool = False) -> dict[str, dict[str, float]]:
     from m2m_pipeline.encoders import DinoEncoder
     from m2m_pipeline.evaluation.probe import probe_representations
 
-    encoders = {"random stand-in (tokens)": DinoEncoder.random(**cfg.architecture()).encode}
+    stand_in = DinoEncoder.random(**cfg.architecture())
+    encoders = {"random stand-in (tokens)": stand_in.encode}
+    if cls:
+        encoders["random stand-in (CLS)"] = lambda x: stand_in.encode(x)[:, 0]
     for vit, recipe, state in loaded:
         if recipe.architecture() != cfg.architecture():
             raise ValueError(f"a {recipe.name} checkpoint is not the {cfg.name} preset's architecture "
                              f"(pass --preset {recipe.name})")
         label = f"SimCLR {state['step']} steps, {state['seconds']:.0f} s (tokens)"
-        encoders[label] = DinoEncoder(vit, image_size=recipe.image_size).encode
+        encoder = DinoEncoder(vit, image_size=recipe.image_size)
+        encoders[label] = encoder.encode
+        if cls:
+            encoders[label.replace("(tokens)", "(CLS)")] = lambda x, e=encoder: e.encode(x)[:, 0]
     return probe_representations(encoders, cfg.image_size, train_images, heldout_images)
 
 
@@ -520,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
                          "directories: their newest), then exit")
     ap.add_argument("--ship", metavar="CHECKPOINT", help="export this checkpoint's (or run directory's newest) "
                                                         "encoder into --to and pin it in its MANIFEST.json")
+    ap.add_argument("--cls", action="store_true", help="with --probe: add CLS-token-only rows")
     ap.add_argument("--to", default="models/pretrained", help="where --ship writes")
     ap.add_argument("--with-probe", action="store_true", help="with --ship: record the probe table in the manifest")
     args = ap.parse_args(argv)
@@ -536,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         from m2m_pipeline.evaluation.probe import format_probe_table
 
-        print(format_probe_table(probe_checkpoints(args.probe, cfg)), flush=True)
+        print(format_probe_table(probe_checkpoints(args.probe, cfg, cls=args.cls)), flush=True)
         return
     if not args.out:
         ap.error("--out is required for training")
