@@ -103,10 +103,10 @@ EVAL_PRESETS: dict[str, EvalSpec] = {
                       scorers="paper"),
 }
 # `make paper-dryrun`: the paper preset (its scorers, W = 4 policy, guidance) with every size cut to a few seconds:
-# two sets (FID needs two), two positions (so mean +- std has two values), one DDIM step per study
-# (orchestration/dryrun.py); nothing it reports is a result.
+# two sets (FID needs two), one position (each FID is a 2048-d matrix square root: ~30-60 s on a CPU), one DDIM
+# step per study (orchestration/dryrun.py); nothing it reports is a result.
 EVAL_PRESETS["dryrun"] = dataclasses.replace(
-    EVAL_PRESETS["paper"], num_sets=2, generated_images=2, steps=1, drift_images=2, drift_sets=1,
+    EVAL_PRESETS["paper"], num_sets=2, generated_images=1, steps=1, drift_images=2, drift_sets=1,
     context_counts=(1,), zero_shot_images=1, coco_sets=2, benchmark_contexts=(1,), benchmark_images=1,
     benchmark_steps=1, benchmark_repeats=1, autoencoder_min_accuracy=None)
 
@@ -190,11 +190,7 @@ def _oracle_report(bundle: Any, checkpoint: Path, test_dir: Path, oracle_dir: Pa
     test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
     targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
     scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))
-    spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
-                                anchors=ev.anchors, seed=seed, precision=ev.precision)
-    cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
-                                  window=ev.window, anchors=ev.anchors, steps=ev.steps,
-                                  guidance_scale=ev.guidance_scale, seed=seed, precision=ev.precision)
+    spec, cfg = _sampling(ev, seed)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     timed = _timer(timings)
@@ -266,11 +262,7 @@ def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: 
     n_ctx = max(ev.context_images, max(ev.context_counts))
     bundle.check_cache(shards)
     test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
-    spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
-                                anchors=ev.anchors, seed=seed, precision=ev.precision)
-    cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
-                                  window=ev.window, anchors=ev.anchors, steps=ev.steps,
-                                  guidance_scale=ev.guidance_scale, seed=seed, precision=ev.precision)
+    spec, cfg = _sampling(ev, seed)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     timed = _timer(timings)
@@ -352,6 +344,18 @@ def _paper_figures(out: Path, variant: str, image_size: int, preceding: torch.Te
                                 title=f"M2M-{variant}: {label} by position", xlabel="generated image n",
                                 ylabel=label, hlines={"real images": ref[ref_key]} if ref_key in ref else None)
     return files
+
+
+def _sampling(ev: EvalSpec, seed: int) -> tuple[Any, Any]:
+    """The studies' SamplingSpec and the protocol's ProtocolConfig of one EvalSpec (both report kinds)."""
+    from m2m_pipeline.evaluation import protocol, studies
+
+    spec = studies.SamplingSpec(steps=ev.steps, guidance_scale=ev.guidance_scale, window=ev.window,
+                                anchors=ev.anchors, seed=seed, precision=ev.precision)
+    cfg = protocol.ProtocolConfig(context_images=ev.context_images, generated_images=ev.generated_images,
+                                  window=ev.window, anchors=ev.anchors, steps=ev.steps,
+                                  guidance_scale=ev.guidance_scale, seed=seed, precision=ev.precision)
+    return spec, cfg
 
 
 def _choose_on_validation(bundle: Any, ev: EvalSpec, oracle: Any, validation_dir: Path | None, seed: int

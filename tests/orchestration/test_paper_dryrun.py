@@ -73,7 +73,7 @@ def test_small_paper_dryrun_runs_the_whole_job(tmp_path, capsys):
         assert report["kind"] == "paper" and set(report["table1"]) == {"FID", "IS", "CLIP-T", "CLIP-I"}
         per = report["report"]["per_position"]
         assert set(per) == {"fid", "inception_score", "clip_text_image", "clip_image_image"}
-        assert all(len(values) == 2 for values in per.values())  # the dryrun preset's two positions
+        assert all(len(values) == 1 for values in per.values())  # the dryrun preset's one position
         assert report["report"]["provenance"]["window"] == 4 and report["report"]["provenance"]["anchors"] == 0
         assert "oracle" not in json.dumps(report).lower() and "verdict" not in report
         coco = json.loads((tmp_path / f"assets/paper/evaluation/coco_zero_shot/m2m_{variant}/report.json").read_text())

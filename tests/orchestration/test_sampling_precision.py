@@ -57,6 +57,6 @@ def test_dryrun_preset_is_the_paper_preset_cut_down():
     paper, dry = EVAL_PRESETS["paper"], EVAL_PRESETS["dryrun"]
     same = ("scorers", "context_policy", "guidance_scale", "context_images", "precision")
     assert all(getattr(dry, f) == getattr(paper, f) for f in same)
-    assert dry.num_sets == 2 and dry.generated_images == 2 and dry.steps == 1
+    assert dry.num_sets == 2 and dry.generated_images == 1 and dry.steps == 1
     with pytest.raises(ValueError):
         dataclasses.replace(dry, num_sets=0)
