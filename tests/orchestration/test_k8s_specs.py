@@ -12,7 +12,7 @@ import yaml
 from m2m_pipeline.orchestration.k8s_specs import CONFIGS, render_job, resources_of
 
 GPU_STEPS = {"mis_shards", "feature_caches", "m2m_self_evaluation_report", "m2m_dino_evaluation_report", "coco_zero_shot",
-             "sampling_benchmark"}
+             "sampling_benchmark", "nvs_checkpoint", "procedure_checkpoint", "nvs_evaluation", "procedure_evaluation"}
 TRAINING = {"m2m_self_checkpoint", "m2m_dino_checkpoint"}
 
 
