@@ -37,7 +37,10 @@ def test_zero_context_noise_is_the_network_bit_for_bit_and_stays_causal():
     assert torch.equal(net(z_t, t, changed, context_t=torch.tensor([300, 300])),
                        net(z_t, t, ctx, context_t=torch.tensor([300, 300])))
     drop = net(z_t, t, ctx, drop_image=torch.tensor([True, False]), context_t=torch.tensor([300, 300]))
-    assert torch.equal(drop[1], net(z_t, t, ctx, context_t=torch.tensor([300, 300]))[1])
+    kept = net(z_t, t, ctx, context_t=torch.tensor([300, 300]))
+    # Set 1 keeps its condition: equal to float rounding (a batch that drops another set's condition takes other
+    # kernel paths, so bit equality across the two batches is not promised; measured difference ~1e-6 of ~2).
+    assert torch.allclose(drop[1], kept[1], rtol=0, atol=1e-5) and not torch.allclose(drop[0], kept[0], atol=1e-2)
 
 
 def test_context_noise_is_refused_for_dino():

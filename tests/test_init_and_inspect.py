@@ -104,7 +104,15 @@ def _paper_repo(root: Path) -> Path:
     (root / "data" / "cc12m" / "part-0.tsv").write_text("u\ta caption\n")
     build_tiny_stable_diffusion(root / "models" / "stable-diffusion-2-1-base")
     (root / "models" / "dinov2-giant").mkdir(parents=True)
+    from m2m_pipeline.reference_layouts import build_inception, build_open_clip
+
+    build_inception(root / "models" / "inception", scale="small")  # the paper's scorers, checked at resolve
+    build_open_clip(root / "models" / "clip", scale="small")
     return root / "models" / "stable-diffusion-2-1-base"
+
+
+# The paper profile's scorer settings for the repo _paper_repo writes
+PAPER_SCORERS = {"inception_weights": "models/inception/inception-2015-12-05.pt", "clip_model": "local-dir:models/clip"}
 
 
 @pytest.mark.parametrize("variant", ["self", "dino"])
@@ -120,7 +128,7 @@ def test_dagster_paper_training_starts_from_the_sd_folder(tmp_path, monkeypatch,
     from m2m_pipeline.tracking import NullRun
 
     sd_dir = _paper_repo(tmp_path)
-    r = M2MSettings(repo_dir=str(tmp_path)).resolve(PROFILES["paper"])
+    r = M2MSettings(repo_dir=str(tmp_path), **PAPER_SCORERS).resolve(PROFILES["paper"])
     assert r.init_from == sd_dir and not r.from_scratch
     seen = {}
     monkeypatch.setattr(training, "train", lambda *a, net=None, **k: seen.setdefault("net", net))
@@ -132,7 +140,7 @@ def test_dagster_paper_training_starts_from_the_sd_folder(tmp_path, monkeypatch,
     assert shared and all(torch.equal(ours[k], sd[k]) for k in shared)
     assert seen["net"].config.variant == variant
 
-    scratch = M2MSettings(repo_dir=str(tmp_path), train_from_scratch=True).resolve(PROFILES["paper"])
+    scratch = M2MSettings(repo_dir=str(tmp_path), train_from_scratch=True, **PAPER_SCORERS).resolve(PROFILES["paper"])
     assert scratch.init_from is None and scratch.from_scratch
     with pytest.warns(UserWarning, match="from random weights"):
         training_launch.run_training(None, scratch, variant, [], tmp_path / "out2", ComputeResource(), NullRun())

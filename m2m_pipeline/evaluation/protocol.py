@@ -120,6 +120,7 @@ def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_
     manifests without reading a shard; then only the shards holding a chosen set are read, each to its end,
     so its bytes are checked against its manifest before any of its sets is evaluated. The sets come back in
     shard order (set i samples with seed + i in the protocol)."""
+    from m2m_pipeline.data.errors import ShardError
     from m2m_pipeline.data.loader import expand_shards
     from m2m_pipeline.data.shards import (
         decode_json,
@@ -135,8 +136,8 @@ def load_test_sets(shards: str | os.PathLike | Sequence[str | os.PathLike], num_
     for url in urls:
         manifest = read_manifest(url)
         if manifest is None:
-            raise ValueError(f"{url}: no manifest {manifest_path(url)}; test sets are drawn from the manifests' "
-                             f"keys and every shard read is verified against its manifest")
+            raise ShardError(url, None, f"no manifest {manifest_path(url)}; test sets are drawn from the manifests' "
+                                        f"keys and every shard read is verified against its manifest")
         listed.append(manifest["keys"])
     total = sum(len(k) for k in listed)
     if total == 0:
