@@ -57,15 +57,17 @@ def list_data(num: int = 6):
             for i in range(num)]
 
 
-def write_feature_shards(root: Path, shards: int = 2, sets: int = 5) -> list[str]:
+def write_feature_shards(root: Path, shards: int = 2, sets: int | list[int] = 5) -> list[str]:
     """Feature shards in the loader's format (latents.npy (K, C, H, W), dino.npy (K, S, D)), each with the manifest
-    the loader verifies it against."""
+    the loader verifies it against; `sets` per shard, or a list of per-shard counts (then `shards` is its length)."""
+    sizes = list(sets) if isinstance(sets, list) else [sets] * shards
     g = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
     urls = []
-    for s in range(shards):
+    for s, count in enumerate(sizes):
         url = root / f"mis-{s:06d}.tar"
         with tarfile.open(url, "w") as tar:
-            for i in range(sets):
+            for i in range(count):
                 for ext, arr in (("latents.npy", g.standard_normal((4, 3, 8, 8)).astype(np.float16)),
                                  ("dino.npy", g.standard_normal((4, 5, 32)).astype(np.float16))):
                     buf = io.BytesIO()
@@ -74,7 +76,7 @@ def write_feature_shards(root: Path, shards: int = 2, sets: int = 5) -> list[str
                     info.size = buf.tell()
                     buf.seek(0)
                     tar.addfile(info, buf)
-        write_manifest(url, s, [f"{s:02d}{i:04d}" for i in range(sets)], "test", {"kind": "features"})
+        write_manifest(url, s, [f"{s:02d}{i:04d}" for i in range(count)], "test", {"kind": "features"})
         urls.append(str(url))
     return urls
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_training_scale import write_feature_shards
 
-from m2m_pipeline.data.shards import write_manifest
 from m2m_pipeline.network import M2MConfig
 from m2m_pipeline.training import SUBSET_RULE, TrainConfig, draw_subset, train
 
@@ -18,25 +15,8 @@ MICRO = M2MConfig.preset("tiny", image_size=8, sample_size=8, block_out_channels
 
 
 def feature_shards(root: Path, sizes: list[int]) -> list[str]:
-    """Feature shards in the loader's format (latents (K, C, H, W), dino (K, S, D)), each with its manifest."""
-    g = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for s, sets in enumerate(sizes):
-        url = root / f"mis-{s:06d}.tar"
-        with tarfile.open(url, "w") as tar:
-            for i in range(sets):
-                for ext, arr in (("latents.npy", g.standard_normal((4, 3, 8, 8)).astype(np.float16)),
-                                 ("dino.npy", g.standard_normal((4, 5, 32)).astype(np.float16))):
-                    buf = io.BytesIO()
-                    np.save(buf, arr)
-                    info = tarfile.TarInfo(f"{s:02d}{i:04d}.{ext}")
-                    info.size = buf.tell()
-                    buf.seek(0)
-                    tar.addfile(info, buf)
-        write_manifest(url, s, [f"{s:02d}{i:04d}" for i in range(sets)], "test", {"kind": "features"})
-        urls.append(str(url))
-    return urls
+    """Feature shards with `sizes[i]` sets in shard i (the shared writer of tests/test_training_scale.py)."""
+    return write_feature_shards(root, sets=sizes)
 
 
 def test_the_paper_preset_derives_each_variants_steps():
