@@ -1,4 +1,4 @@
-"""The evaluation report of a checkpoint (issue 13: the library owns every result): the Sec. 8.4 protocol
+"""The evaluation report of a checkpoint (docs/orchestration.md: the library owns every result): the Sec. 8.4 protocol
 (per-position FID / IS / CLIP / oracle consistency), the studies behind the paper's figures (drift over 25
 images, number of preceding images, zero-shot real photographs), the learnability verdict, and sampling speed.
 Two kinds (EvalSpec.scorers): "oracle", the shapes world's; "paper", Table 1 with Inception FID / IS and CLIP
@@ -34,9 +34,9 @@ class EvalSpec:
     context_images: int = 4               # preceding images given to the model (Sec. 8.4: 4)
     generated_images: int = 4             # images generated autoregressively after them (Sec. 8.4: 10)
     steps: int = 50                       # DDIM steps (Sec. 8.6: 50)
-    guidance_scale: float = 3.0           # design-notes 12: guidance matters a lot at CPU scale
+    guidance_scale: float = 3.0           # docs/model.md "Learnability": guidance matters a lot at CPU scale
     # Which earlier images each generated image sees (sampling.CONTEXT_POLICIES): DEFAULT_POLICY, anchors-4
-    # (issue 15); the paper preset keeps the paper's W = 4 sliding window (PAPER_POLICY) to reproduce its table.
+    # (docs/evaluation.md "Drift"); the paper preset keeps the paper's W = 4 sliding window (PAPER_POLICY) to reproduce its table.
     context_policy: str = DEFAULT_POLICY
     # Autocast of the network calls while sampling (m2m_pipeline/precision.py): the evaluation assets pass the
     # run's compute.dtype; scorers (Inception, CLIP, oracle) always run in float32.
@@ -182,12 +182,7 @@ def _oracle_report(bundle: Any, checkpoint: Path, test_dir: Path, oracle_dir: Pa
     net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
     oracle = AttributeOracle.load(oracle_dir)
     ev, sampling_sweep = _choose_on_validation(bundle, ev, oracle, validation_dir, seed)
-    shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no test feature shards in {test_dir}")
-    n_ctx = max(ev.context_images, max(ev.context_counts))
-    bundle.check_cache(shards)
-    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
+    test = _test_sets(bundle, test_dir, ev)
     targets = attribute_targets(test.attributes) if test.attributes else attribute_targets(captions=test.captions)
     scorers = protocol.Scorers(fid_network=oracle_feature_network(oracle), oracle=oracle, oracle_dir=str(oracle_dir))
     spec, cfg = _sampling(ev, seed)
@@ -254,14 +249,9 @@ def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: 
     from m2m_pipeline.evaluation.fid import inception_feature_network
 
     net, autoencoder, encoder = bundle.net, bundle.autoencoder, bundle.context_encoder
-    shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no test feature shards in {test_dir}")
+    test = _test_sets(bundle, test_dir, ev)
     fid_network = inception_feature_network(inception_weights, device=device)
     clip = ClipScorer(clip_model, clip_pretrained, device=device)
-    n_ctx = max(ev.context_images, max(ev.context_counts))
-    bundle.check_cache(shards)
-    test = protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
     spec, cfg = _sampling(ev, seed)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -289,7 +279,7 @@ def _paper_report(bundle: Any, checkpoint: Path, test_dir: Path, out: Path, ev: 
         "clip": clip.info, "fid_reference": "first preceding image of every set",
         "clip_image_image_reference": f"mean over the set's {ev.context_images} preceding images",
         "clip_text_image_reference": "the set's caption", "std": "population std over positions",
-        "test_sets": test.draw, "test_shards": len(shards), "versions": protocol._versions(),
+        "test_sets": test.draw, "test_shards": len(test.shards), "versions": protocol._versions(),
         "device": str(net.device)}
     weights = checkpoint / "model.safetensors"
     provenance["checkpoint_sha256"] = sha256_file(weights) if weights.is_file() else None
@@ -344,6 +334,19 @@ def _paper_figures(out: Path, variant: str, image_size: int, preceding: torch.Te
                                 title=f"M2M-{variant}: {label} by position", xlabel="generated image n",
                                 ylabel=label, hlines={"real images": ref[ref_key]} if ref_key in ref else None)
     return files
+
+
+def _test_sets(bundle: Any, test_dir: Path, ev: EvalSpec) -> Any:
+    """The EvalSpec's random draw of test sets from `test_dir`, with enough preceding images for every study;
+    the shards' encoders checked against the checkpoint's first (both report kinds)."""
+    from m2m_pipeline.evaluation import protocol
+
+    shards = sorted(str(s) for s in test_dir.glob("mis-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no test feature shards in {test_dir}")
+    bundle.check_cache(shards)
+    n_ctx = max(ev.context_images, max(ev.context_counts))
+    return protocol.load_test_sets(shards, ev.num_sets, n_ctx, seed=ev.draw_seed)
 
 
 def _sampling(ev: EvalSpec, seed: int) -> tuple[Any, Any]:
