@@ -1,4 +1,4 @@
-"""A trained checkpoint and the frozen encoders it was trained with, loaded together (issue 13).
+"""A trained checkpoint and the frozen encoders it was trained with, loaded together (docs/orchestration.md).
 
 Every front-end that samples from or fine-tunes a checkpoint (`m2m generate / evaluate / finetune`, the
 evaluation and task assets, the ablation) loads it here, so the encoders come from what the checkpoint records

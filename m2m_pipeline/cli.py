@@ -312,7 +312,7 @@ def _read_images(paths: list[Path], size: int):
 @click.option("--task-guidance", type=NON_NEGATIVE_FLOAT, default=None, help="Task guidance s_C (Eq. 7), task models only.")
 @click.option("--policy", type=click.Choice(sorted(CONTEXT_POLICIES)), default=DEFAULT_POLICY, show_default=True,
               help="Which earlier images each new image sees: anchors-4 keeps the first 4 images + the 4 most "
-                   "recent (against drift, issue 15); window-4 is the paper's sliding window; all: every one.")
+                   "recent (against drift, docs/evaluation.md 'Drift'); window-4 is the paper's sliding window; all: every one.")
 @click.option("--window", type=NON_NEGATIVE_INT, default=None,
               help="Context window W, overriding --policy's (0: no context).")
 @click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window, "
@@ -547,14 +547,14 @@ def drift_cmd(checkpoint: Path, test_shards: str, oracle_dir: Path, policies: tu
     click.echo(f"wrote {out_dir}/drift.json, drift.md and the plots")
 
 
-from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (issue 6)
+from m2m_pipeline.evaluation.cli import evaluate  # evaluation protocol (docs/evaluation.md)
 from m2m_pipeline.evaluation.cli import coco_zero_shot_cmd  # MSCOCO zero-shot continuation (Figs. 16, 17)
-from m2m_pipeline.tasks.cli import (  # task fine-tuning (issue 5)
+from m2m_pipeline.tasks.cli import (  # task fine-tuning (docs/tasks.md)
     evaluate_task_cmd,
     finetune_cmd,
 )
 
-from m2m_pipeline.data.cli import captions_cmd, features_cmd, mis_cmd  # MIS stages without Dagster (issue 13)
+from m2m_pipeline.data.cli import captions_cmd, features_cmd, mis_cmd  # MIS stages without Dagster (docs/orchestration.md)
 
 for command in (captions_cmd, mis_cmd, features_cmd, finetune_cmd, evaluate_task_cmd, evaluate, coco_zero_shot_cmd):
     main.add_command(command)

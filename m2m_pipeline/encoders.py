@@ -92,7 +92,7 @@ def load_autoencoder(kind: str, path: str | Path | None = None) -> Autoencoder:
 
 
 class DinoEncoder(nn.Module):
-    """DINOv2 last-hidden-state tokens (CLS + patches) of the context images (design-notes 4).
+    """DINOv2 last-hidden-state tokens (CLS + patches) of the context images (docs/model.md "Network").
 
     Preprocessing is the image processor's (resize shortest edge, center crop, ImageNet normalisation),
     done in torch on batches so it runs on the accelerator and on [-1, 1] tensors.

@@ -15,7 +15,7 @@ from m2m_pipeline.network.config import M2MConfig
 @dataclass(frozen=True)
 class DropConfig:
     p_drop_image: float = 0.10       # Sec. 6.1: zero the clean-image condition of the whole set
-    # With a task condition (Sec. 6.2, Eq. 7, design-notes 6) drops are drawn per set from one categorical,
+    # With a task condition (Sec. 6.2, Eq. 7, docs/tasks.md "Choices") drops are drawn per set from one categorical,
     # so every branch of Eq. 7 is trained: (no image, no task), (image, no task), and (image, task).
     p_drop_both: float = 0.05
     p_drop_task_only: float = 0.05
@@ -56,9 +56,9 @@ class M2MObjective:
                  context_noise: int = 0):
         self.scheduler = DDPMScheduler(**config.scheduler_kwargs())
         self.drops = drops
-        # Context-noise augmentation (Diffusion Forcing / CausVid's context_noise; issue 15), M2M-Self only: each
-        # set's context latents are noised to t_c ~ U{0..context_noise} and the clean stream is told t_c, so the
-        # network learns to read imperfect context, as it gets from its own generations. 0: off (the paper).
+        # Context-noise augmentation (Diffusion Forcing / CausVid's context_noise; docs/training.md
+        # "Against drift"), M2M-Self only: each set's context latents are noised to t_c ~ U{0..context_noise}
+        # and the clean stream is told t_c, so the network learns to read imperfect context, as it gets from its own generations. 0: off (the paper).
         if context_noise < 0 or context_noise >= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"context_noise must be in [0, {self.scheduler.config.num_train_timesteps}), "
                              f"got {context_noise}")

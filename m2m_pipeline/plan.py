@@ -1,4 +1,4 @@
-"""`m2m plan`: what a profile costs on a cluster, counted on the real architectures (issue 14).
+"""`m2m plan`: what a profile costs on a cluster, counted on the real architectures (docs/data.md "Paper scale").
 
 Nothing here is a guess about the networks: FLOPs are counted with `torch.utils.flop_counter` and activation
 memory with autograd's saved-tensor hooks, both on the *meta* device (shapes only: the paper's 866 M-parameter

@@ -1,5 +1,6 @@
-"""Rollout context for training (Self-Forcing in spirit; issue 15): part of an example's context replaced by the
-model's own generations, so training sees the inputs that long autoregressive sampling feeds it.
+"""Rollout context for training (Self-Forcing in spirit; docs/training.md "Against drift"): part of an
+example's context replaced by the model's own generations, so training sees the inputs that long
+autoregressive sampling feeds it.
 
 For a chosen fraction of the sets of a batch, context images 1 .. N - 2 are regenerated one after another from
 the images before them (the first stays real: the real preceding images of inference), with a cheap sampler

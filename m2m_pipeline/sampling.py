@@ -32,7 +32,7 @@ def dual_guidance(eps_none: torch.Tensor, eps_image: torch.Tensor, eps_image_tas
     return eps_none + s_I * (eps_image - eps_none) + s_C * (eps_image_task - eps_image)
 
 
-# ---------------------------------------------------------------------- context policies (issue 15)
+# ---------------------------------------------------------------------- context policies (docs/evaluation.md "Drift")
 @dataclass(frozen=True)
 class ContextPolicy:
     """Which earlier images image n attends to: `window_indices(n, window, anchors)`."""
@@ -52,7 +52,7 @@ CONTEXT_POLICIES: dict[str, ContextPolicy] = {p.name: p for p in (
     ContextPolicy("window-4", 4, 0, "sliding window W = 4 (the paper protocol, Sec. 8.4)"),
     ContextPolicy("anchors-1", 5, 1, "the first real image kept + the 4 most recent"),
     ContextPolicy("anchors-2", 6, 2, "the first 2 real images kept + the 4 most recent"),
-    ContextPolicy("anchors-4", 8, 4, "all 4 real images kept + the 4 most recent (the default, issue 15)"),
+    ContextPolicy("anchors-4", 8, 4, "all 4 real images kept + the 4 most recent (the default, docs/evaluation.md 'Drift')"),
     ContextPolicy("all", None, 0, "every preceding image"),
 )}
 PAPER_POLICY = "window-4"

@@ -28,10 +28,10 @@ class MISConfig:
     resolution: int = 32                            # pixels per side of each generated image
     images_per_set: int = 25                        # Sec. 4: 25 images per caption
     guidance_scale: float = 7.5                     # Sec. 4: SD's default classifier-free guidance
-    num_inference_steps: int = 50                   # paper silent; diffusers' default (design-notes 9)
+    num_inference_steps: int = 50                   # paper silent; diffusers' default (docs/data.md "Choices")
     scheduler: str = "EulerDiscreteScheduler"       # Sec. 4
     captions_per_batch: int = 4                     # captions denoised together (x images_per_set x 2 for CFG)
-    keep_latents: bool = False                      # store SD's final latents next to the images (design-notes 9)
+    keep_latents: bool = False                      # store SD's final latents next to the images (docs/data.md "Choices")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     seed: int = 0                                   # base seed mixed into every (caption id, image index) seed
     # --- shards ---

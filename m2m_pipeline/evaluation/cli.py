@@ -32,8 +32,8 @@ from m2m_pipeline.sampling import (
 @click.option("--context-images", type=POSITIVE_INT, default=None, help="Preceding images per set (protocol: 4).")
 @click.option("--generated-images", type=POSITIVE_INT, default=None, help="Images generated per set (protocol: 10).")
 @click.option("--policy", type=click.Choice(sorted(CONTEXT_POLICIES)), default=DEFAULT_POLICY, show_default=True,
-              help=f"Context policy: {DEFAULT_POLICY} (the default, issue 15) or {PAPER_POLICY} (the paper's Sec. 8.4 "
-                   f"protocol, W = 4, no anchors).")
+              help=f"Context policy: {DEFAULT_POLICY} (the default, docs/evaluation.md 'Drift') or {PAPER_POLICY} "
+                   f"(the paper's Sec. 8.4 protocol, W = 4, no anchors).")
 @click.option("--window", type=click.IntRange(min=-1), default=None,
               help="Context window W, overriding --policy's; -1: all preceding images.")
 @click.option("--anchors", type=NON_NEGATIVE_INT, default=None, help="First images always kept in the window, "

@@ -1,4 +1,4 @@
-"""Drift over long autoregressive runs (the paper's stated limitation, Sec. 9; issue 15), per context policy.
+"""Drift over long autoregressive runs (the paper's stated limitation, Sec. 9; docs/evaluation.md "Drift"), per context policy.
 
 A context policy says which earlier images image n attends to (`sampling.window_indices`): the paper protocol's
 sliding window of the 4 most recent images, attention-sink style anchors (the real preceding images always

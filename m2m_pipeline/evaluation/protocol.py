@@ -1,4 +1,4 @@
-"""The evaluation protocol of Sec. 8.4 (design-notes 8) on a checkpoint and a test split.
+"""The evaluation protocol of Sec. 8.4 (docs/evaluation.md "Protocol") on a checkpoint and a test split.
 
 The test sets are drawn at random with a recorded seed (`load_test_sets`). Per test set: the first
 `context_images` images (index order) are the preceding images; `generated_images` images are generated
@@ -58,7 +58,7 @@ class ProtocolConfig:
     context_images: int = 4           # preceding images per set (Sec. 8.4: 4)
     generated_images: int = 10        # generated autoregressively after them (Sec. 8.4: 10)
     # Context window W and anchors: sampling.DEFAULT_POLICY, anchors-4 (the 4 preceding real images kept + the
-    # 4 most recent; issue 15, chosen on validation). The paper's W = 4 without anchors: ProtocolConfig.paper().
+    # 4 most recent; docs/evaluation.md "Drift", chosen on validation). The paper's W = 4 without anchors: ProtocolConfig.paper().
     window: int | None = CONTEXT_POLICIES[DEFAULT_POLICY].window
     anchors: int = CONTEXT_POLICIES[DEFAULT_POLICY].anchors
     steps: int = 50                   # denoising steps (Appendix A: DDIM, 50)

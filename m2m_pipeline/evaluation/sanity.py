@@ -1,4 +1,4 @@
-"""Metric sanity on the shapes world (issue 6): FID self ~ 0, same-distribution << different attributes.
+"""Metric sanity on the shapes world (docs/evaluation.md "Metric sanity"): FID self ~ 0, same-distribution << different attributes.
 
 `python -m m2m_pipeline.evaluation.sanity --oracle runs/oracle32 --size 32` prints the numbers the docs quote.
 """

@@ -114,7 +114,7 @@ def clip_consistency(net, autoencoder, clip, context: torch.Tensor, references: 
 
 
 # ---------------------------------------------------------------------- oracle scoring (shapes world)
-# The learnability bar of the CPU demo (issue 6): consistency of the first generated image with its set.
+# The learnability bar of the CPU demo (docs/model.md "Learnability"): consistency of the first generated image with its set.
 # "background" counts an image only when both the pattern and the background colour are right.
 LEARNABILITY_TARGETS: dict[str, float] = {"colour": 0.90, "background": 0.80, "shape": 0.50}
 

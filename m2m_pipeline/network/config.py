@@ -24,12 +24,12 @@ UNET_FIELDS = (
 class M2MConfig:
     # --- M2M (Sec. 5) ---
     variant: Variant = "self"              # "self": clean latents through the same U-Net; "dino": DINOv2 tokens
-    clean_timestep: int = 0                # timestep the clean stream of M2M-Self is run at (design-notes 1)
+    clean_timestep: int = 0                # timestep the clean stream of M2M-Self is run at (docs/model.md "Network")
     dino_dim: int = 1536                   # D: width of DINO tokens (dinov2-giant: 1536)
     dino_tokens: int = 257                 # S: tokens per image (CLS + 16x16 patches at 224 px)
     task: TaskKind = "none"                # task condition c_C of Sec. 6.2
     task_embed_dim: int = 1280             # width of E(c_C) before the per-layer projections
-    camera_dim: int = 12                   # flattened 3x4 relative extrinsic (design-notes 7)
+    camera_dim: int = 12                   # flattened 3x4 relative extrinsic (docs/tasks.md "Novel view synthesis")
     # Relative spatial-position logits in Image-Set Attention (not in the paper; network/spatial_bias.py).
     # Off for MIS training, as in the paper; task fine-tuning turns it on (FinetuneConfig.spatial_bias).
     spatial_bias: bool = False

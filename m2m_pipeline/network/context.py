@@ -14,7 +14,7 @@ class ContextKV:
 
     `k[l]`, `v[l]`: (B, n, S_l, inner_l) - B sets, n context images, S_l tokens per image at layer l.
     Each image's entries depend on that image (and its task condition) only, so entries can be
-    computed once, cached, and concatenated or windowed along the image axis (design-notes 1).
+    computed once, cached, and concatenated or windowed along the image axis (docs/model.md "Network").
     """
 
     k: list[torch.Tensor]

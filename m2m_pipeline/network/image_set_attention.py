@@ -2,7 +2,7 @@
 
 It replaces the text cross-attention (`attn2`) of every transformer block. Noisy image i attends to every
 token of the clean context images j < i (causal image-set mask) plus a learned null key/value
-(design-notes 2), so the first image and the unconditional branch have a defined, NaN-free target.
+(docs/model.md "Network"), so the first image and the unconditional branch have a defined, NaN-free target.
 """
 
 from __future__ import annotations

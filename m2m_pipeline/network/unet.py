@@ -44,7 +44,7 @@ class M2MUNet(nn.Module):
     M2M-Self: the clean latents run through the same U-Net at `clean_timestep`; each Image-Set Attention
     layer records their keys/values and lets the clean stream pass unchanged. Because the clean stream
     then depends on neither z_t nor t, running it once in its own pass equals the paper's joint
-    [z_0; z_t] forward exactly, and gives a KV cache for free (design-notes 1).
+    [z_0; z_t] forward exactly, and gives a KV cache for free (docs/model.md "Network").
     M2M-DINO: DINOv2 tokens are projected by each layer's K/V weights (Sec. 5.2).
     """
 

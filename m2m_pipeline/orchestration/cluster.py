@@ -1,4 +1,4 @@
-"""The scale-out path run for real on one machine (issue 16, `make cluster-smoke`): a Redis broker on 127.0.0.1,
+"""The scale-out path run for real on one machine (docs/orchestration.md, `make cluster-smoke`): a Redis broker on 127.0.0.1,
 Celery workers on the queues `gpu` (two) and `default` (one), the cluster profile's MIS and feature partitions
 fanned out over them by one Dagster run per partition, a worker SIGKILLed in the middle of a MIS shard, the
 broker restarted while runs are between steps, and the shards compared with an uninterrupted single-process run.

@@ -1,5 +1,5 @@
 """`make paper-dryrun`: every stage of the Dagster paper job, through the job's own code path, on random weights
-in the released folder layouts, for a handful of captions (issue 14).
+in the released folder layouts, for a handful of captions (docs/orchestration.md "The paper job, dry").
 
     python -m m2m_pipeline.orchestration.dryrun --out runs/paper-dryrun               # full scale, ~20 GiB
     python -m m2m_pipeline.orchestration.dryrun --out /tmp/dry --scale small          # CI's small shapes

@@ -1,4 +1,4 @@
-"""DVC versioning from many executors at once (issue 16): no lock shared between hosts, one collecting step.
+"""DVC versioning from many executors at once (docs/orchestration.md): no lock shared between hosts, one collecting step.
 
 The single-host profiles version each asset with `dvc commit` + `dvc push` of its dvc.yaml stage in one working
 copy, under one file lock (DVC's repo-wide lock). Executors on separate hosts cannot share that working copy, so

@@ -1,5 +1,5 @@
 """The Kubernetes Jobs dagster-k8s' `k8s_job_executor` would submit for each step of the paper job, rendered
-offline (issue 16): no cluster, no kubeconfig.
+offline (docs/orchestration.md): no cluster, no kubeconfig.
 
 The per-step merge is the executor's own (`dagster_k8s.executor.k8s_job_executor` and
 `K8sStepHandler._get_container_context`): the run config's executor fields -> `K8sContainerContext`, then the

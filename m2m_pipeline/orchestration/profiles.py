@@ -140,7 +140,7 @@ PROFILES: dict[str, RunProfile] = {
         caption_source="data/cc12m/*.tsv", shard_groups=256, gpu=True, executor="k8s", coco_zero_shot=True,
         eval=EVAL_PRESETS["paper"],
     ),
-    # The scale-out path exercised on one machine (issue 16, `make cluster-smoke`): smoke's sizes on the Celery
+    # The scale-out path exercised on one machine (docs/orchestration.md, `make cluster-smoke`): smoke's sizes on the Celery
     # executor, a broker on 127.0.0.1 and several workers; 96 captions make 4 MIS partitions of 16-set shards.
     "cluster": RunProfile(
         name="cluster", mis_preset="tiny", net_preset="tiny-latent", train_preset="tiny", autoencoder_preset="tiny",

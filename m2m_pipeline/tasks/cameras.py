@@ -1,4 +1,4 @@
-"""Camera poses for novel view synthesis: relative extrinsics (design-notes 7) and orbit cameras.
+"""Camera poses for novel view synthesis: relative extrinsics (docs/tasks.md "Novel view synthesis") and orbit cameras.
 
 Convention: a pose is a 3x4 world-to-camera matrix [R | t] (x_cam = R x_world + t), as Zero-1-to-3's
 Objaverse renders store it. Camera axes follow Blender / OpenGL (x right, y up, the camera looks down

@@ -1,4 +1,4 @@
-"""Task evaluation (issue 5, item 5): held-out items split into context and targets; targets generated with
+"""Task evaluation (docs/tasks.md): held-out items split into context and targets; targets generated with
 dual guidance (Eq. 7) and scored against the truth, next to the baselines and the model before fine-tuning.
 
 NVS: `context_images` views of a held-out object (1, as Zero-1-to-3) -> `target_images` views at its other

@@ -56,7 +56,7 @@ class TaskEvalConfig:
 class FinetuneConfig:
     task: Task                            # "camera" (NVS) or "position" (procedures)
     net_preset: str                       # M2MConfig preset when training from scratch (else the base's config)
-    train: TrainConfig                    # steps, batch, lr, drops (5% / 5% / 5%, design-notes 6)
+    train: TrainConfig                    # steps, batch, lr, drops (5% / 5% / 5%, docs/tasks.md "Choices")
     held_out: int = 40                    # objects / procedures never trained on: the test split
     validation: int = 16                  # further items kept out of training, for the guidance sweep
     split_seed: int = 0

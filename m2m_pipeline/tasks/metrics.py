@@ -1,7 +1,7 @@
-"""Task metrics (issue 5): PSNR / SSIM / optional LPIPS against true images, and the baselines to beat.
+"""Task metrics (docs/tasks.md): PSNR / SSIM / optional LPIPS against true images, and the baselines to beat.
 
 Images are float tensors in [-1, 1], (B, 3, H, W) or (B, K, 3, H, W); every metric returns one value
-per image (B,) or (B, K), so callers can report per-position mean ± std (design-notes 8).
+per image (B,) or (B, K), so callers can report per-position mean ± std (docs/evaluation.md "Protocol").
 PSNR and SSIM are torchmetrics' (Gaussian window 11 x 11, sigma 1.5, K1 = 0.01, K2 = 0.03, as Wang
 et al. 2004), computed on images mapped to [0, 1] with data range 1: SSIM's constants assume a data
 range starting at 0, and [0, 1] is the scale other NVS papers report. SSIM averages the SSIM map over
@@ -105,7 +105,7 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor, with_lpips: bool = F
 
 def per_position_summary(values: torch.Tensor) -> dict[str, float]:
     """(B, K) values for K generated positions -> mean ± std over the K per-position means
-    (design-notes 8), plus the plain mean over all images. NaNs (failed checks) are ignored."""
+    (docs/evaluation.md "Protocol"), plus the plain mean over all images. NaNs (failed checks) are ignored."""
     position_means = values.double().nanmean(dim=0)  # (K,)
     return {"mean": float(values.double().nanmean()),
             "position_mean": float(position_means.mean()),

@@ -77,7 +77,7 @@ class ObjaverseViews(Dataset):
 
     An item is {"key": uid, "views": (N,) view numbers, "latents": (N, 3, S, S) images in [-1, 1]
     (pixel presets train on images directly), "w2c": (N, 3, 4), "task_cond": (N, 12)} where task_cond
-    is every view's extrinsic relative to the first view of the example (design-notes 7). Map-style
+    is every view's extrinsic relative to the first view of the example (docs/tasks.md "Novel view synthesis"). Map-style
     so a DistributedSampler splits it and a resumed run re-draws exactly the same examples.
     """
 
