@@ -207,6 +207,22 @@ def extract_logits(images: torch.Tensor, network: FeatureNetwork, batch_size: in
 
 
 @torch.no_grad()
+def extract_features_and_logits(images: torch.Tensor, network: FeatureNetwork, batch_size: int = 64
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """`extract_features` and `extract_logits` of the same images with one resize per image: the paper protocol
+    needs both for every generated image, and the PIL resize to 299 px is a large share of the cost on a CPU."""
+    if network.classifier is None:
+        raise ValueError(f"feature network {network.name!r} has no classifier for the Inception Score")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"FID / IS images must be (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    feats, logits = [], []
+    for b in _batches(images, network, batch_size):
+        feats.append(network(b))
+        logits.append(network.classifier(b).float().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+@torch.no_grad()
 def inception_score_from_logits(logits: np.ndarray | torch.Tensor, splits: int = 1, seed: int = 0) -> float:
     """torchmetrics' InceptionScore over precomputed class logits (N, classes); mean over `splits`.
 

@@ -39,7 +39,7 @@ from m2m_pipeline.evaluation.consistency import (
 from m2m_pipeline.evaluation.fid import (
     FeatureNetwork,
     extract_features,
-    extract_logits,
+    extract_features_and_logits,
     fid_from_features,
     inception_score,
     inception_score_from_logits,
@@ -298,8 +298,9 @@ def run_paper_protocol(net, autoencoder, test_sets: TestSets, config: ProtocolCo
         real.append(extract_features(prec[:, 0], fid_network))
         if prec.shape[1] > 1:
             second.append(extract_features(prec[:, 1], fid_network))
-        feats.append(extract_features(gen.flatten(0, 1), fid_network).reshape(b, k, -1))
-        logits.append(extract_logits(gen.flatten(0, 1), fid_network).reshape(b, k, -1))
+        f, lg = extract_features_and_logits(gen.flatten(0, 1), fid_network)  # one resize per image for both
+        feats.append(f.reshape(b, k, -1))
+        logits.append(lg.reshape(b, k, -1))
         ge, pe = clip.image_embeddings(gen), clip.image_embeddings(prec)  # (b, K, E), (b, n_c, E)
         te = clip.text_embeddings(test_sets.captions[start : start + b])  # (b, E)
         clip_t.append(clip.text_image_from_embeddings(ge, te))             # (b, K)
